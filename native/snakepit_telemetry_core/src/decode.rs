@@ -1,0 +1,469 @@
+//! Turns wire events into catalog events, with every value checked.
+//!
+//! The result holds [`Sym`]s for everything the catalog knows and owned
+//! strings for everything it does not, so the NIF can build terms without
+//! ever creating an atom from Python bytes.
+
+use crate::catalog::{self, EventId, Sym, Unit};
+use crate::proto::{telemetry_value, TelemetryEvent};
+use crate::stats::StreamStats;
+
+/// A measurement or metadata key: a catalog atom, or the original text.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Key {
+    Known(Sym),
+    Unknown(String),
+}
+
+/// A measurement value that is safe to encode as an Erlang number.
+#[derive(Copy, Clone, Debug, PartialEq)]
+pub enum Number {
+    Int(i64),
+    /// Always finite: NaN and infinities are dropped before they get here.
+    Float(f64),
+}
+
+/// One event that passed the catalog and limits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decoded {
+    pub event: EventId,
+    pub measurements: Vec<(Key, Number)>,
+    pub metadata: Vec<(Key, String)>,
+    pub correlation_id: Option<String>,
+    pub timestamp_ns: i64,
+}
+
+/// Why a whole event was dropped.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Rejected {
+    UnknownEvent,
+    Malformed,
+}
+
+/// Size limits applied to every event. Values over a limit are counted and
+/// dropped (keys, entries, events) or truncated (metadata values), never
+/// passed through and never a crash.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_event_parts: usize,
+    pub max_part_bytes: usize,
+    pub max_measurements: usize,
+    pub max_metadata: usize,
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_event_parts: 8,
+            max_part_bytes: 64,
+            max_measurements: 32,
+            max_metadata: 32,
+            max_key_bytes: 128,
+            max_value_bytes: 4096,
+        }
+    }
+}
+
+/// Everything decoding needs besides the event itself.
+#[derive(Clone, Debug)]
+pub struct DecodeConfig {
+    pub limits: Limits,
+    /// Erlang `:native` time units per second on the receiving VM; wire
+    /// nanoseconds are scaled to it.
+    pub native_per_sec: u64,
+}
+
+impl Default for DecodeConfig {
+    fn default() -> Self {
+        DecodeConfig {
+            limits: Limits::default(),
+            native_per_sec: 1_000_000_000,
+        }
+    }
+}
+
+/// A reusable decoder; it keeps a scratch buffer for event-name lookups.
+#[derive(Debug)]
+pub struct Decoder {
+    config: DecodeConfig,
+    name: String,
+}
+
+impl Decoder {
+    pub fn new(config: DecodeConfig) -> Self {
+        Decoder {
+            config,
+            name: String::with_capacity(64),
+        }
+    }
+
+    /// Decodes one event and updates `stats` for everything dropped on the
+    /// way. Counts `received`; the caller counts what happens afterwards.
+    pub fn decode(
+        &mut self,
+        event: TelemetryEvent,
+        stats: &StreamStats,
+    ) -> Result<Decoded, Rejected> {
+        StreamStats::add(&stats.received, 1);
+        let result = self.decode_inner(event, stats);
+        match result {
+            Err(Rejected::UnknownEvent) => StreamStats::add(&stats.dropped_unknown_event, 1),
+            Err(Rejected::Malformed) => StreamStats::add(&stats.dropped_malformed, 1),
+            Ok(_) => {}
+        }
+        result
+    }
+
+    fn decode_inner(
+        &mut self,
+        event: TelemetryEvent,
+        stats: &StreamStats,
+    ) -> Result<Decoded, Rejected> {
+        let id = self.lookup_event(&event.event_parts)?;
+        let limits = &self.config.limits;
+
+        let mut dropped_measurements = 0u64;
+        let mut measurements = Vec::with_capacity(event.measurements.len().min(8));
+        for (key, value) in event.measurements {
+            if measurements.len() >= limits.max_measurements || key.len() > limits.max_key_bytes {
+                dropped_measurements += 1;
+                continue;
+            }
+            let known = catalog::measurement(&key);
+            let number = value.value.and_then(|v| match v {
+                telemetry_value::Value::IntValue(i) => Some(Number::Int(i)),
+                telemetry_value::Value::FloatValue(f) if f.is_finite() => Some(Number::Float(f)),
+                // NaN and infinities have no Erlang float; strings are not
+                // measurements. Both are dropped and counted.
+                telemetry_value::Value::FloatValue(_) | telemetry_value::Value::StringValue(_) => {
+                    None
+                }
+            });
+            let Some(number) = number else {
+                dropped_measurements += 1;
+                continue;
+            };
+            let (key, number) = match known {
+                Some(spec) => match self.scale(spec.unit, number) {
+                    Some(scaled) => (Key::Known(spec.key), scaled),
+                    None => {
+                        dropped_measurements += 1;
+                        continue;
+                    }
+                },
+                None => (Key::Unknown(key), number),
+            };
+            measurements.push((key, number));
+        }
+
+        let mut dropped_metadata = 0u64;
+        let mut truncated = 0u64;
+        let mut correlation_id = non_empty(event.correlation_id);
+        let mut metadata = Vec::with_capacity(event.metadata.len().min(8));
+        for (key, mut value) in event.metadata {
+            let known = catalog::metadata_key(&key);
+            if known == Some(Sym::correlation_id) {
+                // The dedicated field wins; the metadata entry is only a
+                // fallback, and never a second `correlation_id` key.
+                if correlation_id.is_none() {
+                    correlation_id =
+                        non_empty(truncate(value, limits.max_value_bytes, &mut truncated));
+                }
+                continue;
+            }
+            if metadata.len() >= limits.max_metadata || key.len() > limits.max_key_bytes {
+                dropped_metadata += 1;
+                continue;
+            }
+            value = truncate(value, limits.max_value_bytes, &mut truncated);
+            let key = match known {
+                Some(sym) => Key::Known(sym),
+                None => Key::Unknown(key),
+            };
+            metadata.push((key, value));
+        }
+        let correlation_id =
+            correlation_id.map(|c| truncate(c, limits.max_value_bytes, &mut truncated));
+
+        StreamStats::add(&stats.dropped_measurements, dropped_measurements);
+        StreamStats::add(&stats.dropped_metadata, dropped_metadata);
+        StreamStats::add(&stats.truncated_metadata, truncated);
+        Ok(Decoded {
+            event: id,
+            measurements,
+            metadata,
+            correlation_id,
+            timestamp_ns: event.timestamp_ns,
+        })
+    }
+
+    fn lookup_event(&mut self, parts: &[String]) -> Result<EventId, Rejected> {
+        let limits = &self.config.limits;
+        if parts.is_empty() || parts.len() > limits.max_event_parts {
+            return Err(Rejected::Malformed);
+        }
+        self.name.clear();
+        for (i, part) in parts.iter().enumerate() {
+            if part.is_empty() || part.len() > limits.max_part_bytes {
+                return Err(Rejected::Malformed);
+            }
+            if i > 0 {
+                self.name.push('.');
+            }
+            self.name.push_str(part);
+        }
+        catalog::event(&self.name).ok_or(Rejected::UnknownEvent)
+    }
+
+    /// Converts wire units to what Elixir expects; `None` if the result does
+    /// not fit.
+    fn scale(&self, unit: Unit, n: Number) -> Option<Number> {
+        let per_sec = self.config.native_per_sec;
+        if unit != Unit::Nanoseconds || per_sec == 1_000_000_000 {
+            return Some(n);
+        }
+        match n {
+            Number::Int(i) => {
+                let scaled = i128::from(i) * i128::from(per_sec) / 1_000_000_000;
+                i64::try_from(scaled).ok().map(Number::Int)
+            }
+            Number::Float(f) => {
+                let scaled = f * per_sec as f64 / 1e9;
+                scaled.is_finite().then_some(Number::Float(scaled))
+            }
+        }
+    }
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary.
+fn truncate(mut s: String, max: usize, truncated: &mut u64) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        *truncated += 1;
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::TelemetryValue;
+    use std::collections::HashMap;
+
+    fn int(i: i64) -> TelemetryValue {
+        TelemetryValue {
+            value: Some(telemetry_value::Value::IntValue(i)),
+        }
+    }
+
+    fn float(f: f64) -> TelemetryValue {
+        TelemetryValue {
+            value: Some(telemetry_value::Value::FloatValue(f)),
+        }
+    }
+
+    fn event(name: &str) -> TelemetryEvent {
+        TelemetryEvent {
+            event_parts: name.split('.').map(String::from).collect(),
+            timestamp_ns: 42,
+            ..Default::default()
+        }
+    }
+
+    fn decoder() -> Decoder {
+        Decoder::new(DecodeConfig::default())
+    }
+
+    fn sorted<T: Clone>(mut v: Vec<(Key, T)>) -> Vec<(Key, T)> {
+        v.sort_by_key(|(k, _)| format!("{k:?}"));
+        v
+    }
+
+    #[test]
+    fn decodes_a_catalog_event() {
+        let stats = StreamStats::default();
+        let mut ev = event("python.call.stop");
+        ev.measurements = HashMap::from([("duration".into(), int(1500))]);
+        ev.metadata = HashMap::from([
+            ("command".into(), "predict".into()),
+            ("model".into(), "bert".into()),
+        ]);
+        ev.correlation_id = "abc-123".into();
+
+        let d = decoder().decode(ev, &stats).unwrap();
+        assert_eq!(d.event.spec().python, "python.call.stop");
+        assert_eq!(
+            d.measurements,
+            vec![(Key::Known(Sym::duration), Number::Int(1500))]
+        );
+        assert_eq!(
+            sorted(d.metadata),
+            vec![
+                (Key::Known(Sym::command), "predict".to_string()),
+                (Key::Unknown("model".into()), "bert".to_string()),
+            ]
+        );
+        assert_eq!(d.correlation_id.as_deref(), Some("abc-123"));
+        assert_eq!(d.timestamp_ns, 42);
+        assert_eq!(StreamStats::get(&stats.received), 1);
+    }
+
+    #[test]
+    fn unknown_events_are_rejected_and_counted() {
+        let stats = StreamStats::default();
+        let mut d = decoder();
+        for name in ["python.call", "zz.random.evt", "python.call.stop.extra"] {
+            assert_eq!(d.decode(event(name), &stats), Err(Rejected::UnknownEvent));
+        }
+        assert_eq!(StreamStats::get(&stats.dropped_unknown_event), 3);
+        assert_eq!(StreamStats::get(&stats.received), 3);
+    }
+
+    #[test]
+    fn malformed_names_are_rejected_and_counted() {
+        let stats = StreamStats::default();
+        let mut d = decoder();
+        let cases = [
+            vec![],
+            vec!["python".to_string(), String::new(), "stop".to_string()],
+            vec!["x".repeat(65)],
+            vec!["a".to_string(); 9],
+        ];
+        for parts in cases {
+            let ev = TelemetryEvent {
+                event_parts: parts,
+                ..Default::default()
+            };
+            assert_eq!(d.decode(ev, &stats), Err(Rejected::Malformed));
+        }
+        assert_eq!(StreamStats::get(&stats.dropped_malformed), 4);
+    }
+
+    #[test]
+    fn unknown_keys_stay_strings() {
+        let stats = StreamStats::default();
+        let mut ev = event("tool.result_size");
+        ev.measurements = HashMap::from([("zz_new_key".into(), int(7)), ("bytes".into(), int(9))]);
+        ev.metadata = HashMap::from([("zz_meta".into(), "v".into())]);
+        let d = decoder().decode(ev, &stats).unwrap();
+        assert_eq!(
+            sorted(d.measurements),
+            vec![
+                (Key::Known(Sym::bytes), Number::Int(9)),
+                (Key::Unknown("zz_new_key".into()), Number::Int(7)),
+            ]
+        );
+        assert_eq!(
+            d.metadata,
+            vec![(Key::Unknown("zz_meta".into()), "v".into())]
+        );
+    }
+
+    #[test]
+    fn bad_measurement_values_are_dropped_and_counted() {
+        let stats = StreamStats::default();
+        let mut ev = event("python.call.stop");
+        ev.measurements = HashMap::from([
+            ("nan".into(), float(f64::NAN)),
+            ("inf".into(), float(f64::INFINITY)),
+            ("neg_inf".into(), float(f64::NEG_INFINITY)),
+            (
+                "text".into(),
+                TelemetryValue {
+                    value: Some(telemetry_value::Value::StringValue("12".into())),
+                },
+            ),
+            ("empty".into(), TelemetryValue { value: None }),
+            ("ok".into(), float(0.5)),
+        ]);
+        let d = decoder().decode(ev, &stats).unwrap();
+        assert_eq!(
+            d.measurements,
+            vec![(Key::Unknown("ok".into()), Number::Float(0.5))]
+        );
+        assert_eq!(StreamStats::get(&stats.dropped_measurements), 5);
+    }
+
+    #[test]
+    fn durations_are_scaled_to_native_units() {
+        let stats = StreamStats::default();
+        let mut d = Decoder::new(DecodeConfig {
+            native_per_sec: 1_000_000,
+            ..DecodeConfig::default()
+        });
+        let mut ev = event("python.call.stop");
+        ev.measurements = HashMap::from([("duration".into(), int(5_000_000))]);
+        let out = d.decode(ev, &stats).unwrap();
+        assert_eq!(
+            out.measurements,
+            vec![(Key::Known(Sym::duration), Number::Int(5_000))]
+        );
+
+        let mut ev = event("tool.result_size");
+        ev.measurements = HashMap::from([("bytes".into(), int(5_000_000))]);
+        let out = d.decode(ev, &stats).unwrap();
+        assert_eq!(
+            out.measurements,
+            vec![(Key::Known(Sym::bytes), Number::Int(5_000_000))]
+        );
+    }
+
+    #[test]
+    fn limits_drop_or_truncate_and_count() {
+        let stats = StreamStats::default();
+        let mut d = Decoder::new(DecodeConfig {
+            limits: Limits {
+                max_metadata: 2,
+                max_value_bytes: 4,
+                max_key_bytes: 8,
+                ..Limits::default()
+            },
+            ..DecodeConfig::default()
+        });
+        let mut ev = event("python.call.start");
+        ev.metadata = HashMap::from([
+            ("a".into(), "éééé".into()),
+            ("b".into(), "ok".into()),
+            ("c".into(), "x".into()),
+            ("much_too_long_key".into(), "x".into()),
+        ]);
+        let out = d.decode(ev, &stats).unwrap();
+        assert_eq!(out.metadata.len(), 2);
+        for (_, v) in &out.metadata {
+            assert!(v.len() <= 4);
+        }
+        assert_eq!(StreamStats::get(&stats.dropped_metadata), 2);
+        let truncated = StreamStats::get(&stats.truncated_metadata);
+        let kept_a = out
+            .metadata
+            .iter()
+            .any(|(k, _)| *k == Key::Unknown("a".into()));
+        assert_eq!(truncated, u64::from(kept_a));
+    }
+
+    #[test]
+    fn correlation_id_comes_from_the_field_then_metadata_never_twice() {
+        let stats = StreamStats::default();
+        let mut d = decoder();
+        let mut ev = event("python.call.start");
+        ev.metadata = HashMap::from([("correlation_id".into(), "from-meta".into())]);
+        let out = d.decode(ev.clone(), &stats).unwrap();
+        assert_eq!(out.correlation_id.as_deref(), Some("from-meta"));
+        assert!(out.metadata.is_empty());
+
+        ev.correlation_id = "from-field".into();
+        let out = d.decode(ev, &stats).unwrap();
+        assert_eq!(out.correlation_id.as_deref(), Some("from-field"));
+        assert!(out.metadata.is_empty());
+    }
+}

@@ -1,0 +1,69 @@
+//! Per-stream counters. Every event that enters a stream is accounted for:
+//! `received == delivered + dropped_*` once the stream has gone quiet.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($field:ident: $doc:literal,)*) => {
+        /// Counters for one telemetry stream, shared by its task, its
+        /// delivery path and the handle Elixir holds.
+        #[derive(Debug, Default)]
+        pub struct StreamStats {
+            $(#[doc = $doc] pub $field: AtomicU64,)*
+        }
+
+        impl StreamStats {
+            /// Names of the counters, in [`StreamStats::snapshot`] order.
+            pub const NAMES: &'static [&'static str] = &[$(stringify!($field),)*];
+
+            /// A consistent-enough copy of every counter (each read is atomic;
+            /// the set is not read under a lock).
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($field), self.$field.load(Ordering::Relaxed)),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    received: "Events read off the gRPC stream.",
+    delivered: "Events sent to the Elixir process.",
+    dropped_unknown_event: "Events whose name is not in the catalog.",
+    dropped_malformed: "Events with no name, too many name parts or oversized parts.",
+    dropped_buffer_full: "Events dropped because the delivery buffer to Elixir was full.",
+    dropped_receiver_down: "Events dropped because the Elixir process was gone.",
+    dropped_encode: "Events the NIF could not turn into terms.",
+    dropped_measurements: "Measurement values dropped: NaN, infinities, non-numbers, empty values, over the limit.",
+    dropped_metadata: "Metadata entries dropped: over the entry limit or with an oversized key.",
+    truncated_metadata: "Metadata values cut to the size limit.",
+    batches: "Batches sent to the Elixir process.",
+    controls_sent: "Control messages handed to the gRPC stream.",
+    connect_attempts: "Connection attempts, including the first.",
+}
+
+impl StreamStats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_lists_every_counter_in_order() {
+        let stats = StreamStats::default();
+        StreamStats::add(&stats.received, 3);
+        StreamStats::add(&stats.dropped_unknown_event, 1);
+        let snap = stats.snapshot();
+        let names: Vec<_> = snap.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, StreamStats::NAMES);
+        assert_eq!(snap[0], ("received", 3));
+        assert!(snap.contains(&("dropped_unknown_event", 1)));
+    }
+}
