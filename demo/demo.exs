@@ -1,0 +1,136 @@
+# The main job: start a real Python worker, stream its telemetry into Elixir
+# through the NIF and print every :telemetry event as it arrives.
+#
+#   script/demo [--calls N] [--interval-ms MS] [--listen ADDR]
+#
+# Run with `mix run demo/demo.exs` (script/demo sets everything up first).
+
+alias Snakepit.Telemetry.{GrpcStream, Naming, PythonWorker}
+
+{opts, _, _} =
+  OptionParser.parse(System.argv(),
+    strict: [calls: :integer, interval_ms: :integer, listen: :string]
+  )
+
+calls = Keyword.get(opts, :calls, 12)
+interval_ms = Keyword.get(opts, :interval_ms, 40)
+listen = Keyword.get(opts, :listen, "127.0.0.1:0")
+
+defmodule Demo do
+  def print(event, measurements, metadata, %{parent: parent, t0: t0}) do
+    ms = System.convert_time_unit(System.monotonic_time() - t0, :native, :microsecond) / 1000
+
+    measured =
+      Enum.map_join(measurements, " ", fn
+        {:duration, d} ->
+          "duration=#{Float.round(System.convert_time_unit(d, :native, :microsecond) / 1000, 3)}ms"
+
+        {k, v} ->
+          "#{k}=#{v}"
+      end)
+
+    meta =
+      metadata
+      |> Map.take([:command, :tool, :error_type, :correlation_id, :worker_id, :node])
+      |> Enum.map_join(" ", fn {k, v} -> "#{k}=#{v}" end)
+
+    IO.puts(
+      String.pad_leading("+#{:erlang.float_to_binary(ms, decimals: 1)}ms", 10) <>
+        "  " <> String.pad_trailing(inspect(event), 50) <> " " <> measured <> "  " <> meta
+    )
+
+    send(parent, {:demo_event, event})
+  end
+
+  def await_status(worker_id, want, deadline) do
+    status =
+      Enum.find_value(GrpcStream.list_streams(), fn s -> s.worker_id == worker_id && s.status end)
+
+    cond do
+      status == want ->
+        :ok
+
+      System.monotonic_time(:millisecond) > deadline ->
+        {:error, status}
+
+      true ->
+        Process.sleep(20)
+        await_status(worker_id, want, deadline)
+    end
+  end
+
+  def collect(counts, done?, deadline) do
+    if done?.(counts) do
+      {:ok, counts}
+    else
+      receive do
+        {:demo_event, event} -> collect(Map.update(counts, event, 1, &(&1 + 1)), done?, deadline)
+      after
+        max(deadline - System.monotonic_time(:millisecond), 0) -> {:timeout, counts}
+      end
+    end
+  end
+end
+
+{:ok, worker} = PythonWorker.start_link(listen: listen)
+address = PythonWorker.address(worker)
+IO.puts("Python worker (os pid #{PythonWorker.os_pid(worker)}) serves telemetry on #{address}")
+
+:ok =
+  :telemetry.attach_many(
+    "snakepit-telemetry-demo",
+    Naming.events(),
+    &Demo.print/4,
+    %{parent: self(), t0: System.monotonic_time()}
+  )
+
+:ok =
+  GrpcStream.register_worker(
+    worker_id: "demo_worker_1",
+    pool_name: :demo_pool,
+    address: address,
+    python_pid: PythonWorker.os_pid(worker)
+  )
+
+case Demo.await_status("demo_worker_1", :open, System.monotonic_time(:millisecond) + 10_000) do
+  :ok -> IO.puts("stream open; running #{calls} synthetic calls in Python\n")
+  {:error, status} -> raise "telemetry stream did not open: #{inspect(status)}"
+end
+
+{:ok, _} =
+  PythonWorker.command(worker, %{
+    cmd: "workload",
+    calls: calls,
+    interval_ms: interval_ms,
+    correlation_prefix: "demo"
+  })
+
+finished = fn counts ->
+  Map.get(counts, [:snakepit, :python, :call, :stop], 0) +
+    Map.get(counts, [:snakepit, :python, :call, :exception], 0) >= calls
+end
+
+{result, counts} = Demo.collect(%{}, finished, System.monotonic_time(:millisecond) + 30_000)
+[stream] = GrpcStream.list_streams()
+
+IO.puts("\nevents received in :telemetry handlers:")
+
+for {event, n} <- Enum.sort(counts) do
+  IO.puts("  #{String.pad_trailing(inspect(event), 52)} #{n}")
+end
+
+IO.puts(
+  "\nstream counters: " <>
+    inspect(Map.take(stream.stats, [:received, :delivered, :batches, :dropped_unknown_event]))
+)
+
+:ok = GrpcStream.unregister_worker("demo_worker_1")
+:telemetry.detach("snakepit-telemetry-demo")
+PythonWorker.stop(worker)
+
+if result != :ok do
+  IO.puts(:stderr, "demo: not every call was seen before the timeout")
+  System.halt(1)
+end
+
+IO.puts("\ndone: #{calls} Python calls folded into :telemetry events")

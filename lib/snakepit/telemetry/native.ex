@@ -1,0 +1,66 @@
+defmodule Snakepit.Telemetry.Native do
+  @moduledoc false
+  # NIF stubs for native/snakepit_telemetry_nif. Public modules wrap these;
+  # see Snakepit.Telemetry.GrpcStream for the messages the streams send.
+
+  @on_load :load_nif
+
+  @doc false
+  def load_nif do
+    path = nif_path()
+
+    case :erlang.load_nif(String.to_charlist(path), 0) do
+      :ok ->
+        :persistent_term.erase({__MODULE__, :load_error})
+        :ok
+
+      {:error, {reason, text}} ->
+        # Let the module load anyway so that every call (and the
+        # application's start) can explain what is wrong and how to fix it.
+        :persistent_term.put({__MODULE__, :load_error}, {path, reason, to_string(text)})
+        :ok
+    end
+  end
+
+  @doc """
+  Where the NIF library is loaded from: `SNAKEPIT_TELEMETRY_NIF_PATH`
+  (without the `.so` extension) or `priv/native/snakepit_telemetry_nif`.
+  """
+  def nif_path do
+    System.get_env("SNAKEPIT_TELEMETRY_NIF_PATH") ||
+      Path.join([:code.priv_dir(:snakepit_telemetry), "native", "snakepit_telemetry_nif"])
+  end
+
+  @doc "`:ok`, or `{:error, message}` explaining why the NIF is not loaded."
+  def status do
+    case :persistent_term.get({__MODULE__, :load_error}, nil) do
+      nil -> :ok
+      {path, reason, text} -> {:error, load_error_message(path, reason, text)}
+    end
+  end
+
+  defp load_error_message(path, reason, text) do
+    """
+    snakepit_telemetry: the native library could not be loaded from #{path}.so \
+    (#{reason}: #{text}). Build it with `mix compile` (it runs cargo; needs Rust, \
+    see script/setup), or point SNAKEPIT_TELEMETRY_NIF_PATH at a built library.\
+    """
+  end
+
+  defp not_loaded do
+    case status() do
+      {:error, message} -> raise message
+      :ok -> :erlang.nif_error(:nif_not_loaded)
+    end
+  end
+
+  def stream_open(_owner, _stream_id, _address, _options), do: not_loaded()
+  def stream_toggle(_handle, _enabled), do: not_loaded()
+  def stream_sampling(_handle, _rate, _patterns), do: not_loaded()
+  def stream_filter(_handle, _allow, _deny), do: not_loaded()
+  def stream_close(_handle), do: not_loaded()
+  def stream_stats(_handle), do: not_loaded()
+  def runtime_info, do: not_loaded()
+  def catalog_events, do: not_loaded()
+  def catalog_metadata_keys, do: not_loaded()
+end

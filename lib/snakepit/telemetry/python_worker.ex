@@ -1,0 +1,185 @@
+defmodule Snakepit.Telemetry.PythonWorker do
+  @moduledoc """
+  Runs the bundled synthetic Python worker
+  (`python -m snakepit_bridge.telemetry.worker`) under a port, for the demo,
+  the tests and for trying the telemetry stream out.
+
+  In production Snakepit spawns its own workers; this module only starts
+  the small one shipped in `priv/python`, which serves the telemetry stream
+  and runs commands sent as JSON lines on its stdin. The worker exits when
+  its stdin closes, so it never outlives the process that started it.
+
+  ## Options
+
+    * `:listen` - `"127.0.0.1:0"` (default: a free TCP port) or
+      `"unix:/absolute/path.sock"`.
+    * `:python` - the interpreter; default `SNAKEPIT_TELEMETRY_PYTHON`, then
+      the project's `.venv/bin/python`, then `python3` on the PATH.
+    * `:args` - extra worker arguments, e.g. `["--queue-size", "64"]`.
+    * `:ready_timeout` - milliseconds to wait for the worker to listen (10 000).
+  """
+  use GenServer
+
+  alias Snakepit.Telemetry.JSON
+
+  @ready "SNAKEPIT_TELEMETRY_READY "
+  @ack "SNAKEPIT_TELEMETRY_ACK "
+
+  @type t :: GenServer.server()
+
+  @doc "Starts a worker and waits until it listens."
+  @spec start_link(keyword()) :: GenServer.on_start()
+  def start_link(opts \\ []) do
+    opts =
+      Keyword.validate!(opts,
+        listen: "127.0.0.1:0",
+        python: nil,
+        args: [],
+        ready_timeout: 10_000
+      )
+
+    GenServer.start_link(__MODULE__, opts)
+  end
+
+  @doc "The address the worker serves its telemetry stream on."
+  @spec address(t()) :: String.t()
+  def address(worker), do: GenServer.call(worker, :address)
+
+  @doc "The worker's OS process id."
+  @spec os_pid(t()) :: non_neg_integer()
+  def os_pid(worker), do: GenServer.call(worker, :os_pid)
+
+  @doc """
+  Sends one command (see `priv/python/snakepit_bridge/telemetry/worker.py`)
+  and waits for its acknowledgement: `{:ok, result}` or `{:error, reason}`.
+  """
+  @spec command(t(), map(), timeout()) :: {:ok, term()} | {:error, term()}
+  def command(worker, command, timeout \\ 30_000) when is_map(command) do
+    GenServer.call(worker, {:command, command}, timeout)
+  end
+
+  @doc "Output lines the worker printed that were not acknowledgements."
+  @spec lines(t()) :: [String.t()]
+  def lines(worker), do: GenServer.call(worker, :lines)
+
+  @doc "Stops the worker (closing its stdin) and waits for it to exit."
+  @spec stop(t()) :: :ok
+  def stop(worker), do: GenServer.stop(worker, :normal, 10_000)
+
+  @doc "The interpreter used when none is given."
+  @spec default_python() :: String.t()
+  def default_python do
+    venv = Path.join(project_root(), ".venv/bin/python")
+
+    System.get_env("SNAKEPIT_TELEMETRY_PYTHON") ||
+      if(File.exists?(venv), do: venv, else: System.find_executable("python3") || "python3")
+  end
+
+  ## Server
+
+  @impl GenServer
+  def init(opts) do
+    Process.flag(:trap_exit, true)
+    python = opts[:python] || default_python()
+    python_path = Path.join(:code.priv_dir(:snakepit_telemetry), "python")
+
+    args =
+      ["-u", "-m", "snakepit_bridge.telemetry.worker", "--listen", opts[:listen]] ++ opts[:args]
+
+    port =
+      Port.open({:spawn_executable, python}, [
+        :binary,
+        :exit_status,
+        :use_stdio,
+        :hide,
+        {:line, 1_048_576},
+        {:args, args},
+        {:env, [{~c"PYTHONPATH", String.to_charlist(python_path)}]}
+      ])
+
+    {:os_pid, os_pid} = Port.info(port, :os_pid)
+
+    case await_ready(port, opts[:ready_timeout]) do
+      {:ok, address} ->
+        {:ok, %{port: port, os_pid: os_pid, address: address, waiting: :queue.new(), lines: []}}
+
+      {:error, reason} ->
+        Port.close(port)
+        {:stop, reason}
+    end
+  end
+
+  defp await_ready(port, timeout) do
+    receive do
+      {^port, {:data, {:eol, @ready <> address}}} -> {:ok, address}
+      {^port, {:data, _other}} -> await_ready(port, timeout)
+      {^port, {:exit_status, status}} -> {:error, {:worker_exited, status}}
+    after
+      timeout -> {:error, :worker_not_ready}
+    end
+  end
+
+  @impl GenServer
+  def handle_call(:address, _from, state), do: {:reply, state.address, state}
+  def handle_call(:os_pid, _from, state), do: {:reply, state.os_pid, state}
+  def handle_call(:lines, _from, state), do: {:reply, Enum.reverse(state.lines), state}
+
+  def handle_call({:command, command}, from, state) do
+    Port.command(state.port, [JSON.encode!(command), ?\n])
+    {:noreply, %{state | waiting: :queue.in(from, state.waiting)}}
+  end
+
+  @impl GenServer
+  def handle_info({port, {:data, {:eol, @ack <> ack}}}, %{port: port} = state) do
+    {{:value, from}, waiting} = :queue.out(state.waiting)
+    GenServer.reply(from, parse_ack(ack))
+    {:noreply, %{state | waiting: waiting}}
+  end
+
+  def handle_info({port, {:data, {_, line}}}, %{port: port} = state) do
+    {:noreply, %{state | lines: [line | state.lines]}}
+  end
+
+  def handle_info({port, {:exit_status, status}}, %{port: port} = state) do
+    exited({:worker_exited, status}, state)
+  end
+
+  def handle_info({:EXIT, port, reason}, %{port: port} = state) do
+    exited({:worker_exited, reason}, state)
+  end
+
+  def handle_info(_message, state), do: {:noreply, state}
+
+  @impl GenServer
+  def terminate(_reason, %{port: port}) do
+    # Closing stdin is the worker's signal to stop; wait for it briefly.
+    if Port.info(port) != nil do
+      Port.close(port)
+    end
+
+    :ok
+  end
+
+  defp exited(reason, state) do
+    for from <- :queue.to_list(state.waiting), do: GenServer.reply(from, {:error, reason})
+    {:stop, reason, %{state | waiting: :queue.new()}}
+  end
+
+  defp parse_ack(ack) do
+    case String.split(ack, " ", parts: 2) do
+      ["error", json] -> {:error, decode(json)}
+      [_cmd, json] -> {:ok, decode(json)}
+      [_cmd] -> {:ok, nil}
+    end
+  end
+
+  defp decode(json) do
+    case JSON.decode(json) do
+      {:ok, value} -> value
+      {:error, _} -> json
+    end
+  end
+
+  # The checkout this module was compiled from, where script/setup puts .venv.
+  defp project_root, do: Path.expand("../../..", __DIR__)
+end

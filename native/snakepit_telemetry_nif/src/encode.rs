@@ -1,0 +1,87 @@
+//! Decoded events to terms. Keys the catalog knows are preallocated atoms;
+//! everything else from Python becomes a binary.
+
+use rustler::{Encoder, Env, Term};
+use snakepit_telemetry_core::decode::{Decoded, Key, Number};
+use snakepit_telemetry_core::stream::{CloseReason, Status};
+
+use crate::atoms::{self, sym};
+
+fn key<'a>(env: Env<'a>, key: &Key) -> Term<'a> {
+    match key {
+        Key::Known(s) => sym(*s).encode(env),
+        Key::Unknown(text) => text.encode(env),
+    }
+}
+
+fn number<'a>(env: Env<'a>, n: Number) -> Term<'a> {
+    match n {
+        Number::Int(i) => i.encode(env),
+        // Finite by construction (the decoder drops NaN and infinities).
+        Number::Float(f) => f.encode(env),
+    }
+}
+
+/// `{event_name, measurements, metadata}`, or `None` if the maps cannot be
+/// built (duplicate keys, which the decoder prevents for every key it sets).
+fn event<'a>(env: Env<'a>, event: &Decoded) -> Option<Term<'a>> {
+    let name: Vec<Term<'a>> = event
+        .event
+        .spec()
+        .name
+        .iter()
+        .map(|s| sym(*s).encode(env))
+        .collect();
+
+    let (mkeys, mvalues): (Vec<_>, Vec<_>) = event
+        .measurements
+        .iter()
+        .map(|(k, v)| (key(env, k), number(env, *v)))
+        .unzip();
+    let measurements = Term::map_from_term_arrays(env, &mkeys, &mvalues).ok()?;
+
+    let capacity = event.metadata.len() + 1;
+    let mut keys = Vec::with_capacity(capacity);
+    let mut values = Vec::with_capacity(capacity);
+    for (k, v) in &event.metadata {
+        keys.push(key(env, k));
+        values.push(v.encode(env));
+    }
+    if let Some(id) = &event.correlation_id {
+        keys.push(sym(snakepit_telemetry_core::catalog::Sym::correlation_id).encode(env));
+        values.push(id.encode(env));
+    }
+    let metadata = Term::map_from_term_arrays(env, &keys, &values).ok()?;
+    Some((name, measurements, metadata).encode(env))
+}
+
+/// A list of event tuples and the number of events that could not be encoded.
+pub fn events<'a>(env: Env<'a>, batch: &[Decoded]) -> (Term<'a>, u64) {
+    let mut failed = 0;
+    let terms: Vec<Term<'a>> = batch
+        .iter()
+        .filter_map(|e| {
+            let term = event(env, e);
+            failed += u64::from(term.is_none());
+            term
+        })
+        .collect();
+    (terms.encode(env), failed)
+}
+
+pub fn status<'a>(env: Env<'a>, status: &Status) -> Term<'a> {
+    match status {
+        Status::Connecting => atoms::connecting().encode(env),
+        Status::Open => atoms::open().encode(env),
+        Status::Closed(reason) => (atoms::closed(), close_reason(env, reason)).encode(env),
+    }
+}
+
+fn close_reason<'a>(env: Env<'a>, reason: &CloseReason) -> Term<'a> {
+    match reason {
+        CloseReason::Stopped => atoms::stopped().encode(env),
+        CloseReason::EndOfStream => atoms::end_of_stream().encode(env),
+        CloseReason::Error(text) => (atoms::error(), text).encode(env),
+        CloseReason::ConnectFailed(text) => (atoms::connect_failed(), text).encode(env),
+    }
+}

@@ -1,0 +1,12 @@
+//! The snakepit_telemetry NIF: a thin layer between the BEAM and
+//! `snakepit_telemetry_core`. It owns the tokio runtime, preallocates every
+//! atom it can produce and turns decoded events into terms.
+
+mod atoms;
+mod catalog;
+mod delivery;
+mod encode;
+mod runtime;
+mod stream;
+
+rustler::init!("Elixir.Snakepit.Telemetry.Native", load = atoms::load);

@@ -1,0 +1,200 @@
+//! Stream handles: open, control, close and inspect telemetry streams.
+//!
+//! None of these NIFs wait on the network: `stream_open` spawns the stream's
+//! task and returns its handle at once, control messages go on a bounded
+//! queue (a full queue is an error, not a wait), and the task reports back to
+//! the owner process with messages (see `Snakepit.Telemetry.GrpcStream`).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustler::{Atom, Encoder, Env, LocalPid, NifMap, ResourceArc, Term};
+use snakepit_telemetry_core::decode::{DecodeConfig, Decoded, Limits};
+use snakepit_telemetry_core::proto::{
+    telemetry_control::Control, TelemetryControl, TelemetryEventFilter, TelemetrySamplingUpdate,
+    TelemetryToggle,
+};
+use snakepit_telemetry_core::stats::StreamStats;
+use snakepit_telemetry_core::stream::{self, Address, Sink, Status, StreamConfig};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::atoms;
+use crate::delivery;
+use crate::runtime::RUNTIME;
+
+/// Control messages a stream buffers while connecting or busy.
+const CONTROL_QUEUE: usize = 64;
+
+/// The Elixir-side handle of one stream. Dropping the last reference (the
+/// owner closed it, or died) drops `controls` and `stop`, which ends the
+/// stream's task and frees its connection.
+pub struct StreamHandle {
+    controls: mpsc::Sender<TelemetryControl>,
+    stop: Mutex<Option<oneshot::Sender<()>>>,
+    stats: Arc<StreamStats>,
+}
+
+#[rustler::resource_impl]
+impl rustler::Resource for StreamHandle {}
+
+/// Options from `Snakepit.Telemetry.GrpcStream`; every key is required (the
+/// Elixir side fills in defaults).
+#[derive(NifMap)]
+pub struct OpenOptions {
+    connect_timeout_ms: u64,
+    retry_interval_ms: u64,
+    max_batch: usize,
+    max_message_bytes: usize,
+    native_per_sec: u64,
+}
+
+struct NifSink {
+    pid: LocalPid,
+    stream_id: u64,
+    stats: Arc<StreamStats>,
+}
+
+impl Sink for NifSink {
+    fn status(&mut self, status: Status) {
+        delivery::status(self.pid, self.stream_id, status);
+    }
+
+    fn events(&mut self, batch: Vec<Decoded>) {
+        delivery::events(self.pid, self.stream_id, batch, &self.stats);
+    }
+}
+
+#[rustler::nif]
+fn stream_open(
+    owner: LocalPid,
+    stream_id: u64,
+    address: String,
+    options: OpenOptions,
+) -> Result<ResourceArc<StreamHandle>, (Atom, String)> {
+    let address =
+        Address::parse(&address).map_err(|e| (atoms::invalid_address(), e.to_string()))?;
+    if options.max_batch == 0 || options.native_per_sec == 0 {
+        return Err((
+            atoms::invalid_option(),
+            "max_batch and native_per_sec must be positive".into(),
+        ));
+    }
+    let config = StreamConfig {
+        connect_timeout: Duration::from_millis(options.connect_timeout_ms),
+        retry_interval: Duration::from_millis(options.retry_interval_ms.max(1)),
+        max_batch: options.max_batch,
+        max_message_bytes: options.max_message_bytes,
+        decode: DecodeConfig {
+            limits: Limits::default(),
+            native_per_sec: options.native_per_sec,
+        },
+    };
+    let (controls, controls_rx) = mpsc::channel(CONTROL_QUEUE);
+    let (stop, stop_rx) = oneshot::channel();
+    let stats = Arc::new(StreamStats::default());
+    let sink = NifSink {
+        pid: owner,
+        stream_id,
+        stats: stats.clone(),
+    };
+    RUNTIME.spawn(stream::run(
+        address,
+        config,
+        controls_rx,
+        stop_rx,
+        stats.clone(),
+        sink,
+    ));
+    Ok(ResourceArc::new(StreamHandle {
+        controls,
+        stop: Mutex::new(Some(stop)),
+        stats,
+    }))
+}
+
+fn send_control<'a>(env: Env<'a>, handle: &StreamHandle, control: Control) -> Term<'a> {
+    let message = TelemetryControl {
+        control: Some(control),
+    };
+    match handle.controls.try_send(message) {
+        Ok(()) => atoms::ok().encode(env),
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            (atoms::error(), atoms::control_queue_full()).encode(env)
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => (atoms::error(), atoms::closed()).encode(env),
+    }
+}
+
+#[rustler::nif]
+fn stream_toggle<'a>(env: Env<'a>, handle: ResourceArc<StreamHandle>, enabled: bool) -> Term<'a> {
+    send_control(env, &handle, Control::Toggle(TelemetryToggle { enabled }))
+}
+
+#[rustler::nif]
+fn stream_sampling<'a>(
+    env: Env<'a>,
+    handle: ResourceArc<StreamHandle>,
+    rate: f64,
+    patterns: Vec<String>,
+) -> Term<'a> {
+    if !(0.0..=1.0).contains(&rate) {
+        return (atoms::error(), atoms::invalid_option()).encode(env);
+    }
+    send_control(
+        env,
+        &handle,
+        Control::Sampling(TelemetrySamplingUpdate {
+            sampling_rate: rate,
+            event_patterns: patterns,
+        }),
+    )
+}
+
+#[rustler::nif]
+fn stream_filter<'a>(
+    env: Env<'a>,
+    handle: ResourceArc<StreamHandle>,
+    allow: Vec<String>,
+    deny: Vec<String>,
+) -> Term<'a> {
+    send_control(
+        env,
+        &handle,
+        Control::Filter(TelemetryEventFilter { allow, deny }),
+    )
+}
+
+/// Ends the stream now. Idempotent; the owner still receives the
+/// `{:closed, :stopped}` status.
+#[rustler::nif]
+fn stream_close(handle: ResourceArc<StreamHandle>) -> Atom {
+    if let Some(stop) = handle.stop.lock().map(|mut s| s.take()).unwrap_or(None) {
+        let _ = stop.send(());
+    }
+    atoms::ok()
+}
+
+#[rustler::nif]
+fn stream_stats<'a>(env: Env<'a>, handle: ResourceArc<StreamHandle>) -> Term<'a> {
+    let snapshot = handle.stats.snapshot();
+    let keys: Vec<Term<'a>> = snapshot
+        .iter()
+        .map(|(name, _)| atoms::stat(name).encode(env))
+        .collect();
+    let values: Vec<Term<'a>> = snapshot.iter().map(|(_, v)| v.encode(env)).collect();
+    Term::map_from_term_arrays(env, &keys, &values).expect("counter names are unique")
+}
+
+/// Process-wide figures: live stream tasks and batches waiting for delivery.
+#[rustler::nif]
+fn runtime_info<'a>(env: Env<'a>) -> Term<'a> {
+    let keys = [
+        atoms::live_streams().encode(env),
+        atoms::delivery_queue().encode(env),
+    ];
+    let values = [
+        stream::live_streams().encode(env),
+        delivery::queued().encode(env),
+    ];
+    Term::map_from_term_arrays(env, &keys, &values).expect("distinct keys")
+}
