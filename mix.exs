@@ -72,8 +72,7 @@ defmodule Snakepit.Telemetry.MixProject do
       start_permanent: Mix.env() == :prod,
       compilers: [:snakepit_native | Mix.compilers()],
       elixirc_paths: elixirc_paths(Mix.env()),
-      deps: deps(),
-      dialyzer: [plt_add_apps: [:mix]]
+      deps: deps()
     ]
   end
 
