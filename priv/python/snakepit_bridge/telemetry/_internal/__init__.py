@@ -1,0 +1,1 @@
+"""Private helpers for :mod:`snakepit_bridge.telemetry`; not a stable API."""

@@ -1,0 +1,354 @@
+"""TelemetryStream: a bounded event queue drained by one gRPC StreamTelemetry call.
+
+Emitters only append small tuples under a lock; the gRPC handler thread turns them
+into protobuf messages. At most one call is active per stream: a new call takes
+over from the old one, which returns promptly and hands back what it had not sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from .. import snakepit_bridge_pb2 as pb
+from ._internal import convert
+from ._internal.control import ControlState
+
+__all__ = ["DEFAULT_QUEUE_SIZE", "QUEUE_SIZE_ENV", "TelemetryStream"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE_SIZE = 1024
+QUEUE_SIZE_ENV = "SNAKEPIT_TELEMETRY_QUEUE_SIZE"
+# Upper bound on a blocked wait: a safety net in case a wake-up is ever missed.
+_WAIT_SLICE_S = 0.5
+# How long a superseded call may stay blocked in a send (client not reading)
+# before it is cancelled so its unsent events move to the new call.
+TAKEOVER_GRACE_S = 1.0
+
+_COUNTERS = (
+    "emitted",
+    "enqueued",
+    "sent",
+    "dropped_queue_full",
+    "dropped_invalid",
+    "dropped_disabled",
+    "dropped_sampled",
+    "dropped_filtered",
+    "measurements_dropped",
+    "internal_errors",
+    "streams_opened",
+    "controls_applied",
+)
+
+
+def _queue_size_from_env() -> int:
+    """Read the queue bound from the environment, falling back on bad values."""
+    raw = os.environ.get(QUEUE_SIZE_ENV, "")
+    try:
+        size = int(raw)
+    except ValueError:
+        return DEFAULT_QUEUE_SIZE
+    return size if size > 0 else DEFAULT_QUEUE_SIZE
+
+
+class TelemetryStream:
+    """Bounded, thread-safe telemetry queue plus the StreamTelemetry gRPC handler."""
+
+    def __init__(self, queue_size: int | None = None) -> None:
+        size = _queue_size_from_env() if queue_size is None else int(queue_size)
+        if size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {queue_size!r}")
+        self._queue_size = size
+        self._queue: deque[convert.QueuedEvent] = deque()
+        # Hot paths take the bare lock (cheaper than going through the Condition).
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._control = ControlState()
+        self._counts = dict.fromkeys(_COUNTERS, 0)
+        # Events taken off the queue by the active call but not yet handed to gRPC.
+        self._in_flight = 0
+        # Generation of the active call; bumping it tells an older call to stop.
+        self._generation = 0
+        self._active: int | None = None
+        # Calls whose handler has not returned yet, by generation.
+        self._running: dict[int, grpc.ServicerContext] = {}
+        self._random = random.Random()
+
+    # ------------------------------------------------------------------ emit path
+
+    def emit_event(
+        self,
+        event: str | Sequence[str],
+        measurements: Mapping[str, Any] | None = None,
+        metadata: Mapping[Any, Any] | None = None,
+        correlation_id: str | None = None,
+    ) -> None:
+        """Queue one event without blocking; never raises (failures are counted)."""
+        try:
+            self._emit(event, measurements, metadata, correlation_id)
+        except Exception:
+            # _emit only raises before it counts anything (e.g. a correlation id
+            # whose __str__ fails), so the event is dropped and counted here.
+            with self._cond:
+                self._counts["emitted"] += 1
+                self._counts["internal_errors"] += 1
+
+    def _emit(
+        self,
+        event: object,
+        raw_measurements: object,
+        raw_metadata: object,
+        correlation_id: object,
+    ) -> None:
+        timestamp_ns = time.time_ns()
+        control = self._control
+        parts = convert.event_parts(event)
+        reason: str | None = None
+        if parts is None:
+            reason = "dropped_invalid"
+        elif not control.enabled:
+            reason = "dropped_disabled"
+        else:
+            if control.filtering or control.sampling_rate < 1.0:
+                name = ".".join(parts)
+                if control.filtering and not control.allowed(name):
+                    reason = "dropped_filtered"
+                else:
+                    rate = control.sample_rate_for(name)
+                    if rate < 1.0 and self._random.random() >= rate:
+                        reason = "dropped_sampled"
+        if reason is None and len(self._queue) >= self._queue_size:
+            # Unlocked pre-check: under overload, skip the conversion work for an
+            # event that cannot be queued anyway (rechecked under the lock below).
+            reason = "dropped_queue_full"
+        if reason is not None:
+            with self._lock:
+                self._counts["emitted"] += 1
+                self._counts[reason] += 1
+            return
+
+        assert parts is not None
+        values, dropped = convert.measurements(raw_measurements)
+        meta, meta_errors = convert.metadata(raw_metadata)
+        if correlation_id is None:
+            cid = ""
+        elif type(correlation_id) is str:
+            cid = correlation_id
+        else:
+            cid = str(correlation_id)
+        item = convert.QueuedEvent(parts, values, meta, timestamp_ns, cid)
+
+        queue = self._queue
+        with self._lock:
+            counts = self._counts
+            counts["emitted"] += 1
+            if dropped:
+                counts["measurements_dropped"] += dropped
+            if meta_errors:
+                counts["internal_errors"] += meta_errors
+            if len(queue) >= self._queue_size:
+                counts["dropped_queue_full"] += 1
+                return
+            queue.append(item)
+            counts["enqueued"] += 1
+            if len(queue) == 1:
+                # The stream thread only sleeps on an empty queue, so only the
+                # first append after a drain needs to wake it.
+                self._cond.notify_all()
+
+    def _bump(self, counter: str, amount: int = 1) -> None:
+        """Increment a counter; the lock keeps counts exact across threads."""
+        with self._cond:
+            self._counts[counter] += amount
+
+    # ---------------------------------------------------------------- inspection
+
+    @property
+    def queue_size(self) -> int:
+        """The queue bound."""
+        return self._queue_size
+
+    def stats(self) -> dict[str, int | bool]:
+        """A snapshot of all counters plus queue and stream state."""
+        with self._cond:
+            out: dict[str, int | bool] = dict(self._counts)
+            out["queue_len"] = len(self._queue)
+            out["in_flight"] = self._in_flight
+            out["queue_size"] = self._queue_size
+            out["active_stream"] = self._active is not None
+            out["enabled"] = self._control.enabled
+        return out
+
+    def wait_drained(self, timeout: float) -> bool:
+        """Wait until every queued event was handed to gRPC; ``False`` on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._in_flight:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, _WAIT_SLICE_S))
+        return True
+
+    def close(self) -> None:
+        """End the active call (if any) so its handler thread can finish."""
+        with self._cond:
+            self._generation += 1
+            self._active = None
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------- control path
+
+    def apply_control(self, control: pb.TelemetryControl | None) -> bool:
+        """Apply one control message; malformed or empty ones are counted and ignored."""
+        try:
+            if control is None:
+                raise ValueError("undecodable TelemetryControl")
+            with self._cond:
+                new_state = self._control.apply(control)
+                if new_state is None:
+                    raise ValueError("TelemetryControl without a control field")
+                self._control = new_state
+                self._counts["controls_applied"] += 1
+            return True
+        except Exception as exc:
+            log.debug("ignoring telemetry control: %s", exc)
+            self._bump("internal_errors")
+            return False
+
+    def _consume_controls(
+        self, requests: Iterable[pb.TelemetryControl | None], generation: int
+    ) -> None:
+        """Apply controls from one call until it ends or is superseded."""
+        try:
+            for control in requests:
+                if self._generation != generation:
+                    return
+                self.apply_control(control)
+        except Exception:
+            # The request side ends with an error when the call is cancelled; that is
+            # the normal way for this thread to finish.
+            return
+
+    # ---------------------------------------------------------------- gRPC side
+
+    def StreamTelemetry(  # noqa: N802 - name fixed by the proto service
+        self,
+        request_iterator: Iterable[pb.TelemetryControl | None],
+        context: grpc.ServicerContext,
+    ) -> Iterator[pb.TelemetryEvent]:
+        """Serve one StreamTelemetry call: apply controls, yield queued events."""
+        try:
+            # Sends response headers now, so the client's call completes even before
+            # the first event exists.
+            context.send_initial_metadata(())
+        except Exception:
+            self._bump("internal_errors")
+
+        finished = threading.Event()
+        with self._cond:
+            self._generation += 1
+            generation = self._generation
+            self._active = generation
+            stale = list(self._running)
+            self._running[generation] = context
+            self._counts["streams_opened"] += 1
+            self._cond.notify_all()  # wakes a previous call so it can step aside
+        if stale:
+            timer = threading.Timer(TAKEOVER_GRACE_S, self._cancel_stale, (stale,))
+            timer.daemon = True
+            timer.start()
+
+        def on_done() -> None:
+            finished.set()
+            with self._cond:
+                self._cond.notify_all()
+
+        if not context.add_callback(on_done):
+            finished.set()  # the call already terminated
+
+        threading.Thread(
+            target=self._consume_controls,
+            args=(request_iterator, generation),
+            name="snakepit-telemetry-controls",
+            daemon=True,
+        ).start()
+
+        batch: deque[convert.QueuedEvent] = deque()
+        in_doubt = False  # True while batch[0] is suspended in a yield
+        try:
+            while True:
+                with self._cond:
+                    while (
+                        not self._queue and self._generation == generation and not finished.is_set()
+                    ):
+                        self._cond.wait(_WAIT_SLICE_S)
+                        if not context.is_active():
+                            finished.set()
+                    if self._generation != generation or finished.is_set():
+                        return
+                    batch.extend(self._queue)
+                    self._in_flight += len(self._queue)
+                    self._queue.clear()
+                while batch:
+                    if self._generation != generation or finished.is_set():
+                        return  # superseded: the finally block hands the rest back
+                    msg = self._build(batch[0])
+                    if msg is not None:
+                        in_doubt = True
+                        yield msg  # resumes only once gRPC has taken the message
+                        in_doubt = False
+                    batch.popleft()
+                    with self._cond:
+                        self._in_flight -= 1
+                        if msg is not None:
+                            self._counts["sent"] += 1
+                        if not self._in_flight:
+                            self._cond.notify_all()
+        finally:
+            self._finish_call(generation, batch, in_doubt)
+
+    def _build(self, item: convert.QueuedEvent) -> pb.TelemetryEvent | None:
+        """Convert one queued event, counting (not raising) conversion failures."""
+        try:
+            return convert.to_proto(item)
+        except Exception:
+            self._bump("internal_errors")
+            return None
+
+    def _finish_call(
+        self, generation: int, unsent: deque[convert.QueuedEvent], in_doubt: bool
+    ) -> None:
+        """Return unsent events to the queue front and clear the active marker.
+
+        An event whose ``yield`` was interrupted (call cancelled mid-send) is not
+        returned: it may have reached the client, and delivering twice is worse.
+        """
+        with self._cond:
+            self._in_flight -= len(unsent)
+            if in_doubt and unsent:
+                unsent.popleft()
+            self._queue.extendleft(reversed(unsent))
+            if self._active == generation:
+                self._active = None
+            self._running.pop(generation, None)
+            self._cond.notify_all()
+
+    def _cancel_stale(self, generations: list[int]) -> None:
+        """Cancel superseded calls still stuck in a send; normally none are left."""
+        with self._cond:
+            contexts = [self._running[g] for g in generations if g in self._running]
+        for context in contexts:
+            try:
+                context.cancel()
+            except Exception:
+                self._bump("internal_errors")

@@ -1,0 +1,294 @@
+"""Runnable telemetry worker: ``python -m snakepit_bridge.telemetry.worker``.
+
+Stands in for a Snakepit Python worker in the Elixir demo and tests: it serves
+StreamTelemetry and produces events on command. Protocol (stdout, one line each):
+
+* ``SNAKEPIT_TELEMETRY_READY <address>`` once the server listens;
+* ``SNAKEPIT_TELEMETRY_ACK <cmd> <json>`` after each stdin command
+  (``<cmd>`` is ``error`` for bad JSON or an unknown command);
+* ``SNAKEPIT_TELEMETRY_WORKLOAD_DONE {"calls": N}`` when a workload finishes.
+
+Stdin EOF or ``{"cmd": "exit"}`` stops the server and exits 0, so the worker
+never outlives a parent that closed its end of the pipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from typing import Any, TextIO
+
+import grpc
+
+from . import TelemetryStream, add_to_server, emit, set_stream, span
+
+READY = "SNAKEPIT_TELEMETRY_READY"
+ACK = "SNAKEPIT_TELEMETRY_ACK"
+WORKLOAD_DONE = "SNAKEPIT_TELEMETRY_WORKLOAD_DONE"
+STOP_GRACE_S = 0.5
+_WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]", "localhost"}
+
+
+class CommandError(Exception):
+    """A command that cannot run; reported as an ``error`` ACK, never fatal."""
+
+
+class _SyntheticFailure(RuntimeError):
+    """Raised by the workload so its exception events are easy to recognise."""
+
+
+class Output:
+    """Line-atomic, flushed writes: the workload thread prints concurrently."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._lock = threading.Lock()
+
+    def line(self, text: str) -> None:
+        with self._lock:
+            self._out.write(text + "\n")
+            self._out.flush()
+
+
+def _int_arg(cmd: dict[str, Any], key: str, default: int | None = None) -> int:
+    """Fetch a non-negative int argument, rejecting bools and other types."""
+    value = cmd.get(key, default)
+    if type(value) is not int or value < 0:
+        raise CommandError(f"{key!r} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _opt_dict(cmd: dict[str, Any], key: str) -> dict[str, Any] | None:
+    value = cmd.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise CommandError(f"{key!r} must be an object or null")
+    return value
+
+
+def _token() -> str:
+    return os.urandom(8).hex()
+
+
+class Worker:
+    """Executes stdin commands against the public telemetry API."""
+
+    def __init__(self, stream: TelemetryStream, out: Output) -> None:
+        self.stream = stream
+        self.out = out
+        self.handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "emit": self.cmd_emit,
+            "span": self.cmd_span,
+            "unknown": self.cmd_unknown,
+            "unknown_keys": self.cmd_unknown_keys,
+            "workload": self.cmd_workload,
+            "flood": self.cmd_flood,
+            "stats": self.cmd_stats,
+            "wait_drained": self.cmd_wait_drained,
+        }
+
+    def handle_line(self, line: str) -> None:
+        """Run one command line and print its ACK (or an ``error`` ACK)."""
+        try:
+            cmd = json.loads(line)
+            if not isinstance(cmd, dict):
+                raise CommandError("command must be a JSON object")
+            name = cmd.get("cmd")
+            handler = self.handlers.get(name) if isinstance(name, str) else None
+            if handler is None:
+                raise CommandError(f"unknown command: {name!r}")
+            result = handler(cmd)
+        except Exception as exc:  # bad JSON, bad args, anything: report and go on
+            self.ack("error", {"error": f"{type(exc).__name__}: {exc}"})
+            return
+        self.ack(name, result)
+
+    def ack(self, name: str, result: Any) -> None:
+        self.out.line(f"{ACK} {name} {json.dumps(result)}")
+
+    def cmd_emit(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        event = cmd.get("event")
+        count = _int_arg(cmd, "count", 1)
+        measurements = cmd.get("measurements") or {}
+        metadata = cmd.get("metadata")
+        correlation_id = cmd.get("correlation_id")
+        for _ in range(count):
+            emit(event, measurements, metadata, correlation_id)
+        return {"count": count}
+
+    def cmd_span(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        name = cmd.get("name")
+        fail = bool(cmd.get("fail", False))
+        try:
+            with span(name, _opt_dict(cmd, "metadata"), cmd.get("correlation_id")):
+                if fail:
+                    raise RuntimeError("span failure requested by the worker command")
+        except RuntimeError:
+            if not fail:
+                raise
+        return {"fail": fail}
+
+    def cmd_unknown(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        count = _int_arg(cmd, "count", 1)
+        for _ in range(count):
+            emit(f"zz.{_token()}.evt", {f"m_{_token()}": 1}, {f"k_{_token()}": "v"})
+        return {"count": count}
+
+    def cmd_unknown_keys(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        event = cmd.get("event", "python.call.stop")
+        count = _int_arg(cmd, "count", 1)
+        for _ in range(count):
+            emit(event, {f"m_{_token()}": 1}, {f"k_{_token()}": "v"})
+        return {"count": count}
+
+    def cmd_flood(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        event = cmd.get("event", "python.call.stop")
+        count = _int_arg(cmd, "count", 1)
+        measurements = {"duration": 1}
+        started = time.perf_counter()
+        for _ in range(count):
+            emit(event, measurements)
+        return {"count": count, "seconds": time.perf_counter() - started}
+
+    def cmd_stats(self, _cmd: dict[str, Any]) -> dict[str, Any]:
+        return self.stream.stats()
+
+    def cmd_wait_drained(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        timeout_ms = _int_arg(cmd, "timeout_ms", 5000)
+        return {"drained": self.stream.wait_drained(timeout_ms / 1000)}
+
+    def cmd_workload(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        calls = _int_arg(cmd, "calls", 10)
+        interval_ms = _int_arg(cmd, "interval_ms", 0)
+        prefix = cmd.get("correlation_prefix") or "workload"
+        if not isinstance(prefix, str):
+            raise CommandError("'correlation_prefix' must be a string")
+        threading.Thread(
+            target=self._workload,
+            args=(calls, interval_ms / 1000, prefix),
+            name="snakepit-telemetry-workload",
+            daemon=True,
+        ).start()
+        return {"started": True}
+
+    def _workload(self, calls: int, interval_s: float, prefix: str) -> None:
+        """Synthetic calls; every 10th fails in the tool, so the call fails too."""
+        for i in range(calls):
+            with contextlib.suppress(_SyntheticFailure):
+                self._workload_call(i, f"{prefix}-{i}")
+            if interval_s > 0 and i + 1 < calls:
+                time.sleep(interval_s)
+        self.out.line(f"{WORKLOAD_DONE} {json.dumps({'calls': calls})}")
+
+    @staticmethod
+    def _workload_call(i: int, correlation_id: str) -> None:
+        with (
+            span("python.call", {"command": "predict"}, correlation_id=correlation_id),
+            span("tool.execution", {"tool": "tokenize"}),
+        ):
+            emit("tool.result_size", {"bytes": random.randint(64, 65536)}, {"tool": "tokenize"})
+            if (i + 1) % 10 == 0:
+                raise _SyntheticFailure(f"synthetic tool failure in call {i}")
+
+
+def _bind(server: grpc.Server, listen: str) -> str:
+    """Bind ``listen`` and return the address to advertise in the READY line."""
+    if listen.startswith("unix:"):
+        path = listen[len("unix:") :]
+        if not os.path.isabs(path):
+            raise SystemExit(f"unix socket path must be absolute: {listen}")
+        try:  # a stale socket from a crashed run would make the bind fail
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        server.add_insecure_port(listen)
+        return listen
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise SystemExit(f"--listen must be HOST:PORT or unix:/abs/path.sock, got {listen!r}")
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise SystemExit(f"could not bind {listen}")
+    shown = "127.0.0.1" if host in _WILDCARD_HOSTS else host
+    return f"{shown}:{port}"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m snakepit_bridge.telemetry.worker")
+    parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT or unix:/abs/path")
+    parser.add_argument("--queue-size", type=int, default=None, help="telemetry queue bound")
+    parser.add_argument("--max-workers", type=int, default=8, help="gRPC thread pool size")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
+    """Serve until stdin closes or an ``exit`` command arrives; return the exit code."""
+    opts = parse_args(argv)
+    stdin = stdin if stdin is not None else sys.stdin
+    out = Output(sys.stdout)
+    stream = TelemetryStream(opts.queue_size)
+    set_stream(stream)
+
+    executor = futures.ThreadPoolExecutor(max_workers=max(1, opts.max_workers))
+    server = grpc.server(executor)
+    add_to_server(server, stream)
+    try:
+        address = _bind(server, opts.listen)
+    except RuntimeError as exc:  # grpc raises when the address cannot be bound
+        print(f"could not bind {opts.listen}: {exc}", file=sys.stderr)
+        return 1
+    server.start()
+    worker = Worker(stream, out)
+    try:
+        out.line(f"{READY} {address}")
+        while True:
+            line = stdin.readline()
+            if not line:
+                break  # EOF: the parent is gone or done with us
+            line = line.strip()
+            if not line:
+                continue
+            if _is_exit(line):
+                worker.ack("exit", {"exit": True})
+                break
+            worker.handle_line(line)
+    except (BrokenPipeError, KeyboardInterrupt):
+        pass
+    finally:
+        stream.close()
+        server.stop(STOP_GRACE_S).wait(STOP_GRACE_S + 1.0)
+        executor.shutdown(wait=False, cancel_futures=True)
+        if opts.listen.startswith("unix:"):
+            _unlink_quietly(opts.listen[len("unix:") :])
+    return 0
+
+
+def _is_exit(line: str) -> bool:
+    try:
+        cmd = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(cmd, dict) and cmd.get("cmd") == "exit"
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+if __name__ == "__main__":
+    code = main()
+    with contextlib.suppress(OSError):
+        sys.stdout.flush()
+    # os._exit skips joining the gRPC pool threads at interpreter exit: a handler
+    # still blocked in a client send must not keep the process alive.
+    os._exit(code)

@@ -1,0 +1,127 @@
+"""Shared fixtures: a fresh default stream, a real loopback gRPC server, a client."""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+
+PY_ROOT = Path(__file__).resolve().parent.parent
+if str(PY_ROOT) not in sys.path:
+    sys.path.insert(0, str(PY_ROOT))
+
+from snakepit_bridge import snakepit_bridge_pb2 as pb  # noqa: E402
+from snakepit_bridge import snakepit_bridge_pb2_grpc as pb_grpc  # noqa: E402
+from snakepit_bridge import telemetry  # noqa: E402
+
+_CLOSE = object()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``predicate``; controls and sends are applied on other threads."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return predicate()
+
+
+class Client:
+    """A StreamTelemetry call made with the generated stub, read on a thread."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self._requests: queue.Queue[object] = queue.Queue()
+        self.events: queue.Queue[pb.TelemetryEvent] = queue.Queue()
+        self.error: grpc.RpcError | None = None
+        self.done = threading.Event()
+        stub = pb_grpc.BridgeServiceStub(self.channel)
+        self.call = stub.StreamTelemetry(self._request_iter())
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _request_iter(self) -> Iterator[pb.TelemetryControl]:
+        while True:
+            item = self._requests.get()
+            if item is _CLOSE:
+                return
+            assert isinstance(item, pb.TelemetryControl)
+            yield item
+
+    def _read(self) -> None:
+        try:
+            for event in self.call:
+                self.events.put(event)
+        except grpc.RpcError as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def send(self, control: pb.TelemetryControl) -> None:
+        self._requests.put(control)
+
+    def take(self, n: int, timeout: float = 5.0) -> list[pb.TelemetryEvent]:
+        """Exactly ``n`` events (fails the test if they do not arrive in time)."""
+        deadline = time.monotonic() + timeout
+        out = []
+        for _ in range(n):
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                out.append(self.events.get(timeout=remaining))
+            except queue.Empty:
+                pytest.fail(f"expected {n} events, got {len(out)}")
+        return out
+
+    def assert_quiet(self, wait: float = 0.2) -> None:
+        time.sleep(wait)
+        assert self.events.empty(), "unexpected extra event"
+
+    def close(self) -> None:
+        self._requests.put(_CLOSE)
+        self.call.cancel()
+        self.done.wait(2)
+        self.channel.close()
+
+
+@pytest.fixture
+def stream() -> Iterator[telemetry.TelemetryStream]:
+    """A fresh default stream per test, so counters start at zero."""
+    s = telemetry.TelemetryStream(queue_size=1024)
+    telemetry.set_stream(s)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def server(stream: telemetry.TelemetryStream) -> Iterator[str]:
+    """A real gRPC server on loopback serving ``stream``; yields its address."""
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    telemetry.add_to_server(srv, stream)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    yield f"127.0.0.1:{port}"
+    stream.close()
+    srv.stop(0).wait(2)
+
+
+@pytest.fixture
+def connect(server: str) -> Iterator[Callable[[], Client]]:
+    """Factory for clients; all are closed at teardown."""
+    clients: list[Client] = []
+
+    def make() -> Client:
+        client = Client(server)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()

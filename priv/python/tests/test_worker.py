@@ -1,0 +1,190 @@
+"""The runnable worker as a subprocess, driven over stdin and read by a real client."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import PY_ROOT, Client
+
+READY = "SNAKEPIT_TELEMETRY_READY "
+ACK = "SNAKEPIT_TELEMETRY_ACK "
+
+
+class WorkerProc:
+    """A worker subprocess with line-oriented, timeout-aware stdout reading."""
+
+    def __init__(self, *args: str) -> None:
+        env = dict(os.environ, PYTHONPATH=str(PY_ROOT))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "snakepit_bridge.telemetry.worker", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        ready = self.line()
+        assert ready.startswith(READY), ready
+        self.address = ready[len(READY) :]
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def line(self, timeout: float = 10.0) -> str:
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail("worker printed nothing in time")
+
+    def command(self, cmd: dict[str, Any] | str) -> tuple[str, Any]:
+        """Send one command; return ``(ack name, decoded result)``."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((cmd if isinstance(cmd, str) else json.dumps(cmd)) + "\n")
+        self.proc.stdin.flush()
+        line = self.line()
+        assert line.startswith(ACK), line
+        name, payload = line[len(ACK) :].split(" ", 1)
+        return name, json.loads(payload)
+
+    def close_stdin(self) -> int:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        return self.proc.wait(timeout=5)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def worker() -> Iterator[WorkerProc]:
+    w = WorkerProc("--listen", "127.0.0.1:0", "--queue-size", "256")
+    yield w
+    w.kill()
+
+
+def test_ready_line_address(worker: WorkerProc) -> None:
+    host, port = worker.address.rsplit(":", 1)
+    assert host == "127.0.0.1" and int(port) > 0
+
+
+def test_emit_and_receive(worker: WorkerProc) -> None:
+    cmd = {
+        "cmd": "emit",
+        "event": "python.call.stop",
+        "measurements": {"duration": 12, "ratio": 0.25},
+        "metadata": {"command": "predict"},
+        "correlation_id": "abc",
+        "count": 3,
+    }
+    assert worker.command(cmd) == ("emit", {"count": 3})
+    client = Client(worker.address)
+    try:
+        events = client.take(3)
+        assert all(list(e.event_parts) == ["python", "call", "stop"] for e in events)
+        assert events[0].measurements["duration"].int_value == 12
+        assert events[0].measurements["ratio"].float_value == 0.25
+        assert dict(events[0].metadata) == {"command": "predict"}
+        assert events[0].correlation_id == "abc"
+        assert worker.command({"cmd": "wait_drained", "timeout_ms": 3000}) == (
+            "wait_drained",
+            {"drained": True},
+        )
+        name, st = worker.command({"cmd": "stats"})
+        assert name == "stats" and st["sent"] == 3 and st["active_stream"] is True
+
+        _, result = worker.command({"cmd": "span", "name": "tool.execution", "fail": True})
+        assert result == {"fail": True}
+        assert [".".join(e.event_parts) for e in client.take(2)] == [
+            "tool.execution.start",
+            "tool.execution.exception",
+        ]
+
+        worker.command({"cmd": "unknown", "count": 2})
+        unknown = client.take(2)
+        assert (
+            unknown[0].event_parts[0] == "zz" and unknown[0].event_parts != unknown[1].event_parts
+        )
+        worker.command({"cmd": "unknown_keys", "event": "python.call.stop", "count": 2})
+        a, b = client.take(2)
+        assert set(a.metadata) != set(b.metadata) and set(a.measurements) != set(b.measurements)
+    finally:
+        client.close()
+
+
+def test_workload(worker: WorkerProc) -> None:
+    client = Client(worker.address)
+    try:
+        cmd = {"cmd": "workload", "calls": 10, "interval_ms": 1, "correlation_prefix": "demo"}
+        assert worker.command(cmd) == ("workload", {"started": True})
+        assert worker.line() == 'SNAKEPIT_TELEMETRY_WORKLOAD_DONE {"calls": 10}'
+        events = client.take(50)  # 5 per call: 2 starts, result, 2 stop/exception
+        names = [".".join(e.event_parts) for e in events]
+        assert names.count("python.call.start") == 10
+        assert names.count("tool.execution.exception") == 1
+        assert names.count("python.call.exception") == 1
+        assert {e.correlation_id for e in events if e.event_parts[0] == "python"} == {
+            f"demo-{i}" for i in range(10)
+        }
+    finally:
+        client.close()
+
+
+def test_flood_and_errors(worker: WorkerProc) -> None:
+    name, result = worker.command({"cmd": "flood", "event": "python.call.stop", "count": 1000})
+    assert name == "flood" and result["count"] == 1000 and result["seconds"] >= 0
+    _, st = worker.command({"cmd": "stats"})
+    assert st["enqueued"] == 256 and st["dropped_queue_full"] == 744
+    assert worker.command("not json")[0] == "error"
+    name, result = worker.command({"cmd": "bogus"})
+    assert name == "error" and "bogus" in result["error"]
+    assert worker.command({"cmd": "emit", "event": "a.b", "count": "x"})[0] == "error"
+    assert worker.command({"cmd": "stats"})[0] == "stats"  # still alive
+
+
+def test_exit_on_stdin_eof(worker: WorkerProc) -> None:
+    client = Client(worker.address)  # an open stream must not keep it alive
+    try:
+        assert worker.close_stdin() == 0
+    finally:
+        client.close()
+
+
+def test_exit_command() -> None:
+    w = WorkerProc()
+    try:
+        assert w.command({"cmd": "exit"}) == ("exit", {"exit": True})
+        assert w.proc.wait(timeout=5) == 0
+    finally:
+        w.kill()
+
+
+def test_unix_socket(tmp_path: Path) -> None:
+    sock = tmp_path / "telemetry.sock"
+    w = WorkerProc("--listen", f"unix:{sock}")
+    try:
+        assert w.address == f"unix:{sock}"
+        w.command({"cmd": "emit", "event": "over.unix", "measurements": {"x": 1}})
+        client = Client(w.address)
+        try:
+            assert list(client.take(1)[0].event_parts) == ["over", "unix"]
+        finally:
+            client.close()
+        assert w.close_stdin() == 0
+        assert not sock.exists()
+    finally:
+        w.kill()
