@@ -86,11 +86,16 @@ Bench.wait(fn -> match?([%{status: :open}], GrpcStream.list_streams()) end)
 
 t0 = System.monotonic_time()
 {:ok, _} = PythonWorker.command(w, %{cmd: "flood", count: n}, 120_000)
+
 try do
   Bench.wait(fn -> :counters.get(counter, 1) >= n end)
 rescue
   e ->
-    IO.inspect({:counter, :counters.get(counter, 1), GrpcStream.list_streams(), PythonWorker.command(w, %{cmd: "stats"})})
+    IO.inspect(
+      {:counter, :counters.get(counter, 1), GrpcStream.list_streams(),
+       PythonWorker.command(w, %{cmd: "stats"})}
+    )
+
     reraise e, __STACKTRACE__
 end
 

@@ -264,6 +264,8 @@ def test_takeover_from_stalled_client(
     # A contiguous tail, in order, no duplicates; the head went to the stalled call.
     assert received == list(range(1000 - len(received), 1000))
     # At most the one event interrupted mid-send is lost (counted as not sent).
-    assert stream.stats()["sent"] >= 999
+    stats = stream.stats()
+    assert stats["sent"] >= 999
+    assert stats["sent"] + stats["interrupted_sends"] == 1000
     stalled.cancel()
     channel.close()

@@ -44,6 +44,9 @@ _COUNTERS = (
     "dropped_sampled",
     "dropped_filtered",
     "measurements_dropped",
+    # Events whose send was interrupted when their call ended: they may or may
+    # not have reached that call's client, and are not sent again.
+    "interrupted_sends",
     "internal_errors",
     "streams_opened",
     "controls_applied",
@@ -337,6 +340,7 @@ class TelemetryStream:
             self._in_flight -= len(unsent)
             if in_doubt and unsent:
                 unsent.popleft()
+                self._counts["interrupted_sends"] += 1
             self._queue.extendleft(reversed(unsent))
             if self._active == generation:
                 self._active = None
