@@ -42,20 +42,17 @@ defmodule Demo do
     send(parent, {:demo_event, event})
   end
 
-  def await_status(worker_id, want, deadline) do
-    status =
-      Enum.find_value(GrpcStream.list_streams(), fn s -> s.worker_id == worker_id && s.status end)
-
+  def await(fun, deadline) do
     cond do
-      status == want ->
+      fun.() ->
         :ok
 
       System.monotonic_time(:millisecond) > deadline ->
-        {:error, status}
+        :timeout
 
       true ->
         Process.sleep(20)
-        await_status(worker_id, want, deadline)
+        await(fun, deadline)
     end
   end
 
@@ -92,9 +89,11 @@ IO.puts("Python worker (os pid #{PythonWorker.os_pid(worker)}) serves telemetry 
     python_pid: PythonWorker.os_pid(worker)
   )
 
-case Demo.await_status("demo_worker_1", :open, System.monotonic_time(:millisecond) + 10_000) do
+open? = fn -> match?([%{status: :open}], GrpcStream.list_streams()) end
+
+case Demo.await(open?, System.monotonic_time(:millisecond) + 10_000) do
   :ok -> IO.puts("stream open; running #{calls} synthetic calls in Python\n")
-  {:error, status} -> raise "telemetry stream did not open: #{inspect(status)}"
+  :timeout -> raise "telemetry stream did not open: #{inspect(GrpcStream.list_streams())}"
 end
 
 {:ok, _} =
@@ -111,7 +110,25 @@ finished = fn counts ->
 end
 
 {result, counts} = Demo.collect(%{}, finished, System.monotonic_time(:millisecond) + 30_000)
+
+# Atom safety: names the catalog does not know are dropped and counted in
+# Rust; none becomes an atom.
+atoms_before = :erlang.system_info(:atom_count)
+{:ok, _} = PythonWorker.command(worker, %{cmd: "unknown", count: 1_000})
+
+unknown_dropped? = fn ->
+  [s] = GrpcStream.list_streams()
+  s.stats.dropped_unknown_event >= 1_000
+end
+
+:ok = Demo.await(unknown_dropped?, System.monotonic_time(:millisecond) + 10_000)
 [stream] = GrpcStream.list_streams()
+
+IO.puts(
+  "\nPython sent 1000 events with unknown, random names: dropped in Rust and counted " <>
+    "(dropped_unknown_event=#{stream.stats.dropped_unknown_event}); " <>
+    "atoms created: #{:erlang.system_info(:atom_count) - atoms_before}"
+)
 
 IO.puts("\nevents received in :telemetry handlers:")
 

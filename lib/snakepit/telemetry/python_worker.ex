@@ -81,6 +81,15 @@ defmodule Snakepit.Telemetry.PythonWorker do
   def init(opts) do
     Process.flag(:trap_exit, true)
     python = opts[:python] || default_python()
+
+    if System.find_executable(python) do
+      start_port(python, opts)
+    else
+      {:stop, {:python_not_found, python}}
+    end
+  end
+
+  defp start_port(python, opts) do
     python_path = Path.join(:code.priv_dir(:snakepit_telemetry), "python")
 
     args =
