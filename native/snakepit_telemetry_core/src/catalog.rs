@@ -48,12 +48,24 @@ symbols! {
     start => "start",
     stop => "stop",
     exception => "exception",
+    telemetry => "telemetry",
+    stats => "stats",
     // Measurement keys.
     duration => "duration",
     system_time => "system_time",
-    monotonic_time => "monotonic_time",
     bytes => "bytes",
-    count => "count",
+    // The Python worker's own counters (`telemetry.python.stats`).
+    emitted => "emitted",
+    sent => "sent",
+    dropped_queue_full => "dropped_queue_full",
+    dropped_invalid => "dropped_invalid",
+    dropped_disabled => "dropped_disabled",
+    dropped_sampled => "dropped_sampled",
+    dropped_filtered => "dropped_filtered",
+    measurements_dropped => "measurements_dropped",
+    internal_errors => "internal_errors",
+    interrupted_sends => "interrupted_sends",
+    queue_len => "queue_len",
     // Metadata keys.
     command => "command",
     result => "result",
@@ -114,12 +126,13 @@ const fn m(key: Sym, unit: Unit) -> MeasurementSpec {
 const SPAN_START: &[MeasurementSpec] = &[m(Sym::system_time, Unit::Nanoseconds)];
 const SPAN_STOP: &[MeasurementSpec] = &[m(Sym::duration, Unit::Nanoseconds)];
 
-pub use table::{EVENTS, MEASUREMENT_KEYS, METADATA_KEYS};
+pub use table::EVENTS;
+use table::EXTRA_METADATA_KEYS;
 
 /// The tables, in their own module so that the glob import of the symbol
 /// names (which reads well in the tables) cannot shadow names elsewhere.
 mod table {
-    use super::{m, EventSpec, MeasurementSpec, Sym, Unit, SPAN_START, SPAN_STOP};
+    use super::{m, EventSpec, Sym, Unit, SPAN_START, SPAN_STOP};
     use Sym::*;
 
     /// The catalog. Order is stable; an event's index is its [`EventId`].
@@ -175,25 +188,9 @@ mod table {
         },
     ];
 
-    /// Measurement keys known anywhere in the catalog, with their unit.
-    pub static MEASUREMENT_KEYS: &[MeasurementSpec] = &[
-        m(duration, Unit::Nanoseconds),
-        m(system_time, Unit::Nanoseconds),
-        m(monotonic_time, Unit::Nanoseconds),
-        m(bytes, Unit::Bytes),
-        m(count, Unit::Count),
-    ];
-
-    /// Metadata keys that become atoms; any other key stays a binary.
-    pub static METADATA_KEYS: &[Sym] = &[
-        command,
-        tool,
-        result,
-        error_type,
-        error_message,
-        session_id,
-        correlation_id,
-    ];
+    /// Metadata keys that arrive as atoms besides those events document:
+    /// the standard keys that can come from Python.
+    pub static EXTRA_METADATA_KEYS: &[Sym] = &[correlation_id];
 }
 
 /// Index of an event in [`EVENTS`].
@@ -220,11 +217,19 @@ fn index() -> &'static Index {
             .enumerate()
             .map(|(i, e)| (e.python, EventId(i as u16)))
             .collect(),
-        measurements: MEASUREMENT_KEYS
+        // A key means the same, with the same unit, in every event that
+        // documents it (a test checks this), so one table serves all events.
+        measurements: EVENTS
             .iter()
+            .flat_map(|e| e.measurements)
             .map(|spec| (spec.key.name(), *spec))
             .collect(),
-        metadata: METADATA_KEYS.iter().map(|s| (s.name(), *s)).collect(),
+        metadata: EVENTS
+            .iter()
+            .flat_map(|e| e.metadata)
+            .chain(EXTRA_METADATA_KEYS)
+            .map(|s| (s.name(), *s))
+            .collect(),
     })
 }
 
@@ -236,6 +241,21 @@ pub fn event(python_name: &str) -> Option<EventId> {
 /// Looks up a measurement key.
 pub fn measurement(key: &str) -> Option<MeasurementSpec> {
     index().measurements.get(key).copied()
+}
+
+/// Metadata keys that arrive as atoms, in catalog order, without repeats.
+pub fn metadata_keys() -> Vec<Sym> {
+    let mut keys: Vec<Sym> = Vec::new();
+    for key in EVENTS
+        .iter()
+        .flat_map(|e| e.metadata)
+        .chain(EXTRA_METADATA_KEYS)
+    {
+        if !keys.contains(key) {
+            keys.push(*key);
+        }
+    }
+    keys
 }
 
 /// Looks up a metadata key.
@@ -278,6 +298,20 @@ mod tests {
             }
             for key in e.metadata {
                 assert_eq!(metadata_key(key.name()), Some(*key), "{}", e.python);
+            }
+        }
+    }
+
+    #[test]
+    fn a_measurement_key_has_one_unit_everywhere() {
+        for e in EVENTS {
+            for spec in e.measurements {
+                assert_eq!(
+                    measurement(spec.key.name()).unwrap().unit,
+                    spec.unit,
+                    "{}",
+                    e.python
+                );
             }
         }
     }

@@ -2,7 +2,7 @@
 //! `Snakepit.Telemetry.Naming` answers from the same tables the decoder uses.
 
 use rustler::{Encoder, Env, Term};
-use snakepit_telemetry_core::catalog::{EVENTS, METADATA_KEYS};
+use snakepit_telemetry_core::catalog::{metadata_keys, EVENTS};
 
 use crate::atoms::{self, sym};
 
@@ -43,6 +43,6 @@ fn catalog_events<'a>(env: Env<'a>) -> Term<'a> {
 /// Metadata keys that arrive as atoms; every other key arrives as a binary.
 #[rustler::nif]
 fn catalog_metadata_keys<'a>(env: Env<'a>) -> Term<'a> {
-    let keys: Vec<_> = METADATA_KEYS.iter().map(|s| sym(*s)).collect();
+    let keys: Vec<_> = metadata_keys().into_iter().map(sym).collect();
     keys.encode(env)
 }
