@@ -5,8 +5,11 @@ defmodule Snakepit.Telemetry.Application do
   @impl Application
   def start(_type, _args) do
     with :ok <- Snakepit.Telemetry.Native.status() do
-      children = [Snakepit.Telemetry.GrpcStream]
-      Supervisor.start_link(children, strategy: :one_for_one, name: Snakepit.Telemetry.Supervisor)
+      # Registrations first and rest_for_one: the table of registered workers
+      # outlives GrpcStream restarts (see Snakepit.Telemetry.GrpcStream).
+      children = [Snakepit.Telemetry.Registrations, Snakepit.Telemetry.GrpcStream]
+
+      Supervisor.start_link(children, strategy: :rest_for_one, name: Snakepit.Telemetry.Supervisor)
     end
   end
 end

@@ -1,45 +1,75 @@
 defmodule Snakepit.Telemetry.GrpcStream do
   @moduledoc """
-  Consumes the telemetry streams of Python workers and re-emits their events
-  as `:telemetry` events.
+  Consumes the telemetry streams of Python workers, re-emits their events as
+  `:telemetry` events, and steers each worker's telemetry live.
 
-  Register each worker once it is started (`register_worker/1`); the NIF opens
-  a `StreamTelemetry` call to it, retrying until the worker listens or the
-  connect timeout passes, decodes every event against the compiled-in catalog
-  and sends the decoded events here in batches. Each event is executed with
-  `:telemetry.execute/3`; its metadata always holds `:node`, `:pool_name` and
-  `:worker_id`, and `:correlation_id` when the event had one.
-
-  Handlers run in this process. A handler that raises is detached by
-  `:telemetry` (and reported as `[:telemetry, :handler, :failure]`); it never
+  Register each worker (`register_worker/1`); the NIF opens a
+  `StreamTelemetry` call to it, decodes every event against the compiled-in
+  catalog and sends the decoded events here in batches. Each event is
+  executed with `:telemetry.execute/3`; its metadata always holds `:node`,
+  `:pool_name` and `:worker_id`, and `:correlation_id` when the event had one.
+  Handlers run in this process; a handler that raises is detached by
+  `:telemetry` (and reported as `[:telemetry, :handler, :failure]`), it never
   takes this process down.
+
+  ## Control
+
+  `toggle/2`, `update_sampling/3` and `update_filter/2` take a worker id,
+  `{:pool, pool_name}` or `:all`. The desired state is remembered per worker
+  (see `Snakepit.Telemetry.Control` for how sampling rules combine), shown by
+  `list_streams/0`, sent at once when the stream is open, and sent again
+  whenever the stream (re)opens. `:ok` means the state is recorded and its
+  control messages are on their way to Python (now, or as soon as the stream
+  opens).
+
+  ## Lifecycle
+
+    * **Registration before the worker listens**: the first connection is
+      retried every `retry_interval_ms` until `connect_timeout_ms` passes; then
+      the status becomes `{:failed, reason}` (unregister and register again to
+      retry).
+    * **On open**: Python gets `toggle(true)` and then the worker's whole
+      control state. The first open emits `[:snakepit, :grpc, :connection,
+      :established]`, and every open `[:snakepit, :grpc, :stream, :opened]`.
+    * **When an open stream ends** (worker crash, `kill -9`, network error,
+      worker shutdown): `[:snakepit, :grpc, :connection, :lost]` and
+      `[:snakepit, :grpc, :stream, :closed]` are emitted and the stream is
+      reopened with capped exponential backoff (`backoff_initial_ms`, doubling
+      to `backoff_max_ms`) for as long as the worker is registered. Success
+      emits `[:snakepit, :grpc, :connection, :reconnected]`.
+    * **`unregister_worker/1`** closes the stream at once; nothing reconnects.
+    * **If this process crashes**, the stream handles it held are garbage
+      collected, which stops their native tasks and closes their connections
+      (no leak). Registrations and control states live in an ETS table owned
+      by `Snakepit.Telemetry.Registrations`, so the restarted process reopens
+      every registered worker's stream and re-applies its control state.
+
+  ## Status and counters
+
+  `list_streams/0` reports per worker: `:status` (`:connecting`, `:open`,
+  `:backing_off` or `{:failed, reason}`), `:control`, `:reconnects`,
+  `:stats` (native counters summed over every stream the worker had:
+  `received`, `delivered` and each drop reason) and `:python` (the worker's
+  own counters, e.g. `dropped_queue_full`, from its latest
+  `[:snakepit, :telemetry, :python, :stats]` report).
 
   ## Messages from the NIF
 
-  The stream tasks send this process:
-
-    * `{:snakepit_telemetry, stream_id, status}` where status is
-      `:connecting`, `:open` or `{:closed, reason}`; reason is `:stopped`,
-      `:end_of_stream`, `{:error, text}` or `{:connect_failed, text}`.
+    * `{:snakepit_telemetry, stream_id, status}`: `:connecting`, `:open` or
+      `{:closed, reason}` with reason `:stopped`, `:end_of_stream`,
+      `{:error, text}` or `{:connect_failed, text}`.
     * `{:snakepit_telemetry_events, stream_id, [{event, measurements, metadata}]}`.
 
-  Messages for a stream that is no longer registered are ignored.
-
-  ## Configuration
-
-      config :snakepit_telemetry, :stream,
-        connect_timeout_ms: 10_000,
-        retry_interval_ms: 100,
-        max_batch: 512,
-        max_message_bytes: 4_194_304
+  Messages for a stream that is no longer current are ignored.
   """
   use GenServer
 
   require Logger
 
-  alias Snakepit.Telemetry.Native
+  alias Snakepit.Telemetry.{Config, Control, Native, Registrations}
 
   @type worker_id :: String.t()
+  @type target :: worker_id() | {:pool, term()} | :all
 
   @typedoc """
   A worker to stream from: `:worker_id` (string), `:pool_name` (atom or
@@ -48,21 +78,21 @@ defmodule Snakepit.Telemetry.GrpcStream do
   """
   @type worker_ctx :: map() | keyword()
 
+  @type status :: :connecting | :open | :backing_off | {:failed, term()}
+
   @type stream_info :: %{
           worker_id: worker_id(),
           pool_name: atom() | String.t(),
           address: String.t(),
-          python_pid: non_neg_integer() | nil,
-          status: :connecting | :open | {:closed, term()},
-          stats: %{atom() => non_neg_integer()}
+          python_pid: pos_integer() | nil,
+          status: status(),
+          control: map(),
+          reconnects: non_neg_integer(),
+          stats: %{atom() => non_neg_integer()},
+          python: %{atom() => non_neg_integer()}
         }
 
-  @stream_defaults [
-    connect_timeout_ms: 10_000,
-    retry_interval_ms: 100,
-    max_batch: 512,
-    max_message_bytes: 4 * 1024 * 1024
-  ]
+  @python_stats [:snakepit, :telemetry, :python, :stats]
 
   @doc false
   def start_link(opts \\ []) do
@@ -90,54 +120,47 @@ defmodule Snakepit.Telemetry.GrpcStream do
     GenServer.call(server, {:unregister, worker_id})
   end
 
-  @doc "Every registered worker with its stream status and counters."
+  @doc "Every registered worker with its status, control state and counters."
   @spec list_streams(GenServer.server()) :: [stream_info()]
   def list_streams(server \\ __MODULE__) do
     GenServer.call(server, :list_streams)
   end
 
-  @doc """
-  Switches the worker's telemetry on or off.
+  @doc "Switches telemetry on or off."
+  @spec toggle(target(), boolean(), GenServer.server()) :: :ok | {:error, term()}
+  def toggle(target, enabled, server \\ __MODULE__)
 
-  `:ok` means the control message is on its way to Python.
-  """
-  @spec toggle(worker_id(), boolean(), GenServer.server()) ::
-          :ok | {:error, :unknown_worker | :not_connected | :control_queue_full | :closed}
-  def toggle(worker_id, enabled, server \\ __MODULE__) when is_boolean(enabled) do
-    GenServer.call(server, {:control, worker_id, {:toggle, enabled}})
+  def toggle(target, enabled, server) when is_boolean(enabled) do
+    GenServer.call(server, {:control, target, &{:ok, Control.toggle(&1, enabled)}})
   end
 
+  def toggle(_target, enabled, _server), do: {:error, {:invalid_enabled, enabled}}
+
   @doc """
-  Sets the sampling rate (0.0 to 1.0) for the worker's events whose dotted
-  Python name matches one of the glob `patterns`, or for all events when
-  there are none.
+  Sets a sampling rate in 0..1: the default rate when `patterns` is empty,
+  otherwise a rule for the events whose dotted Python name matches one of
+  the glob `patterns` (see `Snakepit.Telemetry.Control`).
+
+      GrpcStream.update_sampling("worker_1", 0.1)
+      GrpcStream.update_sampling({:pool, :inference}, 0.0, ["python.call.*"])
   """
-  @spec update_sampling(worker_id(), number(), [String.t()], GenServer.server()) ::
+  @spec update_sampling(target(), number(), [String.t()], GenServer.server()) ::
           :ok | {:error, term()}
-  def update_sampling(worker_id, rate, patterns \\ [], server \\ __MODULE__) do
-    cond do
-      not (is_number(rate) and rate >= 0 and rate <= 1) ->
-        {:error, {:invalid_rate, rate}}
-
-      not string_list?(patterns) ->
-        {:error, {:invalid_patterns, patterns}}
-
-      true ->
-        GenServer.call(server, {:control, worker_id, {:sampling, rate / 1, patterns}})
+  def update_sampling(target, rate, patterns \\ [], server \\ __MODULE__) do
+    with :ok <- Control.validate_rate(rate),
+         :ok <- Control.validate_patterns(patterns) do
+      GenServer.call(server, {:control, target, &Control.put_sampling(&1, rate, patterns)})
     end
   end
 
   @doc """
-  Sets allow and deny lists of glob patterns over dotted Python event names.
-  Deny wins; an empty allow list allows every event.
+  Sets the allow and deny glob lists (`allow: [...], deny: [...]`). Deny
+  wins; an empty allow list allows every event.
   """
-  @spec update_filter(worker_id(), keyword(), GenServer.server()) :: :ok | {:error, term()}
-  def update_filter(worker_id, filter, server \\ __MODULE__) do
-    with {:ok, filter} <- Keyword.validate(filter, allow: [], deny: []),
-         true <- string_list?(filter[:allow]) and string_list?(filter[:deny]) do
-      GenServer.call(server, {:control, worker_id, {:filter, filter[:allow], filter[:deny]}})
-    else
-      _ -> {:error, {:invalid_filter, filter}}
+  @spec update_filter(target(), keyword(), GenServer.server()) :: :ok | {:error, term()}
+  def update_filter(target, filter, server \\ __MODULE__) do
+    with {:ok, _} <- Control.put_filter(%Control{}, filter) do
+      GenServer.call(server, {:control, target, &Control.put_filter(&1, filter)})
     end
   end
 
@@ -145,11 +168,20 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
   @impl GenServer
   def init(_opts) do
-    config =
-      Keyword.merge(@stream_defaults, Application.get_env(:snakepit_telemetry, :stream, []))
+    state = %{
+      workers: %{},
+      streams: %{},
+      native_per_sec: System.convert_time_unit(1, :second, :native)
+    }
 
-    native_per_sec = System.convert_time_unit(1, :second, :native)
-    {:ok, %{workers: %{}, streams: %{}, config: config, native_per_sec: native_per_sec}}
+    state =
+      Enum.reduce(Registrations.all(), state, fn {worker_id, registration}, acc ->
+        Logger.info("telemetry: reopening the stream of registered worker #{worker_id}")
+        worker = new_worker(registration.ctx, registration.control, true)
+        connect(acc, worker, worker.stream_opts[:connect_timeout_ms])
+      end)
+
+    {:ok, state}
   end
 
   @impl GenServer
@@ -157,11 +189,13 @@ defmodule Snakepit.Telemetry.GrpcStream do
     if Map.has_key?(state.workers, ctx.worker_id) do
       {:reply, {:error, :already_registered}, state}
     else
-      case open_stream(ctx, state) do
+      worker = new_worker(ctx, Config.control(ctx.pool_name), false)
+      timeout = ctx[:connect_timeout_ms] || worker.stream_opts[:connect_timeout_ms]
+
+      case open(worker, timeout, state) do
         {:ok, worker} ->
-          state = put_in(state.workers[ctx.worker_id], worker)
-          state = put_in(state.streams[worker.stream_id], ctx.worker_id)
-          {:reply, :ok, state}
+          Registrations.put(ctx.worker_id, %{ctx: ctx, control: worker.control})
+          {:reply, :ok, put_worker(state, worker)}
 
         {:error, {:invalid_address, text}} ->
           {:reply, {:error, {:invalid_worker_ctx, {:address, text}}}, state}
@@ -178,59 +212,57 @@ defmodule Snakepit.Telemetry.GrpcStream do
         {:reply, {:error, :unknown_worker}, state}
 
       {worker, workers} ->
-        Native.stream_close(worker.handle)
-        streams = Map.delete(state.streams, worker.stream_id)
-        {:reply, :ok, %{state | workers: workers, streams: streams}}
+        Registrations.delete(worker_id)
+        if worker.handle, do: Native.stream_close(worker.handle)
+        if worker.timer, do: Process.cancel_timer(worker.timer)
+
+        {:reply, :ok,
+         %{state | workers: workers, streams: Map.delete(state.streams, worker.stream_id)}}
     end
   end
 
   def handle_call(:list_streams, _from, state) do
-    streams =
-      for {_, w} <- Enum.sort_by(state.workers, &elem(&1, 0)) do
-        %{
-          worker_id: w.worker_id,
-          pool_name: w.pool_name,
-          address: w.address,
-          python_pid: w.python_pid,
-          status: w.status,
-          stats: Native.stream_stats(w.handle)
-        }
-      end
-
+    streams = state.workers |> Map.values() |> Enum.sort_by(& &1.worker_id) |> Enum.map(&info/1)
     {:reply, streams, state}
   end
 
-  def handle_call({:control, worker_id, control}, _from, state) do
-    reply =
-      case Map.fetch(state.workers, worker_id) do
-        :error -> {:error, :unknown_worker}
-        {:ok, worker} -> send_control(worker.handle, control)
-      end
+  def handle_call({:control, target, change}, _from, state) do
+    case targets(state, target) do
+      {:ok, ids} ->
+        {reply, state} = Enum.reduce(ids, {:ok, state}, &apply_control(&1, change, &2))
+        {:reply, reply, state}
 
-    {:reply, reply, state}
+      error ->
+        {:reply, error, state}
+    end
   end
 
   @impl GenServer
   def handle_info({:snakepit_telemetry_events, stream_id, events}, state) do
-    with {:ok, worker_id} <- Map.fetch(state.streams, stream_id),
-         {:ok, worker} <- Map.fetch(state.workers, worker_id) do
-      base = worker.metadata
+    case current(state, stream_id) do
+      {:ok, worker} ->
+        worker = Enum.reduce(events, worker, &execute/2)
+        {:noreply, put_in(state.workers[worker.worker_id], worker)}
 
-      Enum.each(events, fn {event, measurements, metadata} ->
-        :telemetry.execute(event, measurements, Map.merge(metadata, base))
-      end)
+      :error ->
+        {:noreply, state}
     end
-
-    {:noreply, state}
   end
 
   def handle_info({:snakepit_telemetry, stream_id, status}, state) do
-    case Map.fetch(state.streams, stream_id) do
-      {:ok, worker_id} ->
-        log_status(worker_id, status)
-        {:noreply, update_in(state.workers[worker_id], &%{&1 | status: status})}
+    case current(state, stream_id) do
+      {:ok, worker} -> {:noreply, stream_status(state, worker, status)}
+      :error -> {:noreply, state}
+    end
+  end
 
-      :error ->
+  def handle_info({:reconnect, worker_id}, state) do
+    case Map.fetch(state.workers, worker_id) do
+      {:ok, %{status: :backing_off} = worker} ->
+        # One attempt per timer tick; the backoff spaces the attempts out.
+        {:noreply, connect(state, %{worker | timer: nil}, 0)}
+
+      _ ->
         {:noreply, state}
     end
   end
@@ -240,34 +272,225 @@ defmodule Snakepit.Telemetry.GrpcStream do
     {:noreply, state}
   end
 
-  ## Helpers
+  ## Streams
 
-  defp open_stream(ctx, state) do
-    stream_id = System.unique_integer([:positive, :monotonic])
+  defp new_worker(ctx, control, reopened?) do
+    %{
+      worker_id: ctx.worker_id,
+      pool_name: ctx.pool_name,
+      address: ctx.address,
+      python_pid: ctx[:python_pid],
+      metadata: %{node: node(), pool_name: ctx.pool_name, worker_id: ctx.worker_id},
+      stream_opts: Config.stream(ctx.pool_name),
+      control: control,
+      stream_id: nil,
+      handle: nil,
+      status: :connecting,
+      timer: nil,
+      attempt: 0,
+      ever_open?: reopened?,
+      lost_at: nil,
+      opened_at: nil,
+      reconnects: 0,
+      totals: %{},
+      python: %{}
+    }
+  end
 
-    options =
-      state.config
-      |> Keyword.take(Keyword.keys(@stream_defaults))
-      |> Map.new()
-      |> Map.merge(
-        for {k, v} <- Map.take(ctx, [:connect_timeout_ms]), v != nil, into: %{}, do: {k, v}
-      )
-      |> Map.put(:native_per_sec, state.native_per_sec)
+  defp put_worker(state, worker) do
+    state
+    |> put_in([:workers, worker.worker_id], worker)
+    |> put_in([:streams, worker.stream_id], worker.worker_id)
+  end
 
-    with {:ok, handle} <- Native.stream_open(self(), stream_id, ctx.address, options) do
-      metadata = %{node: node(), pool_name: ctx.pool_name, worker_id: ctx.worker_id}
+  # Opens a stream and makes it the worker's current one.
+  defp connect(state, worker, connect_timeout_ms) do
+    case open(worker, connect_timeout_ms, state) do
+      {:ok, worker} ->
+        put_worker(state, worker)
 
-      {:ok,
-       ctx
-       |> Map.take([:worker_id, :pool_name, :address, :python_pid])
-       |> Map.merge(%{
-         stream_id: stream_id,
-         handle: handle,
-         status: :connecting,
-         metadata: metadata
-       })}
+      {:error, reason} ->
+        # Only a bad address or option gets here; retrying will not help.
+        Logger.error(
+          "telemetry: cannot open the stream of #{worker.worker_id}: #{inspect(reason)}"
+        )
+
+        put_in(state.workers[worker.worker_id], %{worker | status: {:failed, reason}})
     end
   end
+
+  defp open(worker, connect_timeout_ms, state) do
+    stream_id = System.unique_integer([:positive, :monotonic])
+
+    options = %{
+      connect_timeout_ms: connect_timeout_ms,
+      retry_interval_ms: worker.stream_opts[:retry_interval_ms],
+      max_batch: worker.stream_opts[:max_batch],
+      max_message_bytes: worker.stream_opts[:max_message_bytes],
+      native_per_sec: state.native_per_sec
+    }
+
+    with {:ok, handle} <- Native.stream_open(self(), stream_id, worker.address, options) do
+      {:ok, %{worker | stream_id: stream_id, handle: handle, status: :connecting}}
+    end
+  end
+
+  defp current(state, stream_id) do
+    with {:ok, worker_id} <- Map.fetch(state.streams, stream_id) do
+      Map.fetch(state.workers, worker_id)
+    end
+  end
+
+  defp stream_status(state, worker, :connecting),
+    do: put_in(state.workers[worker.worker_id], worker)
+
+  defp stream_status(state, worker, :open) do
+    now = System.monotonic_time()
+    Enum.each(Control.messages(worker.control), &send_control(worker.handle, &1))
+
+    if worker.ever_open? do
+      downtime = if worker.lost_at, do: now - worker.lost_at, else: 0
+
+      emit(
+        worker,
+        [:connection, :reconnected],
+        %{attempts: worker.attempt, downtime: downtime},
+        %{}
+      )
+    else
+      emit(worker, [:connection, :established], %{system_time: System.system_time()}, %{})
+    end
+
+    emit(worker, [:stream, :opened], %{system_time: System.system_time()}, %{
+      address: worker.address
+    })
+
+    reconnects = if worker.ever_open?, do: worker.reconnects + 1, else: 0
+
+    worker = %{
+      worker
+      | status: :open,
+        ever_open?: true,
+        attempt: 0,
+        lost_at: nil,
+        opened_at: now,
+        reconnects: reconnects
+    }
+
+    put_in(state.workers[worker.worker_id], worker)
+  end
+
+  defp stream_status(state, worker, {:closed, reason}) do
+    worker = fold_stats(worker)
+    state = %{state | streams: Map.delete(state.streams, worker.stream_id)}
+
+    cond do
+      worker.status == :open ->
+        now = System.monotonic_time()
+        Logger.warning("telemetry stream of worker #{worker.worker_id} lost: #{inspect(reason)}")
+
+        emit(worker, [:connection, :lost], %{system_time: System.system_time()}, %{reason: reason})
+
+        emit(worker, [:stream, :closed], %{duration: now - worker.opened_at}, %{reason: reason})
+        backoff(state, %{worker | lost_at: now, attempt: 1})
+
+      worker.ever_open? ->
+        backoff(state, %{worker | attempt: worker.attempt + 1})
+
+      true ->
+        Logger.warning(
+          "telemetry stream of worker #{worker.worker_id} never opened: #{inspect(reason)}"
+        )
+
+        put_in(state.workers[worker.worker_id], %{worker | status: {:failed, reason}})
+    end
+  end
+
+  defp backoff(state, worker) do
+    initial = worker.stream_opts[:backoff_initial_ms]
+    cap = worker.stream_opts[:backoff_max_ms]
+    delay = min(cap, initial * Integer.pow(2, min(worker.attempt - 1, 20)))
+    timer = Process.send_after(self(), {:reconnect, worker.worker_id}, delay)
+    put_in(state.workers[worker.worker_id], %{worker | status: :backing_off, timer: timer})
+  end
+
+  # Adds a finished stream's counters to the worker's totals.
+  defp fold_stats(%{handle: nil} = worker), do: worker
+
+  defp fold_stats(worker) do
+    totals =
+      Map.merge(worker.totals, Native.stream_stats(worker.handle), fn _k, a, b -> a + b end)
+
+    %{worker | totals: totals, handle: nil}
+  end
+
+  defp execute({@python_stats, measurements, metadata}, worker) do
+    :telemetry.execute(@python_stats, measurements, Map.merge(metadata, worker.metadata))
+    %{worker | python: measurements}
+  end
+
+  defp execute({event, measurements, metadata}, worker) do
+    :telemetry.execute(event, measurements, Map.merge(metadata, worker.metadata))
+    worker
+  end
+
+  defp emit(worker, suffix, measurements, metadata) do
+    :telemetry.execute(
+      [:snakepit, :grpc | suffix],
+      measurements,
+      Map.merge(metadata, worker.metadata)
+    )
+  end
+
+  ## Control
+
+  defp targets(state, :all), do: {:ok, Map.keys(state.workers)}
+
+  defp targets(state, {:pool, pool}) do
+    case for({id, %{pool_name: ^pool}} <- state.workers, do: id) do
+      [] -> {:error, :unknown_pool}
+      ids -> {:ok, ids}
+    end
+  end
+
+  defp targets(state, worker_id) when is_binary(worker_id) do
+    if Map.has_key?(state.workers, worker_id),
+      do: {:ok, [worker_id]},
+      else: {:error, :unknown_worker}
+  end
+
+  defp targets(_state, target), do: {:error, {:invalid_target, target}}
+
+  defp apply_control(worker_id, change, {reply, state}) do
+    worker = state.workers[worker_id]
+
+    case change.(worker.control) do
+      {:ok, control} ->
+        Registrations.put(worker_id, %{ctx: ctx(worker), control: control})
+
+        sent =
+          if worker.status == :open,
+            do: send_all(worker.handle, control, worker.control),
+            else: :ok
+
+        {merge_reply(reply, worker_id, sent), put_in(state.workers[worker_id].control, control)}
+
+      {:error, _} = error ->
+        {merge_reply(reply, worker_id, error), state}
+    end
+  end
+
+  # Sends what changed between two control states.
+  defp send_all(handle, new, old) do
+    (Control.messages(new) -- Control.messages(old))
+    |> Enum.map(&send_control(handle, &1))
+    |> Enum.find(:ok, &(&1 != :ok))
+  end
+
+  defp merge_reply(:ok, _id, :ok), do: :ok
+  defp merge_reply(:ok, id, {:error, reason}), do: {:error, [{id, reason}]}
+  defp merge_reply({:error, errors}, _id, :ok), do: {:error, errors}
+  defp merge_reply({:error, errors}, id, {:error, reason}), do: {:error, errors ++ [{id, reason}]}
 
   defp send_control(handle, {:toggle, enabled}), do: Native.stream_toggle(handle, enabled)
 
@@ -276,11 +499,29 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
   defp send_control(handle, {:filter, allow, deny}), do: Native.stream_filter(handle, allow, deny)
 
-  defp log_status(worker_id, {:closed, reason}) when reason != :stopped do
-    Logger.warning("telemetry stream of worker #{worker_id} closed: #{inspect(reason)}")
+  ## Inspection
+
+  defp info(worker) do
+    current = if worker.handle, do: Native.stream_stats(worker.handle), else: %{}
+
+    %{
+      worker_id: worker.worker_id,
+      pool_name: worker.pool_name,
+      address: worker.address,
+      python_pid: worker.python_pid,
+      status: worker.status,
+      control: Control.to_map(worker.control),
+      reconnects: worker.reconnects,
+      stats: Map.merge(worker.totals, current, fn _k, a, b -> a + b end),
+      python: worker.python
+    }
   end
 
-  defp log_status(_worker_id, _status), do: :ok
+  defp ctx(worker) do
+    Map.take(worker, [:worker_id, :pool_name, :address, :python_pid])
+  end
+
+  ## Validation
 
   defp validate_ctx(ctx) when is_list(ctx) do
     if Keyword.keyword?(ctx),
@@ -307,11 +548,9 @@ defmodule Snakepit.Telemetry.GrpcStream do
         {:error, {:invalid_worker_ctx, {:connect_timeout_ms, ctx[:connect_timeout_ms]}}}
 
       true ->
-        {:ok, Map.put_new(ctx, :python_pid, nil)}
+        {:ok, Map.take(ctx, [:worker_id, :pool_name, :address, :python_pid, :connect_timeout_ms])}
     end
   end
 
   defp validate_ctx(_ctx), do: {:error, {:invalid_worker_ctx, :not_a_map}}
-
-  defp string_list?(list), do: is_list(list) and Enum.all?(list, &is_binary/1)
 end

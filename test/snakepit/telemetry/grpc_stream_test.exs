@@ -176,7 +176,7 @@ defmodule Snakepit.Telemetry.GrpcStreamTest do
 
       :ok = GrpcStream.register_worker(ctx)
       on_exit(fn -> GrpcStream.unregister_worker(ctx[:worker_id]) end)
-      await(fn -> match?({:closed, {:connect_failed, _}}, stream(ctx[:worker_id]).status) end)
+      await(fn -> match?({:failed, {:connect_failed, _}}, stream(ctx[:worker_id]).status) end)
     end
   end
 

@@ -1,0 +1,29 @@
+defmodule Snakepit.Telemetry.Registrations do
+  @moduledoc false
+  # Keeps GrpcStream's registrations outside GrpcStream, in an ETS table
+  # owned by this process, so a crash and restart of GrpcStream loses
+  # neither the workers nor their control state: the new GrpcStream reads
+  # them back and reopens every stream. The supervisor starts this process
+  # first, with :rest_for_one, so if it ever dies GrpcStream restarts too
+  # (and finds an empty table, consistently).
+  use GenServer
+
+  @table __MODULE__
+
+  def start_link(_opts), do: GenServer.start_link(__MODULE__, nil, name: __MODULE__)
+
+  @impl GenServer
+  def init(nil) do
+    :ets.new(@table, [:named_table, :public, :set, read_concurrency: true])
+    {:ok, nil}
+  end
+
+  @spec put(String.t(), map()) :: true
+  def put(worker_id, registration), do: :ets.insert(@table, {worker_id, registration})
+
+  @spec delete(String.t()) :: true
+  def delete(worker_id), do: :ets.delete(@table, worker_id)
+
+  @spec all() :: [{String.t(), map()}]
+  def all, do: :ets.tab2list(@table)
+end
