@@ -16,6 +16,8 @@ defmodule Snakepit.Telemetry.PythonWorker do
     * `:python` - the interpreter; default `SNAKEPIT_TELEMETRY_PYTHON`, then
       the project's `.venv/bin/python`, then `python3` on the PATH.
     * `:args` - extra worker arguments, e.g. `["--queue-size", "64"]`.
+    * `:env` - extra environment variables, e.g.
+      `Snakepit.Telemetry.Config.worker_env(pool)`.
     * `:ready_timeout` - milliseconds to wait for the worker to listen (10 000).
   """
   use GenServer
@@ -35,6 +37,7 @@ defmodule Snakepit.Telemetry.PythonWorker do
         listen: "127.0.0.1:0",
         python: nil,
         args: [],
+        env: [],
         ready_timeout: 10_000
       )
 
@@ -103,7 +106,9 @@ defmodule Snakepit.Telemetry.PythonWorker do
         :hide,
         {:line, 1_048_576},
         {:args, args},
-        {:env, [{~c"PYTHONPATH", String.to_charlist(python_path)}]}
+        {:env,
+         [{~c"PYTHONPATH", String.to_charlist(python_path)}] ++
+           for({k, v} <- opts[:env], do: {String.to_charlist(k), String.to_charlist(v)})}
       ])
 
     {:os_pid, os_pid} = Port.info(port, :os_pid)
