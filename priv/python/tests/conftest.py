@@ -22,6 +22,7 @@ from snakepit_bridge import snakepit_bridge_pb2_grpc as pb_grpc  # noqa: E402
 from snakepit_bridge import telemetry  # noqa: E402
 
 _CLOSE = object()
+STATS_PARTS = ["telemetry", "python", "stats"]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -35,12 +36,16 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
 
 
 class Client:
-    """A StreamTelemetry call made with the generated stub, read on a thread."""
+    """A StreamTelemetry call made with the generated stub, read on a thread.
+
+    Stats reports go to ``stats`` so tests about regular events need not skip them.
+    """
 
     def __init__(self, address: str) -> None:
         self.channel = grpc.insecure_channel(address)
         self._requests: queue.Queue[object] = queue.Queue()
         self.events: queue.Queue[pb.TelemetryEvent] = queue.Queue()
+        self.stats: queue.Queue[tuple[float, pb.TelemetryEvent]] = queue.Queue()
         self.error: grpc.RpcError | None = None
         self.done = threading.Event()
         stub = pb_grpc.BridgeServiceStub(self.channel)
@@ -59,7 +64,10 @@ class Client:
     def _read(self) -> None:
         try:
             for event in self.call:
-                self.events.put(event)
+                if list(event.event_parts) == STATS_PARTS:
+                    self.stats.put((time.monotonic(), event))
+                else:
+                    self.events.put(event)
         except grpc.RpcError as exc:
             self.error = exc
         finally:
@@ -79,6 +87,13 @@ class Client:
             except queue.Empty:
                 pytest.fail(f"expected {n} events, got {len(out)}")
         return out
+
+    def take_stats(self, timeout: float = 5.0) -> tuple[float, pb.TelemetryEvent]:
+        """The next stats report with its arrival time (monotonic)."""
+        try:
+            return self.stats.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail("no stats report in time")
 
     def assert_quiet(self, wait: float = 0.2) -> None:
         time.sleep(wait)
@@ -110,6 +125,25 @@ def server(stream: telemetry.TelemetryStream) -> Iterator[str]:
     yield f"127.0.0.1:{port}"
     stream.close()
     srv.stop(0).wait(2)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[telemetry.TelemetryStream], str]]:
+    """Serve any stream (e.g. one built under a patched environment); yields a factory."""
+    servers: list[tuple[telemetry.TelemetryStream, grpc.Server]] = []
+
+    def start(s: telemetry.TelemetryStream) -> str:
+        srv = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        telemetry.add_to_server(srv, s)
+        port = srv.add_insecure_port("127.0.0.1:0")
+        srv.start()
+        servers.append((s, srv))
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for s, srv in servers:
+        s.close()
+        srv.stop(0).wait(2)
 
 
 @pytest.fixture

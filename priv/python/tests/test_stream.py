@@ -12,6 +12,7 @@ import grpc
 from snakepit_bridge import snakepit_bridge_pb2 as pb
 from snakepit_bridge import snakepit_bridge_pb2_grpc as pb_grpc
 from snakepit_bridge import telemetry
+from snakepit_bridge.telemetry._internal.control import MAX_RULES
 
 from .conftest import Client, wait_until
 
@@ -96,31 +97,87 @@ def test_toggle(stream: telemetry.TelemetryStream, connect: Connect) -> None:
     client.assert_quiet()
 
 
-def test_sampling(stream: telemetry.TelemetryStream, connect: Connect) -> None:
+def test_sampling_rules_combine(stream: telemetry.TelemetryStream, connect: Connect) -> None:
     client = connect()
     send_and_wait(client, stream, sampling(0.0, "python.call.*"))
     telemetry.emit("python.call.stop", {"x": 1})
     telemetry.emit("tool.execution.stop", {"x": 1})
     assert names(client.take(1)) == ["tool.execution.stop"]
     assert stream.stats()["dropped_sampled"] == 1
-    # The latest update replaces the previous one; no patterns means every event.
+    # No patterns: sets the default rate only; the rule above stays.
     send_and_wait(client, stream, sampling(0.0))
-    telemetry.emit("tool.execution.stop", {"x": 1})
-    assert stream.stats()["dropped_sampled"] == 2
-    # Out-of-range rates clamp instead of failing: 7.0 -> 1.0 keeps everything.
-    send_and_wait(client, stream, sampling(7.0))
+    send_and_wait(client, stream, sampling(1.0, "tool.*"))
+    for name in ("tool.execution.stop", "python.call.stop", "other.evt"):
+        telemetry.emit(name, {"x": 1})
+    assert names(client.take(1)) == ["tool.execution.stop"]
+    assert stream.stats()["dropped_sampled"] == 3
+    # The newest matching rule wins, whatever the order of specificity.
+    send_and_wait(client, stream, sampling(1.0, "python.*", "nothing.here"))
     telemetry.emit("python.call.stop", {"x": 1})
     assert names(client.take(1)) == ["python.call.stop"]
-    send_and_wait(client, stream, sampling(-3.0))
+    # Same pattern list (same order): replaces the old rule and moves to the end.
+    send_and_wait(client, stream, sampling(0.0, "python.*", "nothing.here"))
     telemetry.emit("python.call.stop", {"x": 1})
-    assert stream.stats()["dropped_sampled"] == 3
-    send_and_wait(client, stream, sampling(0.5))
+    assert stream.stats()["dropped_sampled"] == 4
+    # Same patterns in another order is a different rule, appended.
+    send_and_wait(client, stream, sampling(1.0, "nothing.here", "python.*"))
+    telemetry.emit("python.call.stop", {"x": 1})
+    assert names(client.take(1)) == ["python.call.stop"]
+    assert stream.control_state()["rules"] == [
+        {"rate": 0.0, "patterns": ["python.call.*"]},
+        {"rate": 1.0, "patterns": ["tool.*"]},
+        {"rate": 0.0, "patterns": ["python.*", "nothing.here"]},
+        {"rate": 1.0, "patterns": ["nothing.here", "python.*"]},
+    ]
+    assert stream.control_state()["default_rate"] == 0.0
+    client.assert_quiet()
+
+
+def test_sampling_rates_clamped(stream: telemetry.TelemetryStream, connect: Connect) -> None:
+    client = connect()
+    send_and_wait(client, stream, sampling(7.0, "a.*"))
+    send_and_wait(client, stream, sampling(-3.0, "b.*"))
+    send_and_wait(client, stream, sampling(math.nan, "c.*"))
+    send_and_wait(client, stream, sampling(-0.5))
+    rules = stream.control_state()["rules"]
+    assert [r["rate"] for r in rules] == [1.0, 0.0, 1.0]
+    assert stream.control_state()["default_rate"] == 0.0
+    for name in ("a.x", "b.x", "c.x", "d.x"):
+        telemetry.emit(name, {"x": 1})
+    assert names(client.take(2)) == ["a.x", "c.x"]
+    assert stream.stats()["dropped_sampled"] == 2
+    client.assert_quiet(0.05)
+
+
+def test_sampling_rate_statistics(stream: telemetry.TelemetryStream, connect: Connect) -> None:
+    client = connect()
+    send_and_wait(client, stream, sampling(0.5, "python.*"))
     for _ in range(400):
         telemetry.emit("python.call.stop", {"x": 1})
-    dropped = stream.stats()["dropped_sampled"] - 3
-    assert 100 < dropped < 300
-    client.take(400 - dropped)
-    client.assert_quiet()
+        telemetry.emit("tool.execution.stop", {"x": 1})  # default rate 1.0
+    dropped = stream.stats()["dropped_sampled"]
+    assert 100 < dropped < 300  # mean 200, sd 10
+    got = names(client.take(800 - dropped))
+    assert got.count("tool.execution.stop") == 400
+    client.assert_quiet(0.05)
+
+
+def test_too_many_rules_truncated(stream: telemetry.TelemetryStream, connect: Connect) -> None:
+    client = connect()
+    for i in range(40):
+        send_and_wait(client, stream, sampling(0.0, f"r{i}.*"))
+    rules = stream.control_state()["rules"]
+    assert len(rules) == MAX_RULES
+    assert [r["patterns"] for r in rules] == [[f"r{i}.*"] for i in range(8, 40)]
+    assert stream.stats()["controls_truncated"] == 8
+    telemetry.emit("r0.evt", {"x": 1})  # its rule was dropped: default rate
+    telemetry.emit("r39.evt", {"x": 1})
+    assert names(client.take(1)) == ["r0.evt"]
+    # Re-setting an existing rule moves it, it does not grow the list.
+    send_and_wait(client, stream, sampling(1.0, "r8.*"))
+    assert len(stream.control_state()["rules"]) == MAX_RULES
+    assert stream.stats()["controls_truncated"] == 8
+    assert stream.control_state()["rules"][-1] == {"rate": 1.0, "patterns": ["r8.*"]}
 
 
 def test_filter(stream: telemetry.TelemetryStream, connect: Connect) -> None:
@@ -149,6 +206,8 @@ def test_malformed_control_keeps_stream(
     responses = raw(iter([b"\xff\xff\xff", pb.TelemetryControl().SerializeToString()]))
     assert wait_until(lambda: stream.stats()["internal_errors"] == 2)
     telemetry.emit("still.alive", {"x": 1})
+    first = pb.TelemetryEvent.FromString(next(responses))
+    assert first.event_parts == ["telemetry", "python", "stats"]  # reported at call start
     assert pb.TelemetryEvent.FromString(next(responses)).event_parts == ["still", "alive"]
     responses.cancel()
     channel.close()
@@ -242,12 +301,14 @@ def test_takeover_from_stalled_client(
 ) -> None:
     # A client that never reads, with BDP probing off so its flow-control window
     # stays small: the handler soon blocks in a send with most events in flight.
-    channel = grpc.insecure_channel(server, options=[("grpc.http2.bdp_probe", 0)])
-    stalled = pb_grpc.BridgeServiceStub(channel).StreamTelemetry(iter(()))
-    assert wait_until(lambda: stream.stats()["active_stream"])
+    # Queued before the call opens, so its handler takes all 1000 in its first batch
+    # (emitting while it runs made the batch size depend on thread scheduling).
     payload = {"blob": "x" * 4000}
     for i in range(1000):
         telemetry.emit("bulk.evt", {"i": i}, payload)
+    channel = grpc.insecure_channel(server, options=[("grpc.http2.bdp_probe", 0)])
+    stalled = pb_grpc.BridgeServiceStub(channel).StreamTelemetry(iter(()))
+    assert wait_until(lambda: stream.stats()["active_stream"])
     assert wait_until(lambda: stream.stats()["queue_len"] == 0)
     time.sleep(0.3)
     assert stream.stats()["in_flight"] > 0, "client did not stall; test precondition failed"

@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 
-from .conftest import PY_ROOT, Client
+from snakepit_bridge import snakepit_bridge_pb2 as pb
+
+from .conftest import PY_ROOT, Client, wait_until
 
 READY = "SNAKEPIT_TELEMETRY_READY "
 ACK = "SNAKEPIT_TELEMETRY_ACK "
@@ -23,8 +25,8 @@ ACK = "SNAKEPIT_TELEMETRY_ACK "
 class WorkerProc:
     """A worker subprocess with line-oriented, timeout-aware stdout reading."""
 
-    def __init__(self, *args: str) -> None:
-        env = dict(os.environ, PYTHONPATH=str(PY_ROOT))
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        env = dict(os.environ, PYTHONPATH=str(PY_ROOT), **(env or {}))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "snakepit_bridge.telemetry.worker", *args],
             stdin=subprocess.PIPE,
@@ -186,5 +188,113 @@ def test_unix_socket(tmp_path: Path) -> None:
             client.close()
         assert w.close_stdin() == 0
         assert not sock.exists()
+    finally:
+        w.kill()
+
+
+def sampling(rate: float, *patterns: str) -> pb.TelemetryControl:
+    return pb.TelemetryControl(
+        sampling=pb.TelemetrySamplingUpdate(sampling_rate=rate, event_patterns=patterns)
+    )
+
+
+def test_spans_command(worker: WorkerProc) -> None:
+    client = Client(worker.address)
+    try:
+        cmd = {"cmd": "spans", "name": "python.call", "count": 5, "correlation_prefix": "p"}
+        assert worker.command(cmd) == ("spans", {"count": 5})
+        events = client.take(10)
+        assert [".".join(e.event_parts) for e in events[:2]] == [
+            "python.call.start",
+            "python.call.stop",
+        ]
+        assert [e.correlation_id for e in events] == [f"p-{i // 2}" for i in range(10)]
+        assert worker.command({"cmd": "spans", "name": 3})[0] == "error"
+    finally:
+        client.close()
+
+
+def test_spans_whole_under_sampling(worker: WorkerProc) -> None:
+    client = Client(worker.address)
+    try:
+        client.send(sampling(0.5, "python.call.*"))
+        for _ in range(100):
+            _, st = worker.command({"cmd": "stats"})
+            if st["control"]["rules"]:
+                break
+        assert st["control"]["rules"] == [{"rate": 0.5, "patterns": ["python.call.*"]}]
+        for batch in range(4):  # 4 x 100 spans fits the 256-event queue
+            cmd = {"cmd": "spans", "count": 100, "correlation_prefix": f"b{batch}"}
+            worker.command(cmd)
+            _, drained = worker.command({"cmd": "wait_drained", "timeout_ms": 5000})
+            assert drained == {"drained": True}
+        _, st = worker.command({"cmd": "stats"})
+        assert st["dropped_queue_full"] == 0
+        total = st["sent"]
+        events = client.take(total)
+        starts = {e.correlation_id for e in events if e.event_parts[-1] == "start"}
+        stops = {e.correlation_id for e in events if e.event_parts[-1] == "stop"}
+        assert starts == stops and 2 * len(starts) == total
+        assert 120 <= len(starts) <= 280  # Binomial(400, 0.5): sd 10
+    finally:
+        client.close()
+
+
+def test_emit_many_command(worker: WorkerProc) -> None:
+    cmd = {
+        "cmd": "emit_many",
+        "events": [
+            {"event": "a.one", "measurements": {"x": 1}, "correlation_id": "c1"},
+            {"event": "b.two", "metadata": {"k": "v"}},
+        ],
+        "repeat": 3,
+    }
+    assert worker.command(cmd) == ("emit_many", {"count": 6})
+    client = Client(worker.address)
+    try:
+        events = client.take(6)
+        assert [".".join(e.event_parts) for e in events] == ["a.one", "b.two"] * 3
+        assert events[0].correlation_id == "c1" and events[0].measurements["x"].int_value == 1
+        assert dict(events[1].metadata) == {"k": "v"}
+    finally:
+        client.close()
+    bad = {"cmd": "emit_many", "events": [{"event": "a.b"}, 5]}
+    assert worker.command(bad)[0] == "error"
+    assert worker.command({"cmd": "emit_many", "events": "x"})[0] == "error"
+    assert worker.command({"cmd": "emit_many", "events": [], "repeat": 4}) == (
+        "emit_many",
+        {"count": 0},
+    )
+    _, st = worker.command({"cmd": "stats"})
+    assert st["emitted"] == 6  # nothing from the rejected commands
+
+
+def test_stats_control_and_env() -> None:
+    env = {
+        "SNAKEPIT_TELEMETRY_SAMPLING_RATE": "0.5",
+        "SNAKEPIT_TELEMETRY_DENY": "noisy.*",
+        "SNAKEPIT_TELEMETRY_ENABLED": "bogus",
+        "SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS": "100",
+    }
+    w = WorkerProc(env=env)
+    try:
+        _, st = w.command({"cmd": "stats"})
+        assert st["control"] == {
+            "enabled": True,
+            "default_rate": 0.5,
+            "rules": [],
+            "allow": [],
+            "deny": ["noisy.*"],
+        }
+        client = Client(w.address)
+        try:
+            _, report = client.take_stats()
+            assert report.measurements["emitted"].int_value == 0
+            w.command({"cmd": "emit", "event": "noisy.evt", "count": 2})
+            _, report = client.take_stats()
+            assert report.measurements["dropped_filtered"].int_value == 2
+        finally:
+            client.close()
+        assert wait_until(lambda: w.command({"cmd": "stats"})[1]["stats_reports"] == 2)
     finally:
         w.kill()

@@ -5,6 +5,8 @@ defmodule Snakepit.Telemetry.GrpcStreamTest do
   alias Snakepit.Telemetry.{GrpcStream, Native, PythonWorker}
 
   @stop [:snakepit, :python, :call, :stop]
+  # Exact counts below: keep the worker's periodic stats reports out of them.
+  @no_stats_reports [{"SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS", "0"}]
 
   describe "end to end with a real Python worker" do
     test "an event emitted in Python reaches a :telemetry handler" do
@@ -70,7 +72,7 @@ defmodule Snakepit.Telemetry.GrpcStreamTest do
     end
 
     test "thousands of events arrive in batches, all accounted for" do
-      worker = start_worker!(args: ["--queue-size", "100000"])
+      worker = start_worker!(args: ["--queue-size", "100000"], env: @no_stats_reports)
       worker_id = register!(worker)
       forward_events([@stop])
 
@@ -88,7 +90,7 @@ defmodule Snakepit.Telemetry.GrpcStreamTest do
 
   describe "atom safety" do
     test "unknown names and keys never become atoms" do
-      worker = start_worker!(args: ["--queue-size", "100000"])
+      worker = start_worker!(args: ["--queue-size", "100000"], env: @no_stats_reports)
       worker_id = register!(worker)
       forward_events([@stop])
 

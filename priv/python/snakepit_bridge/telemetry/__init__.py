@@ -104,10 +104,14 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
     """Context manager emitting ``<name>.start`` and ``<name>.stop``/``.exception``.
 
     Durations come from ``time.monotonic_ns`` so wall-clock jumps cannot make them
-    negative; the user's exception always propagates unchanged.
+    negative; the user's exception always propagates unchanged. Sampling is
+    decided once at enter (with the rate for ``<name>.start``) and shared by the
+    stop/exception, so a sampled span is never delivered half; toggle, filters and
+    a full queue still apply to each event separately. Both events go to the
+    stream that was the default at enter.
     """
 
-    __slots__ = ("_correlation_id", "_metadata", "_name", "_started")
+    __slots__ = ("_correlation_id", "_metadata", "_name", "_sampled", "_started", "_stream")
 
     def __init__(
         self,
@@ -118,18 +122,27 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
         self._name = name
         self._correlation_id = correlation_id
         self._started = 0
+        self._stream: TelemetryStream | None = None
+        self._sampled = True
         try:
             self._metadata: dict[Any, Any] = dict(metadata) if metadata else {}
         except Exception:
             self._metadata = {}
 
     def __enter__(self) -> span:
-        emit(
-            _suffixed(self._name, "start"),
-            {"system_time": time.time_ns()},
-            self._metadata,
-            self._correlation_id,
-        )
+        try:
+            stream = self._stream = get_stream()
+            start = _suffixed(self._name, "start")
+            self._sampled = stream.sample(start)
+            stream.emit_event(
+                start,
+                {"system_time": time.time_ns()},
+                self._metadata,
+                self._correlation_id,
+                self._sampled,
+            )
+        except Exception:
+            pass
         self._started = time.monotonic_ns()
         return self
 
@@ -140,23 +153,28 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
         tb: TracebackType | None,
     ) -> bool:
         duration = time.monotonic_ns() - self._started
+        stream = self._stream
         try:
+            if stream is None:
+                return False  # enter failed before it could emit anything
             if exc_type is None:
-                emit(
+                stream.emit_event(
                     _suffixed(self._name, "stop"),
                     {"duration": duration},
                     self._metadata,
                     self._correlation_id,
+                    self._sampled,
                 )
             else:
                 meta = dict(self._metadata)
                 meta["error_type"] = exc_type.__name__
                 meta["error_message"] = _safe_str(exc) if exc is not None else ""
-                emit(
+                stream.emit_event(
                     _suffixed(self._name, "exception"),
                     {"duration": duration},
                     meta,
                     self._correlation_id,
+                    self._sampled,
                 )
         except Exception:
             pass

@@ -3,6 +3,18 @@
 Emitters only append small tuples under a lock; the gRPC handler thread turns them
 into protobuf messages. At most one call is active per stream: a new call takes
 over from the old one, which returns promptly and hands back what it had not sent.
+
+Environment, read once when a stream is created:
+
+* ``SNAKEPIT_TELEMETRY_QUEUE_SIZE`` (default 1024): the queue bound;
+* ``SNAKEPIT_TELEMETRY_ENABLED`` ("true"/"false", default true),
+  ``SNAKEPIT_TELEMETRY_SAMPLING_RATE`` (default 1.0) and
+  ``SNAKEPIT_TELEMETRY_ALLOW`` / ``SNAKEPIT_TELEMETRY_DENY`` (comma-separated
+  globs): the control state before the first call and at the start of each call;
+* ``SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS`` (default 1000, 0 disables): minimum gap
+  between ``telemetry.python.stats`` events, which carry this stream's counters.
+
+Bad values fall back to the defaults (logged at debug level), never raise.
 """
 
 from __future__ import annotations
@@ -22,7 +34,14 @@ from .. import snakepit_bridge_pb2 as pb
 from ._internal import convert
 from ._internal.control import ControlState
 
-__all__ = ["DEFAULT_QUEUE_SIZE", "QUEUE_SIZE_ENV", "TelemetryStream"]
+__all__ = [
+    "DEFAULT_QUEUE_SIZE",
+    "DEFAULT_STATS_INTERVAL_MS",
+    "QUEUE_SIZE_ENV",
+    "STATS_EVENT",
+    "STATS_INTERVAL_ENV",
+    "TelemetryStream",
+]
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +49,29 @@ DEFAULT_QUEUE_SIZE = 1024
 QUEUE_SIZE_ENV = "SNAKEPIT_TELEMETRY_QUEUE_SIZE"
 # Upper bound on a blocked wait: a safety net in case a wake-up is ever missed.
 _WAIT_SLICE_S = 0.5
+# Floor for re-checking unchanged counters, so a tiny interval cannot spin.
+_STATS_MIN_POLL_S = 0.01
 # How long a superseded call may stay blocked in a send (client not reading)
 # before it is cancelled so its unsent events move to the new call.
 TAKEOVER_GRACE_S = 1.0
+
+STATS_INTERVAL_ENV = "SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS"
+DEFAULT_STATS_INTERVAL_MS = 1000
+STATS_EVENT = ("telemetry", "python", "stats")
+# Counters reported to Elixir in each stats event, in this order.
+STATS_MEASUREMENTS = (
+    "emitted",
+    "sent",
+    "dropped_queue_full",
+    "dropped_invalid",
+    "dropped_disabled",
+    "dropped_sampled",
+    "dropped_filtered",
+    "measurements_dropped",
+    "internal_errors",
+    "interrupted_sends",
+    "queue_len",
+)
 
 _COUNTERS = (
     "emitted",
@@ -50,6 +89,11 @@ _COUNTERS = (
     "internal_errors",
     "streams_opened",
     "controls_applied",
+    # Sampling rules dropped because more than MAX_RULES were set.
+    "controls_truncated",
+    # Stats events handed to a call (never counted in "sent"); counted when
+    # yielded, so one cut off by the call ending still counts.
+    "stats_reports",
 )
 
 
@@ -61,6 +105,38 @@ def _queue_size_from_env() -> int:
     except ValueError:
         return DEFAULT_QUEUE_SIZE
     return size if size > 0 else DEFAULT_QUEUE_SIZE
+
+
+def _stats_interval_from_env() -> float:
+    """Seconds between stats reports; 0 disables them. Bad values fall back."""
+    raw = os.environ.get(STATS_INTERVAL_ENV)
+    if raw is None or not raw.strip():
+        return DEFAULT_STATS_INTERVAL_MS / 1000
+    try:
+        ms = int(raw)
+    except ValueError:
+        ms = -1
+    if ms < 0:
+        log.debug("ignoring %s=%r: expected a non-negative integer", STATS_INTERVAL_ENV, raw)
+        ms = DEFAULT_STATS_INTERVAL_MS
+    return ms / 1000
+
+
+class _StatsClock:
+    """When the next stats report of one call may go out, and what was last sent."""
+
+    __slots__ = ("interval", "last", "next_due")
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.last: tuple[int, ...] | None = None
+        self.next_due = 0.0  # the first check always reports
+
+    def enabled(self) -> bool:
+        return self.interval > 0
+
+    def due(self, now: float) -> bool:
+        return self.interval > 0 and now >= self.next_due
 
 
 class TelemetryStream:
@@ -75,7 +151,10 @@ class TelemetryStream:
         # Hot paths take the bare lock (cheaper than going through the Condition).
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._control = ControlState()
+        # Read once: every new call starts again from these defaults.
+        self._default_control = ControlState.from_env(os.environ)
+        self._control = self._default_control
+        self._stats_interval = _stats_interval_from_env()
         self._counts = dict.fromkeys(_COUNTERS, 0)
         # Events taken off the queue by the active call but not yet handed to gRPC.
         self._in_flight = 0
@@ -94,10 +173,16 @@ class TelemetryStream:
         measurements: Mapping[str, Any] | None = None,
         metadata: Mapping[Any, Any] | None = None,
         correlation_id: str | None = None,
+        sampled: bool | None = None,
     ) -> None:
-        """Queue one event without blocking; never raises (failures are counted)."""
+        """Queue one event without blocking; never raises (failures are counted).
+
+        ``sampled`` is a sampling decision made earlier (see :meth:`sample`); spans
+        pass it so their start and stop are kept or dropped together. ``None``
+        samples this event on its own.
+        """
         try:
-            self._emit(event, measurements, metadata, correlation_id)
+            self._emit(event, measurements, metadata, correlation_id, sampled)
         except Exception:
             # _emit only raises before it counts anything (e.g. a correlation id
             # whose __str__ fails), so the event is dropped and counted here.
@@ -111,6 +196,7 @@ class TelemetryStream:
         raw_measurements: object,
         raw_metadata: object,
         correlation_id: object,
+        sampled: bool | None = None,
     ) -> None:
         timestamp_ns = time.time_ns()
         control = self._control
@@ -121,14 +207,19 @@ class TelemetryStream:
         elif not control.enabled:
             reason = "dropped_disabled"
         else:
-            if control.filtering or control.sampling_rate < 1.0:
+            name = None
+            if control.filtering:
                 name = ".".join(parts)
-                if control.filtering and not control.allowed(name):
+                if not control.allowed(name):
                     reason = "dropped_filtered"
-                else:
-                    rate = control.sample_rate_for(name)
-                    if rate < 1.0 and self._random.random() >= rate:
-                        reason = "dropped_sampled"
+            if reason is None:
+                if sampled is None:
+                    if control.sampling:
+                        rate = control.sample_rate_for(name or ".".join(parts))
+                        if rate < 1.0 and self._random.random() >= rate:
+                            reason = "dropped_sampled"
+                elif not sampled:
+                    reason = "dropped_sampled"
         if reason is None and len(self._queue) >= self._queue_size:
             # Unlocked pre-check: under overload, skip the conversion work for an
             # event that cannot be queued anyway (rechecked under the lock below).
@@ -168,6 +259,20 @@ class TelemetryStream:
                 # first append after a drain needs to wake it.
                 self._cond.notify_all()
 
+    def sample(self, event: str | Sequence[str]) -> bool:
+        """Make a sampling decision for ``event`` under the current rules.
+
+        Returns ``True`` for invalid names so that ``emit`` counts them as invalid.
+        """
+        control = self._control
+        if not control.sampling:
+            return True
+        parts = convert.event_parts(event)
+        if parts is None:
+            return True
+        rate = control.sample_rate_for(".".join(parts))
+        return rate >= 1.0 or self._random.random() < rate
+
     def _bump(self, counter: str, amount: int = 1) -> None:
         """Increment a counter; the lock keeps counts exact across threads."""
         with self._cond:
@@ -191,6 +296,17 @@ class TelemetryStream:
             out["enabled"] = self._control.enabled
         return out
 
+    def control_state(self) -> dict[str, Any]:
+        """The control state in force, as a JSON-able dict (see ``ControlState``)."""
+        return self._control.to_dict()
+
+    def _stats_values(self) -> tuple[int, ...]:
+        """The reported counters, in ``STATS_MEASUREMENTS`` order; caller holds the lock."""
+        counts = self._counts
+        return tuple(
+            len(self._queue) if key == "queue_len" else counts[key] for key in STATS_MEASUREMENTS
+        )
+
     def wait_drained(self, timeout: float) -> bool:
         """Wait until every queued event was handed to gRPC; ``False`` on timeout."""
         deadline = time.monotonic() + timeout
@@ -211,17 +327,27 @@ class TelemetryStream:
 
     # ------------------------------------------------------------- control path
 
-    def apply_control(self, control: pb.TelemetryControl | None) -> bool:
-        """Apply one control message; malformed or empty ones are counted and ignored."""
+    def apply_control(
+        self, control: pb.TelemetryControl | None, generation: int | None = None
+    ) -> bool:
+        """Apply one control message; malformed or empty ones are counted and ignored.
+
+        With ``generation``, the control is applied only while that call is still the
+        newest, so a superseded call cannot leak state into its successor.
+        """
         try:
             if control is None:
                 raise ValueError("undecodable TelemetryControl")
             with self._cond:
-                new_state = self._control.apply(control)
-                if new_state is None:
+                if generation is not None and self._generation != generation:
+                    return False
+                result = self._control.apply(control)
+                if result is None:
                     raise ValueError("TelemetryControl without a control field")
-                self._control = new_state
+                self._control, truncated = result
                 self._counts["controls_applied"] += 1
+                if truncated:
+                    self._counts["controls_truncated"] += truncated
             return True
         except Exception as exc:
             log.debug("ignoring telemetry control: %s", exc)
@@ -236,7 +362,7 @@ class TelemetryStream:
             for control in requests:
                 if self._generation != generation:
                     return
-                self.apply_control(control)
+                self.apply_control(control, generation)
         except Exception:
             # The request side ends with an error when the call is cancelled; that is
             # the normal way for this thread to finish.
@@ -249,7 +375,11 @@ class TelemetryStream:
         request_iterator: Iterable[pb.TelemetryControl | None],
         context: grpc.ServicerContext,
     ) -> Iterator[pb.TelemetryEvent]:
-        """Serve one StreamTelemetry call: apply controls, yield queued events."""
+        """Serve one StreamTelemetry call: apply controls, yield queued events.
+
+        Stats events are interleaved directly (not through the queue): one right
+        away, then whenever a reported counter changed and the interval has passed.
+        """
         try:
             # Sends response headers now, so the client's call completes even before
             # the first event exists.
@@ -265,6 +395,9 @@ class TelemetryStream:
             stale = list(self._running)
             self._running[generation] = context
             self._counts["streams_opened"] += 1
+            # Elixir re-sends its whole desired state on each call; start clean so
+            # a rule from an earlier call cannot survive.
+            self._control = self._default_control
             self._cond.notify_all()  # wakes a previous call so it can step aside
         if stale:
             timer = threading.Timer(TAKEOVER_GRACE_S, self._cancel_stale, (stale,))
@@ -288,23 +421,39 @@ class TelemetryStream:
 
         batch: deque[convert.QueuedEvent] = deque()
         in_doubt = False  # True while batch[0] is suspended in a yield
+        clock = _StatsClock(self._stats_interval)
         try:
             while True:
                 with self._cond:
                     while (
                         not self._queue and self._generation == generation and not finished.is_set()
                     ):
-                        self._cond.wait(_WAIT_SLICE_S)
+                        now = time.monotonic()
+                        if clock.due(now):
+                            break
+                        timeout = _WAIT_SLICE_S
+                        if clock.enabled():
+                            timeout = min(timeout, clock.next_due - now)
+                        self._cond.wait(timeout)
                         if not context.is_active():
                             finished.set()
                     if self._generation != generation or finished.is_set():
                         return
+                    report = self._stats_report_locked(clock)
                     batch.extend(self._queue)
                     self._in_flight += len(self._queue)
                     self._queue.clear()
+                if report is not None:
+                    yield report
                 while batch:
                     if self._generation != generation or finished.is_set():
                         return  # superseded: the finally block hands the rest back
+                    if clock.due(time.monotonic()):
+                        with self._cond:
+                            report = self._stats_report_locked(clock)
+                        if report is not None:
+                            yield report
+                            continue  # re-check the generation before sending more
                     msg = self._build(batch[0])
                     if msg is not None:
                         in_doubt = True
@@ -319,6 +468,31 @@ class TelemetryStream:
                             self._cond.notify_all()
         finally:
             self._finish_call(generation, batch, in_doubt)
+
+    def _stats_report_locked(self, clock: _StatsClock) -> pb.TelemetryEvent | None:
+        """A stats event if one is due and a counter changed; caller holds the lock.
+
+        An unchanged check is retried after at most ``_WAIT_SLICE_S`` so a change is
+        noticed promptly even while the queue is idle.
+        """
+        now = time.monotonic()
+        if not clock.due(now):
+            return None
+        values = self._stats_values()
+        if values == clock.last:
+            clock.next_due = now + max(_STATS_MIN_POLL_S, min(_WAIT_SLICE_S, clock.interval))
+            return None
+        clock.last = values
+        clock.next_due = now + clock.interval
+        try:
+            msg = pb.TelemetryEvent(event_parts=STATS_EVENT, timestamp_ns=time.time_ns())
+            for key, value in zip(STATS_MEASUREMENTS, values, strict=True):
+                msg.measurements[key].int_value = value
+        except Exception:
+            self._counts["internal_errors"] += 1
+            return None
+        self._counts["stats_reports"] += 1
+        return msg
 
     def _build(self, item: convert.QueuedEvent) -> pb.TelemetryEvent | None:
         """Convert one queued event, counting (not raising) conversion failures."""

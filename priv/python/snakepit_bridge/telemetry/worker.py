@@ -8,6 +8,25 @@ StreamTelemetry and produces events on command. Protocol (stdout, one line each)
   (``<cmd>`` is ``error`` for bad JSON or an unknown command);
 * ``SNAKEPIT_TELEMETRY_WORKLOAD_DONE {"calls": N}`` when a workload finishes.
 
+Commands (one JSON object per stdin line, ACK payload after the arrow):
+
+* ``emit`` {event, measurements, metadata, correlation_id, count} -> {"count": N};
+* ``emit_many`` {events: [{event, measurements, metadata, correlation_id}, ...],
+  repeat: K} emits the list K times in order -> {"count": len(events) * K};
+* ``span`` {name, metadata, correlation_id, fail} -> {"fail": bool};
+* ``spans`` {name: "python.call", count: N, correlation_prefix: "p", metadata}
+  runs N spans with correlation ids ``p-0 .. p-(N-1)`` -> {"count": N};
+* ``unknown`` / ``unknown_keys`` {count}: events with random names / keys;
+* ``flood`` {event, count} -> {"count": N, "seconds": s};
+* ``workload`` {calls, interval_ms, correlation_prefix}: runs in the background
+  and prints WORKLOAD_DONE -> {"started": true};
+* ``stats`` -> the stream counters plus ``"control"``, the control state in force;
+* ``wait_drained`` {timeout_ms} -> {"drained": bool};
+* ``exit`` -> {"exit": true}, then the worker exits.
+
+The stream's defaults come from ``SNAKEPIT_TELEMETRY_*`` environment variables
+(queue size, enabled, sampling rate, allow/deny globs, stats interval).
+
 Stdin EOF or ``{"cmd": "exit"}`` stops the server and exits 0, so the worker
 never outlives a parent that closed its end of the pipe.
 """
@@ -87,6 +106,8 @@ class Worker:
         self.handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "emit": self.cmd_emit,
             "span": self.cmd_span,
+            "spans": self.cmd_spans,
+            "emit_many": self.cmd_emit_many,
             "unknown": self.cmd_unknown,
             "unknown_keys": self.cmd_unknown_keys,
             "workload": self.cmd_workload,
@@ -136,6 +157,38 @@ class Worker:
                 raise
         return {"fail": fail}
 
+    def cmd_spans(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        name = cmd.get("name", "python.call")
+        count = _int_arg(cmd, "count", 1)
+        prefix = cmd.get("correlation_prefix", "span")
+        if not isinstance(name, str) or not isinstance(prefix, str):
+            raise CommandError("'name' and 'correlation_prefix' must be strings")
+        metadata = _opt_dict(cmd, "metadata")
+        for i in range(count):
+            with span(name, metadata, f"{prefix}-{i}"):
+                pass
+        return {"count": count}
+
+    def cmd_emit_many(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Validate the whole list first, so a bad entry emits nothing at all."""
+        events = cmd.get("events")
+        repeat = _int_arg(cmd, "repeat", 1)
+        if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+            raise CommandError("'events' must be a list of objects")
+        calls = [
+            (
+                e.get("event"),
+                e.get("measurements") or {},
+                e.get("metadata"),
+                e.get("correlation_id"),
+            )
+            for e in events
+        ]
+        for _ in range(repeat):
+            for event, measurements, metadata, correlation_id in calls:
+                emit(event, measurements, metadata, correlation_id)
+        return {"count": len(calls) * repeat}
+
     def cmd_unknown(self, cmd: dict[str, Any]) -> dict[str, Any]:
         count = _int_arg(cmd, "count", 1)
         for _ in range(count):
@@ -159,7 +212,7 @@ class Worker:
         return {"count": count, "seconds": time.perf_counter() - started}
 
     def cmd_stats(self, _cmd: dict[str, Any]) -> dict[str, Any]:
-        return self.stream.stats()
+        return {**self.stream.stats(), "control": self.stream.control_state()}
 
     def cmd_wait_drained(self, cmd: dict[str, Any]) -> dict[str, Any]:
         timeout_ms = _int_arg(cmd, "timeout_ms", 5000)
