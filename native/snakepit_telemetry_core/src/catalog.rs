@@ -186,6 +186,25 @@ mod table {
             metadata: &[tool],
             doc: "Size of a tool's result.",
         },
+        EventSpec {
+            python: "telemetry.python.stats",
+            name: &[snakepit, telemetry, python, stats],
+            measurements: &[
+                m(emitted, Unit::Count),
+                m(sent, Unit::Count),
+                m(dropped_queue_full, Unit::Count),
+                m(dropped_invalid, Unit::Count),
+                m(dropped_disabled, Unit::Count),
+                m(dropped_sampled, Unit::Count),
+                m(dropped_filtered, Unit::Count),
+                m(measurements_dropped, Unit::Count),
+                m(internal_errors, Unit::Count),
+                m(interrupted_sends, Unit::Count),
+                m(queue_len, Unit::Count),
+            ],
+            metadata: &[],
+            doc: "The worker's own cumulative counters, sent by its stream (never sampled or filtered).",
+        },
     ];
 
     /// Metadata keys that arrive as atoms besides those events document:
@@ -313,6 +332,24 @@ mod tests {
                     e.python
                 );
             }
+        }
+    }
+
+    #[test]
+    fn every_symbol_is_used_by_the_catalog() {
+        let used: HashSet<Sym> = EVENTS
+            .iter()
+            .flat_map(|e| {
+                e.name
+                    .iter()
+                    .copied()
+                    .chain(e.measurements.iter().map(|m| m.key))
+                    .chain(e.metadata.iter().copied())
+            })
+            .chain(EXTRA_METADATA_KEYS.iter().copied())
+            .collect();
+        for s in Sym::ALL {
+            assert!(used.contains(s), "{} is preallocated but unused", s.name());
         }
     }
 

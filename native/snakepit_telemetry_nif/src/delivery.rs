@@ -1,16 +1,20 @@
 //! The delivery thread: the one place that sends to Elixir.
 //!
-//! Stream tasks hand it batches over a bounded crossbeam channel. Sending
-//! from a thread of our own keeps term building off the tokio workers, and
-//! `OwnedEnv::send_and_clear` panics on BEAM scheduler threads anyway. The
-//! bound is the Rust hop's share of bounded memory: when Elixir falls behind
-//! and the channel is full, batches are dropped and counted, never queued
-//! without limit.
+//! Stream tasks hand it batches over a crossbeam channel. Sending from a
+//! thread of our own keeps term building off the tokio workers, and
+//! `OwnedEnv::send_and_clear` panics on BEAM scheduler threads anyway.
+//!
+//! The queue is bounded in events, not batches (a slow producer makes
+//! one-event batches, so a bound in batches would hold almost nothing): when
+//! more than [`MAX_QUEUED_EVENTS`] wait, new batches are dropped and counted,
+//! never queued without limit. Batches of one stream that wait together are
+//! merged into one message, so a busy BEAM receives fewer, larger messages.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 
-use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use crossbeam_channel::{unbounded, Receiver, Sender};
 use once_cell::sync::Lazy;
 use rustler::{Encoder, LocalPid, OwnedEnv};
 use snakepit_telemetry_core::decode::Decoded;
@@ -20,8 +24,13 @@ use snakepit_telemetry_core::stream::Status;
 use crate::atoms;
 use crate::encode;
 
-/// Batches waiting for the delivery thread, across all streams.
-const CAPACITY: usize = 64;
+/// Events waiting for the delivery thread, across all streams, at most.
+pub const MAX_QUEUED_EVENTS: usize = 65_536;
+
+/// Largest merged message, in events.
+const MAX_MESSAGE_EVENTS: usize = 4_096;
+
+static QUEUED_EVENTS: AtomicUsize = AtomicUsize::new(0);
 
 pub enum Item {
     Status {
@@ -38,7 +47,7 @@ pub enum Item {
 }
 
 static QUEUE: Lazy<Sender<Item>> = Lazy::new(|| {
-    let (tx, rx) = bounded(CAPACITY);
+    let (tx, rx) = unbounded();
     thread::Builder::new()
         .name("snakepit-telemetry-deliver".into())
         .spawn(move || run(rx))
@@ -46,8 +55,8 @@ static QUEUE: Lazy<Sender<Item>> = Lazy::new(|| {
     tx
 });
 
-/// Queues a status change. Statuses are few and must not be lost, so this
-/// waits for room; the delivery thread never blocks, so the wait is short.
+/// Queues a status change. Statuses are few (a handful per connection) and
+/// must not be lost, so they are not subject to the event bound.
 pub fn status(pid: LocalPid, stream_id: u64, status: Status) {
     let _ = QUEUE.send(Item::Status {
         pid,
@@ -58,64 +67,110 @@ pub fn status(pid: LocalPid, stream_id: u64, status: Status) {
 
 /// Queues a batch, or drops and counts it when the queue is full.
 pub fn events(pid: LocalPid, stream_id: u64, batch: Vec<Decoded>, stats: &Arc<StreamStats>) {
+    let n = batch.len();
+    if QUEUED_EVENTS.fetch_add(n, Ordering::AcqRel) + n > MAX_QUEUED_EVENTS {
+        QUEUED_EVENTS.fetch_sub(n, Ordering::AcqRel);
+        StreamStats::add(&stats.dropped_buffer_full, n as u64);
+        return;
+    }
     let item = Item::Events {
         pid,
         stream_id,
         batch,
         stats: stats.clone(),
     };
-    if let Err(TrySendError::Full(item) | TrySendError::Disconnected(item)) = QUEUE.try_send(item) {
-        if let Item::Events { batch, .. } = item {
-            StreamStats::add(&stats.dropped_buffer_full, batch.len() as u64);
-        }
+    if QUEUE.send(item).is_err() {
+        // Only if the delivery thread is gone, which it never is by design.
+        QUEUED_EVENTS.fetch_sub(n, Ordering::AcqRel);
+        StreamStats::add(&stats.dropped_buffer_full, n as u64);
     }
 }
 
-/// Batches currently queued for delivery.
+/// Events currently queued for delivery.
 pub fn queued() -> usize {
-    QUEUE.len()
+    QUEUED_EVENTS.load(Ordering::Acquire)
+}
+
+/// Takes every item waiting right now, merging consecutive batches of the
+/// same stream (statuses keep their place, so order per stream holds).
+fn take_ready(first: Item, rx: &Receiver<Item>) -> Vec<Item> {
+    let mut items = vec![first];
+    while let Ok(next) = rx.try_recv() {
+        if let (
+            Some(Item::Events {
+                stream_id: last,
+                batch,
+                ..
+            }),
+            Item::Events {
+                stream_id,
+                batch: more,
+                ..
+            },
+        ) = (items.last_mut(), &next)
+        {
+            if *last == *stream_id && batch.len() + more.len() <= MAX_MESSAGE_EVENTS {
+                if let Item::Events { batch: more, .. } = next {
+                    batch.extend(more);
+                }
+                continue;
+            }
+        }
+        items.push(next);
+        if items.len() >= 1_024 {
+            break;
+        }
+    }
+    items
 }
 
 fn run(rx: Receiver<Item>) {
     let mut env = OwnedEnv::new();
-    for item in rx {
-        match item {
-            Item::Status {
-                pid,
-                stream_id,
-                status,
-            } => {
-                // The receiver may be gone; a status nobody hears needs no count.
-                let _ = env.send_and_clear(&pid, |env| {
-                    (
-                        atoms::snakepit_telemetry(),
-                        stream_id,
-                        encode::status(env, &status),
-                    )
-                        .encode(env)
-                });
-            }
-            Item::Events {
-                pid,
-                stream_id,
-                batch,
-                stats,
-            } => {
-                let total = batch.len() as u64;
-                let mut failed = 0u64;
-                let sent = env.send_and_clear(&pid, |env| {
-                    let (events, bad) = encode::events(env, &batch);
-                    failed = bad;
-                    (atoms::snakepit_telemetry_events(), stream_id, events).encode(env)
-                });
-                StreamStats::add(&stats.dropped_encode, failed);
-                match sent {
-                    Ok(()) => {
-                        StreamStats::add(&stats.delivered, total - failed);
-                        StreamStats::add(&stats.batches, 1);
-                    }
-                    Err(_) => StreamStats::add(&stats.dropped_receiver_down, total - failed),
+    while let Ok(first) = rx.recv() {
+        for item in take_ready(first, &rx) {
+            deliver(&mut env, item);
+        }
+    }
+}
+
+fn deliver(env: &mut OwnedEnv, item: Item) {
+    match item {
+        Item::Status {
+            pid,
+            stream_id,
+            status,
+        } => {
+            // The receiver may be gone; a status nobody hears needs no count.
+            let _ = env.send_and_clear(&pid, |env| {
+                (
+                    atoms::snakepit_telemetry(),
+                    stream_id,
+                    encode::status(env, &status),
+                )
+                    .encode(env)
+            });
+        }
+        Item::Events {
+            pid,
+            stream_id,
+            batch,
+            stats,
+        } => {
+            QUEUED_EVENTS.fetch_sub(batch.len(), Ordering::AcqRel);
+            let total = batch.len() as u64;
+            let mut failed = 0u64;
+            let sent = env.send_and_clear(&pid, |env| {
+                let (events, bad) = encode::events(env, &batch);
+                failed = bad;
+                (atoms::snakepit_telemetry_events(), stream_id, events).encode(env)
+            });
+            StreamStats::add(&stats.dropped_encode, failed);
+            match sent {
+                Ok(()) => {
+                    StreamStats::add(&stats.delivered, total - failed);
+                    StreamStats::add(&stats.batches, 1);
                 }
+                Err(_) => StreamStats::add(&stats.dropped_receiver_down, total - failed),
             }
         }
     }

@@ -88,6 +88,23 @@ defmodule Snakepit.Telemetry.GrpcStreamTest do
     end
   end
 
+  test "drops inside Python show in list_streams" do
+    worker = start_worker!(args: ["--queue-size", "10"])
+    # Nothing consumes the queue yet: 10 events fit, 90 are dropped in Python.
+    command!(worker, %{
+      cmd: "emit",
+      event: "python.call.stop",
+      measurements: %{duration: 1},
+      count: 100
+    })
+
+    worker_id = register!(worker)
+
+    await(fn -> stream(worker_id).python[:dropped_queue_full] == 90 end)
+    assert stream(worker_id).python.emitted == 100
+    assert stream(worker_id).stats.dropped_unknown_event == 0
+  end
+
   describe "atom safety" do
     test "unknown names and keys never become atoms" do
       worker = start_worker!(args: ["--queue-size", "100000"], env: @no_stats_reports)
