@@ -7,9 +7,9 @@ defmodule Snakepit.Telemetry.Naming do
   not here is dropped (and counted) by the NIF, never turned into an atom.
   """
 
-  @typedoc "A catalog entry."
+  @typedoc "A catalog entry; `python` is `nil` for events only Elixir emits."
   @type event :: %{
-          python: String.t(),
+          python: String.t() | nil,
           name: [atom()],
           measurements: [{atom(), String.t()}],
           metadata: [atom()],
@@ -36,7 +36,24 @@ defmodule Snakepit.Telemetry.Naming do
 
   @doc "Map of dotted Python event name to `:telemetry` event name."
   @spec python_events() :: %{String.t() => [atom()]}
-  def python_events, do: Map.new(catalog(), &{&1.python, &1.name})
+  def python_events, do: for(%{python: p} = e <- catalog(), p != nil, into: %{}, do: {p, e.name})
+
+  @doc "The events that Elixir code emits (see `Snakepit.Telemetry.Events`)."
+  @spec elixir_events() :: [[atom()]]
+  def elixir_events, do: for(%{python: nil, name: name} <- catalog(), do: name)
+
+  @doc "The catalog entry of a `:telemetry` event name, or `nil`."
+  @spec lookup([atom()]) :: event() | nil
+  def lookup(name) when is_list(name), do: Enum.find(catalog(), &(&1.name == name))
+
+  @doc """
+  The `:telemetry` event name for the parts of a Python event name.
+
+      iex> Snakepit.Telemetry.Naming.from_parts(["python", "call", "stop"])
+      {:ok, [:snakepit, :python, :call, :stop]}
+  """
+  @spec from_parts([String.t()]) :: {:ok, [atom()]} | {:error, :not_in_catalog}
+  def from_parts(parts) when is_list(parts), do: from_python(Enum.join(parts, "."))
 
   @doc """
   The `:telemetry` event name for a dotted Python event name.
@@ -49,10 +66,33 @@ defmodule Snakepit.Telemetry.Naming do
   """
   @spec from_python(String.t()) :: {:ok, [atom()]} | {:error, :not_in_catalog}
   def from_python(name) when is_binary(name) do
-    case Enum.find(catalog(), &(&1.python == name)) do
-      nil -> {:error, :not_in_catalog}
-      event -> {:ok, event.name}
+    case Map.fetch(python_events(), name) do
+      {:ok, event} -> {:ok, event}
+      :error -> {:error, :not_in_catalog}
     end
+  end
+
+  def from_python(_name), do: {:error, :not_in_catalog}
+
+  @doc """
+  The catalog as a Markdown table, as it appears in the README between the
+  `catalog:begin` and `catalog:end` markers (`mix snakepit_telemetry.catalog`
+  rewrites it there).
+  """
+  @spec markdown_table() :: String.t()
+  def markdown_table do
+    rows =
+      for e <- catalog() do
+        measurements = Enum.map_join(e.measurements, ", ", fn {k, unit} -> "`#{k}` (#{unit})" end)
+        metadata = Enum.map_join(e.metadata, ", ", &"`#{&1}`")
+        python = if e.python, do: "`#{e.python}`", else: "(Elixir)"
+        "| `#{inspect(e.name)}` | #{python} | #{measurements} | #{metadata} | #{e.doc} |"
+      end
+
+    Enum.join(
+      ["| event | from Python as | measurements | metadata | |", "|---|---|---|---|---|" | rows],
+      "\n"
+    ) <> "\n"
   end
 
   @doc "Metadata keys that arrive as atoms; any other key arrives as a binary."

@@ -221,7 +221,7 @@ impl Decoder {
     /// not fit.
     fn scale(&self, unit: Unit, n: Number) -> Option<Number> {
         let per_sec = self.config.native_per_sec;
-        if unit != Unit::Nanoseconds || per_sec == 1_000_000_000 {
+        if unit != Unit::NativeTime || per_sec == 1_000_000_000 {
             return Some(n);
         }
         match n {
@@ -301,7 +301,7 @@ mod tests {
         ev.correlation_id = "abc-123".into();
 
         let d = decoder().decode(ev, &stats).unwrap();
-        assert_eq!(d.event.spec().python, "python.call.stop");
+        assert_eq!(d.event.spec().python, Some("python.call.stop"));
         assert_eq!(
             d.measurements,
             vec![(Key::Known(Sym::duration), Number::Int(1500))]

@@ -531,7 +531,10 @@ mod tests {
         let (events, reason) = collect_until_closed(&mut h).await;
         assert_eq!(reason, CloseReason::EndOfStream);
 
-        let names: Vec<_> = events.iter().map(|e| e.event.spec().python).collect();
+        let names: Vec<_> = events
+            .iter()
+            .filter_map(|e| e.event.spec().python)
+            .collect();
         assert_eq!(names, ["python.call.start", "python.call.stop"]);
         assert_eq!(events[0].correlation_id.as_deref(), Some("c1"));
         assert_eq!(

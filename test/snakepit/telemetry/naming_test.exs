@@ -38,4 +38,60 @@ defmodule Snakepit.Telemetry.NamingTest do
       assert Enum.all?(entry.metadata, &(&1 in Naming.metadata_keys()))
     end
   end
+
+  test "the README's catalog table is up to date (mix snakepit_telemetry.catalog)" do
+    readme = File.read!(Path.expand("../../../README.md", __DIR__))
+    table = Naming.markdown_table()
+    assert Mix.Tasks.SnakepitTelemetry.Catalog.render(readme, table) == readme
+  end
+
+  test "the catalog covers the three layers and the system's own health" do
+    python = Naming.python_events()
+    elixir = Naming.elixir_events()
+
+    for name <- ~w(python.call.start python.call.stop python.call.exception python.memory.sampled
+                   python.cpu.sampled python.gc.completed python.error.occurred tool.execution.start
+                   tool.execution.stop tool.execution.exception tool.result_size) do
+      assert Map.has_key?(python, name), name
+    end
+
+    assert python["tool.result_size"] == [:snakepit, :python, :tool, :result_size]
+
+    for suffix <- [
+          [:pool, :initialized],
+          [:pool, :status],
+          [:pool, :queue, :enqueued],
+          [:pool, :queue, :dequeued],
+          [:pool, :queue, :timeout],
+          [:pool, :worker, :spawn_started],
+          [:pool, :worker, :spawned],
+          [:pool, :worker, :spawn_failed],
+          [:pool, :worker, :terminated],
+          [:pool, :worker, :restarted],
+          [:session, :created],
+          [:session, :destroyed],
+          [:session, :affinity, :assigned],
+          [:session, :affinity, :broken],
+          [:grpc, :call, :start],
+          [:grpc, :call, :stop],
+          [:grpc, :call, :exception],
+          [:grpc, :stream, :opened],
+          [:grpc, :stream, :message],
+          [:grpc, :stream, :closed],
+          [:grpc, :connection, :established],
+          [:grpc, :connection, :lost],
+          [:grpc, :connection, :reconnected],
+          [:telemetry, :events, :dropped]
+        ] do
+      assert [:snakepit | suffix] in elixir, inspect(suffix)
+    end
+  end
+
+  test "durations are in native time units and start events carry system_time" do
+    for %{name: name, measurements: m} <- Naming.catalog() do
+      units = Map.new(m)
+      if Map.has_key?(units, :duration), do: assert(units.duration == "native_time")
+      if List.last(name) == :start, do: assert(units[:system_time] == "native_time")
+    end
+  end
 end
