@@ -78,7 +78,7 @@ defmodule Snakepit.Telemetry.MixProject do
 
   def application do
     [
-      extra_applications: [:logger],
+      extra_applications: [:logger, :crypto],
       mod: {Snakepit.Telemetry.Application, []}
     ]
   end

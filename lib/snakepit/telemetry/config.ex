@@ -9,7 +9,8 @@ defmodule Snakepit.Telemetry.Config do
           backoff_initial_ms: 100,      # reconnect after a lost stream: first delay
           backoff_max_ms: 5_000,        # ... doubling up to this cap
           max_batch: 512,               # events per batch from the NIF
-          max_message_bytes: 4_194_304  # largest gRPC message accepted
+          max_message_bytes: 4_194_304, # largest gRPC message accepted
+          health_interval_ms: 1_000     # drop reports ([:snakepit, :telemetry, :events, :dropped]); 0: off
         ],
         control: [
           enabled: true,
@@ -37,7 +38,8 @@ defmodule Snakepit.Telemetry.Config do
     backoff_initial_ms: 100,
     backoff_max_ms: 5_000,
     max_batch: 512,
-    max_message_bytes: 4 * 1024 * 1024
+    max_message_bytes: 4 * 1024 * 1024,
+    health_interval_ms: 1_000
   ]
   @control [enabled: true, sampling_rate: 1.0, sampling_rules: [], allow: [], deny: []]
   @python [queue_size: 1024, stats_interval_ms: 1_000]

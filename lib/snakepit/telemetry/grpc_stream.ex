@@ -12,6 +12,30 @@ defmodule Snakepit.Telemetry.GrpcStream do
   `:telemetry` (and reported as `[:telemetry, :handler, :failure]`), it never
   takes this process down.
 
+  # Emits one `@dropped` event per counter that grew since the last report.
+  defp report_drops(worker) do
+    current = if worker.handle, do: Native.stream_stats(worker.handle), else: %{}
+    native = Map.merge(worker.totals, current, fn _k, a, b -> a + b end)
+
+    counts =
+      for({reason, hop, source} <- drop_counters(native, worker.python), into: %{}, do: {{hop, reason}, source})
+
+    Enum.each(counts, fn {{hop, reason} = key, now} ->
+      delta = now - Map.get(worker.reported, key, 0)
+
+      if delta > 0 do
+        :telemetry.execute(@dropped, %{count: delta}, Map.merge(%{reason: reason, hop: hop}, worker.metadata))
+      end
+    end)
+
+    %{worker | reported: Map.merge(worker.reported, counts)}
+  end
+
+  defp drop_counters(native, python) do
+    for(r <- @native_drops, do: {r, :native, Map.get(native, r, 0)}) ++
+      for r <- @python_drops, do: {r, :python, Map.get(python, r, 0)}
+  end
+
   ## Control
 
   `toggle/2`, `update_sampling/3` and `update_filter/2` take a worker id,
@@ -93,6 +117,25 @@ defmodule Snakepit.Telemetry.GrpcStream do
         }
 
   @python_stats [:snakepit, :telemetry, :python, :stats]
+  @dropped [:snakepit, :telemetry, :events, :dropped]
+
+  # Counters that each count whole events lost (or held back by policy) at
+  # one hop; each non-zero change is reported as a `@dropped` event.
+  @native_drops [
+    :dropped_unknown_event,
+    :dropped_malformed,
+    :dropped_buffer_full,
+    :dropped_receiver_down,
+    :dropped_encode
+  ]
+  @python_drops [
+    :dropped_queue_full,
+    :dropped_invalid,
+    :dropped_disabled,
+    :dropped_sampled,
+    :dropped_filtered,
+    :interrupted_sends
+  ]
 
   @doc false
   def start_link(opts \\ []) do
@@ -168,11 +211,16 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
   @impl GenServer
   def init(_opts) do
+    health_ms = Config.stream()[:health_interval_ms]
+
     state = %{
       workers: %{},
       streams: %{},
-      native_per_sec: System.convert_time_unit(1, :second, :native)
+      native_per_sec: System.convert_time_unit(1, :second, :native),
+      health_ms: health_ms
     }
+
+    if health_ms > 0, do: Process.send_after(self(), :health, health_ms)
 
     state =
       Enum.reduce(Registrations.all(), state, fn {worker_id, registration}, acc ->
@@ -241,6 +289,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
   def handle_info({:snakepit_telemetry_events, stream_id, events}, state) do
     case current(state, stream_id) do
       {:ok, worker} ->
+        emit(worker, [:stream, :message], %{events: length(events)}, %{})
         worker = Enum.reduce(events, worker, &execute/2)
         {:noreply, put_in(state.workers[worker.worker_id], worker)}
 
@@ -254,6 +303,12 @@ defmodule Snakepit.Telemetry.GrpcStream do
       {:ok, worker} -> {:noreply, stream_status(state, worker, status)}
       :error -> {:noreply, state}
     end
+  end
+
+  def handle_info(:health, state) do
+    workers = Map.new(state.workers, fn {id, worker} -> {id, report_drops(worker)} end)
+    Process.send_after(self(), :health, state.health_ms)
+    {:noreply, %{state | workers: workers}}
   end
 
   def handle_info({:reconnect, worker_id}, state) do
@@ -293,7 +348,8 @@ defmodule Snakepit.Telemetry.GrpcStream do
       opened_at: nil,
       reconnects: 0,
       totals: %{},
-      python: %{}
+      python: %{},
+      reported: %{}
     }
   end
 
@@ -440,6 +496,38 @@ defmodule Snakepit.Telemetry.GrpcStream do
       measurements,
       Map.merge(metadata, worker.metadata)
     )
+  end
+
+  # Emits one `@dropped` event per counter that grew since the last report.
+  defp report_drops(worker) do
+    current = if worker.handle, do: Native.stream_stats(worker.handle), else: %{}
+    native = Map.merge(worker.totals, current, fn _k, a, b -> a + b end)
+
+    counts =
+      for(
+        {reason, hop, source} <- drop_counters(native, worker.python),
+        into: %{},
+        do: {{hop, reason}, source}
+      )
+
+    Enum.each(counts, fn {{hop, reason} = key, now} ->
+      delta = now - Map.get(worker.reported, key, 0)
+
+      if delta > 0 do
+        :telemetry.execute(
+          @dropped,
+          %{count: delta},
+          Map.merge(%{reason: reason, hop: hop}, worker.metadata)
+        )
+      end
+    end)
+
+    %{worker | reported: Map.merge(worker.reported, counts)}
+  end
+
+  defp drop_counters(native, python) do
+    for(r <- @native_drops, do: {r, :native, Map.get(native, r, 0)}) ++
+      for r <- @python_drops, do: {r, :python, Map.get(python, r, 0)}
   end
 
   ## Control

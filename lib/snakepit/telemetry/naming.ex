@@ -18,15 +18,25 @@ defmodule Snakepit.Telemetry.Naming do
 
   @doc "Every catalog entry, in catalog order."
   @spec catalog() :: [event()]
-  def catalog do
-    case :persistent_term.get({__MODULE__, :catalog}, nil) do
+  def catalog, do: tables().catalog
+
+  # The catalog never changes while the NIF is loaded: read it once.
+  defp tables do
+    case :persistent_term.get({__MODULE__, :tables}, nil) do
       nil ->
         catalog = Snakepit.Telemetry.Native.catalog_events()
-        :persistent_term.put({__MODULE__, :catalog}, catalog)
-        catalog
 
-      catalog ->
-        catalog
+        tables = %{
+          catalog: catalog,
+          by_name: Map.new(catalog, &{&1.name, &1}),
+          python: for(%{python: p} = e <- catalog, p != nil, into: %{}, do: {p, e.name})
+        }
+
+        :persistent_term.put({__MODULE__, :tables}, tables)
+        tables
+
+      tables ->
+        tables
     end
   end
 
@@ -36,7 +46,7 @@ defmodule Snakepit.Telemetry.Naming do
 
   @doc "Map of dotted Python event name to `:telemetry` event name."
   @spec python_events() :: %{String.t() => [atom()]}
-  def python_events, do: for(%{python: p} = e <- catalog(), p != nil, into: %{}, do: {p, e.name})
+  def python_events, do: tables().python
 
   @doc "The events that Elixir code emits (see `Snakepit.Telemetry.Events`)."
   @spec elixir_events() :: [[atom()]]
@@ -44,7 +54,7 @@ defmodule Snakepit.Telemetry.Naming do
 
   @doc "The catalog entry of a `:telemetry` event name, or `nil`."
   @spec lookup([atom()]) :: event() | nil
-  def lookup(name) when is_list(name), do: Enum.find(catalog(), &(&1.name == name))
+  def lookup(name) when is_list(name), do: Map.get(tables().by_name, name)
 
   @doc """
   The `:telemetry` event name for the parts of a Python event name.

@@ -20,6 +20,7 @@ if str(PY_ROOT) not in sys.path:
 from snakepit_bridge import snakepit_bridge_pb2 as pb  # noqa: E402
 from snakepit_bridge import snakepit_bridge_pb2_grpc as pb_grpc  # noqa: E402
 from snakepit_bridge import telemetry  # noqa: E402
+from snakepit_bridge.telemetry._internal.convert import QueuedEvent  # noqa: E402
 
 _CLOSE = object()
 STATS_PARTS = ["telemetry", "python", "stats"]
@@ -33,6 +34,18 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.005)
     return predicate()
+
+
+def drain(stream: telemetry.TelemetryStream) -> list[QueuedEvent]:
+    """Take the queued events without a gRPC call (tests only)."""
+    with stream._cond:
+        items = list(stream._queue)
+        stream._queue.clear()
+    return items
+
+
+def names(events: list[QueuedEvent]) -> list[str]:
+    return [".".join(e.parts) for e in events]
 
 
 class Client:

@@ -109,7 +109,8 @@ defmodule Snakepit.Telemetry.GrpcStreamTest do
     test "unknown names and keys never become atoms" do
       worker = start_worker!(args: ["--queue-size", "100000"], env: @no_stats_reports)
       worker_id = register!(worker)
-      forward_events([@stop])
+      dropped = [:snakepit, :telemetry, :events, :dropped]
+      forward_events([@stop, dropped])
 
       # Warm up: load every module this path touches before counting.
       command!(worker, %{cmd: "unknown", count: 10})
@@ -126,6 +127,18 @@ defmodule Snakepit.Telemetry.GrpcStreamTest do
 
       stats = stream(worker_id).stats
       assert stats.dropped_unknown_event == 3_010
+
+      # The drops are reported as health events too (every second).
+
+      reported = fn ->
+        for {:event, ^dropped, %{count: n},
+             %{worker_id: ^worker_id, reason: :dropped_unknown_event, hop: :native}} <-
+              Process.info(self(), :messages) |> elem(1),
+            reduce: 0,
+            do: (acc -> acc + n)
+      end
+
+      await(fn -> reported.() == 3_010 end, 5_000)
       assert stats.received == stats.delivered + stats.dropped_unknown_event
 
       # Events with unknown keys are delivered with the keys as binaries.
@@ -266,7 +279,7 @@ defmodule Snakepit.Telemetry.GrpcStreamTest do
 
   defp flush_events do
     receive do
-      {:event, _, _, _} -> flush_events()
+      {:event, @stop, _, _} -> flush_events()
     after
       0 -> :ok
     end

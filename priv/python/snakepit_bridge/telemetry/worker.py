@@ -1,7 +1,11 @@
 """Runnable telemetry worker: ``python -m snakepit_bridge.telemetry.worker``.
 
 Stands in for a Snakepit Python worker in the Elixir demo and tests: it serves
-StreamTelemetry and produces events on command. Protocol (stdout, one line each):
+StreamTelemetry and produces events on command. Its server carries
+:class:`TelemetryInterceptor` and a raw-bytes ``BridgeService/Ping`` method (echo;
+emits ``tool.result_size`` {bytes} {tool: "ping"} inside the call, raises
+``ValueError`` for the payload ``b"fail"``), so real RPCs produce ``python.call.*``
+spans. Protocol (stdout, one line each):
 
 * ``SNAKEPIT_TELEMETRY_READY <address>`` once the server listens;
 * ``SNAKEPIT_TELEMETRY_ACK <cmd> <json>`` after each stdin command
@@ -20,12 +24,30 @@ Commands (one JSON object per stdin line, ACK payload after the arrow):
 * ``flood`` {event, count} -> {"count": N, "seconds": s};
 * ``workload`` {calls, interval_ms, correlation_prefix}: runs in the background
   and prints WORKLOAD_DONE -> {"started": true};
+* ``call`` {payload: "hello", correlation_id} makes a real Ping RPC to the worker's
+  own server, sending ``x-snakepit-correlation-id`` when given -> {"ok": bool};
+* ``gc`` {generation} runs ``gc.collect()`` (and, with the GC hook installed,
+  waits until its ``python.gc.completed`` is queued) -> {"collected": n};
+* ``error`` {tool: "t", correlation_id} calls a ``@telemetry.tool("t")`` function
+  that raises (the worker catches it) -> {"reported": true};
+* ``hostile`` {count: N, seed: S, invalid: M} emits N decoder-hostile events fast,
+  rotating ``unknown_name`` (unique random 3-part names, and unique 20-part names,
+  which Python accepts), ``unknown_keys`` (``python.call.stop`` with unique random
+  metadata and measurement keys), ``oversized`` (100 KB metadata value, or 10 KB
+  metadata and measurement keys) and ``bad_values`` (NaN/inf measurements, or
+  nested dicts as values, which emit drops/stringifies) -> {"count": N, "kinds":
+  {"unknown_name": a, "unknown_keys": b, "oversized": c, "bad_values": d}}. Names
+  with empty parts cannot leave Python (emit drops them as invalid); ``invalid: M``
+  additionally tries M of them (not part of N) and adds ``"invalid": M`` to the ACK;
 * ``stats`` -> the stream counters plus ``"control"``, the control state in force;
 * ``wait_drained`` {timeout_ms} -> {"drained": bool};
 * ``exit`` -> {"exit": true}, then the worker exits.
 
 The stream's defaults come from ``SNAKEPIT_TELEMETRY_*`` environment variables
 (queue size, enabled, sampling rate, allow/deny globs, stats interval).
+``--samplers [MS]`` starts the memory/CPU samplers (MS overrides
+``SNAKEPIT_TELEMETRY_SAMPLER_INTERVAL_MS``; 0 = off); ``--gc-events`` or
+``SNAKEPIT_TELEMETRY_GC_EVENTS=true`` installs the GC hook.
 
 Stdin EOF or ``{"cmd": "exit"}`` stops the server and exits 0, so the worker
 never outlives a parent that closed its end of the pipe.
@@ -35,7 +57,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
+import math
 import os
 import random
 import stat
@@ -48,12 +72,33 @@ from typing import Any, TextIO
 
 import grpc
 
-from . import TelemetryStream, add_to_server, emit, set_stream, span
+from . import (
+    SERVICE_NAME,
+    TelemetryInterceptor,
+    TelemetryStream,
+    add_to_server,
+    correlation,
+    emit,
+    install_gc_hook,
+    set_stream,
+    span,
+    start_samplers,
+    stop_samplers,
+    tool,
+    uninstall_gc_hook,
+)
+from .correlation import CORRELATION_HEADER
+from .gc_events import flush_gc_events, gc_events_from_env
 
 READY = "SNAKEPIT_TELEMETRY_READY"
 ACK = "SNAKEPIT_TELEMETRY_ACK"
 WORKLOAD_DONE = "SNAKEPIT_TELEMETRY_WORKLOAD_DONE"
 STOP_GRACE_S = 0.5
+PING_METHOD = f"/{SERVICE_NAME}/Ping"
+CALL_TIMEOUT_S = 5.0
+HOSTILE_KINDS = ("unknown_name", "unknown_keys", "oversized", "bad_values")
+_BIG_VALUE = "v" * 100_000
+_BIG_KEY = "k" * 10_000
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]", "localhost"}
 
 
@@ -97,12 +142,30 @@ def _token() -> str:
     return os.urandom(8).hex()
 
 
+def ping(request: bytes, _context: grpc.ServicerContext) -> bytes:
+    """Echo; the event it emits shows whether the caller's correlation ID got through."""
+    emit("tool.result_size", {"bytes": len(request)}, {"tool": "ping"})
+    if request == b"fail":
+        raise ValueError("ping asked to fail")
+    return request
+
+
+def add_ping(server: grpc.Server) -> None:
+    """Register Ping beside StreamTelemetry; no serializers, so it moves raw bytes."""
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE_NAME, {"Ping": grpc.unary_unary_rpc_method_handler(ping)}
+    )
+    server.add_generic_rpc_handlers((handler,))
+
+
 class Worker:
     """Executes stdin commands against the public telemetry API."""
 
-    def __init__(self, stream: TelemetryStream, out: Output) -> None:
+    def __init__(self, stream: TelemetryStream, out: Output, address: str | None = None) -> None:
         self.stream = stream
         self.out = out
+        self.address = address
+        self._channel: grpc.Channel | None = None
         self.handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "emit": self.cmd_emit,
             "span": self.cmd_span,
@@ -114,6 +177,10 @@ class Worker:
             "flood": self.cmd_flood,
             "stats": self.cmd_stats,
             "wait_drained": self.cmd_wait_drained,
+            "call": self.cmd_call,
+            "gc": self.cmd_gc,
+            "error": self.cmd_error,
+            "hostile": self.cmd_hostile,
         }
 
     def handle_line(self, line: str) -> None:
@@ -218,6 +285,97 @@ class Worker:
         timeout_ms = _int_arg(cmd, "timeout_ms", 5000)
         return {"drained": self.stream.wait_drained(timeout_ms / 1000)}
 
+    def cmd_call(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        payload = cmd.get("payload", "hello")
+        correlation_id = cmd.get("correlation_id")
+        if not isinstance(payload, str):
+            raise CommandError("'payload' must be a string")
+        if correlation_id is not None and not isinstance(correlation_id, str):
+            raise CommandError("'correlation_id' must be a string or null")
+        if self.address is None:
+            raise CommandError("the worker has no server address to call")
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self.address)
+        rpc = self._channel.unary_unary(PING_METHOD)
+        metadata = [(CORRELATION_HEADER, correlation_id)] if correlation_id is not None else None
+        try:
+            rpc(payload.encode(), metadata=metadata, timeout=CALL_TIMEOUT_S)
+        except grpc.RpcError:
+            return {"ok": False}
+        return {"ok": True}
+
+    def cmd_gc(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        generation = _int_arg(cmd, "generation", 2)
+        if generation > 2:
+            raise CommandError("'generation' must be 0, 1 or 2")
+        collected = gc.collect(generation)
+        flush_gc_events()
+        return {"collected": collected}
+
+    def cmd_error(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        name = cmd.get("tool", "failing_tool")
+        correlation_id = cmd.get("correlation_id")
+        if not isinstance(name, str):
+            raise CommandError("'tool' must be a string")
+
+        @tool(name)
+        def failing() -> None:
+            raise _SyntheticFailure(f"tool {name} failed on request")
+
+        with correlation.correlation(correlation_id), contextlib.suppress(_SyntheticFailure):
+            failing()
+        return {"reported": True}
+
+    def cmd_hostile(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Events meant to stress the Elixir-side decoder; see the module docstring."""
+        count = _int_arg(cmd, "count", 100)
+        seed = cmd.get("seed", 0)
+        if type(seed) is not int:
+            raise CommandError(f"'seed' must be an integer, got {seed!r}")
+        invalid = _int_arg(cmd, "invalid", 0)
+        rng = random.Random(seed)
+
+        def tok() -> str:
+            return f"{rng.getrandbits(64):016x}"
+
+        kinds = dict.fromkeys(HOSTILE_KINDS, 0)
+        for i in range(count):
+            kind = HOSTILE_KINDS[i % len(HOSTILE_KINDS)]
+            kinds[kind] += 1
+            alternate = (i // len(HOSTILE_KINDS)) % 2 == 1
+            if kind == "unknown_name":
+                if alternate:
+                    emit(".".join(f"p{tok()}" for _ in range(20)), {"x": 1})
+                else:
+                    emit(f"zz.{tok()}.{tok()}", {f"m_{tok()}": 1}, {f"k_{tok()}": "v"})
+            elif kind == "unknown_keys":
+                emit("python.call.stop", {"duration": 1, f"m_{tok()}": 1}, {f"k_{tok()}": "v"})
+            elif kind == "oversized":
+                if alternate:
+                    emit("python.call.stop", {"duration": 1, _BIG_KEY: 1}, {_BIG_KEY: "v"})
+                else:
+                    emit("python.call.stop", {"duration": 1}, {"command": _BIG_VALUE})
+            elif alternate:
+                nested = {"nested": {"deep": [1, 2]}}
+                emit("python.call.stop", {"duration": nested, "other": 1}, {"command": nested})
+            else:
+                emit(
+                    "python.call.stop",
+                    {"duration": math.nan, "pos_inf": math.inf, "neg_inf": -math.inf},
+                )
+        result: dict[str, Any] = {"count": count, "kinds": kinds}
+        if "invalid" in cmd:
+            bad_names = ("python..stop", ".python.call", "python.call.", "")
+            for i in range(invalid):
+                emit(bad_names[i % len(bad_names)], {"duration": 1})
+            result["invalid"] = invalid
+        return result
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
     def cmd_workload(self, cmd: dict[str, Any]) -> dict[str, Any]:
         calls = _int_arg(cmd, "calls", 10)
         interval_ms = _int_arg(cmd, "interval_ms", 0)
@@ -280,6 +438,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT or unix:/abs/path")
     parser.add_argument("--queue-size", type=int, default=None, help="telemetry queue bound")
     parser.add_argument("--max-workers", type=int, default=8, help="gRPC thread pool size")
+    parser.add_argument(
+        "--samplers",
+        type=int,
+        nargs="?",
+        const=-1,
+        default=None,
+        metavar="MS",
+        help="start memory/CPU samplers every MS ms (no value: from the environment)",
+    )
+    parser.add_argument(
+        "--gc-events", action="store_true", help="emit python.gc.completed per collection"
+    )
     return parser.parse_args(argv)
 
 
@@ -292,15 +462,20 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
     set_stream(stream)
 
     executor = futures.ThreadPoolExecutor(max_workers=max(1, opts.max_workers))
-    server = grpc.server(executor)
+    server = grpc.server(executor, interceptors=[TelemetryInterceptor()])
     add_to_server(server, stream)
+    add_ping(server)
     try:
         address = _bind(server, opts.listen)
     except RuntimeError as exc:  # grpc raises when the address cannot be bound
         print(f"could not bind {opts.listen}: {exc}", file=sys.stderr)
         return 1
     server.start()
-    worker = Worker(stream, out)
+    worker = Worker(stream, out, address)
+    if opts.samplers is not None:
+        start_samplers(None if opts.samplers < 0 else opts.samplers / 1000)
+    if opts.gc_events or gc_events_from_env():
+        install_gc_hook()
     try:
         out.line(f"{READY} {address}")
         while True:
@@ -317,6 +492,9 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
     except (BrokenPipeError, KeyboardInterrupt):
         pass
     finally:
+        stop_samplers()
+        uninstall_gc_hook()
+        worker.close()
         stream.close()
         server.stop(STOP_GRACE_S).wait(STOP_GRACE_S + 1.0)
         executor.shutdown(wait=False, cancel_futures=True)
