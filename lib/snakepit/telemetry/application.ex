@@ -4,12 +4,32 @@ defmodule Snakepit.Telemetry.Application do
 
   @impl Application
   def start(_type, _args) do
-    with :ok <- Snakepit.Telemetry.Native.status() do
+    with :ok <- Snakepit.Telemetry.Native.status(),
+         :ok <- register_custom() do
       # Registrations first and rest_for_one: the table of registered workers
       # outlives GrpcStream restarts (see Snakepit.Telemetry.GrpcStream).
       children = [Snakepit.Telemetry.Registrations, Snakepit.Telemetry.GrpcStream]
 
       Supervisor.start_link(children, strategy: :rest_for_one, name: Snakepit.Telemetry.Supervisor)
     end
+  end
+
+  # Custom events and keys from the application environment.
+  defp register_custom do
+    alias Snakepit.Telemetry.Naming
+
+    events = Application.get_env(:snakepit_telemetry, :custom_events, [])
+    keys = Application.get_env(:snakepit_telemetry, :custom_keys, [])
+
+    Enum.reduce_while(events, Naming.register_keys(keys), fn
+      _event, {:error, _} = error ->
+        {:halt, error}
+
+      {python_prefix, event_prefix, actions}, :ok ->
+        {:cont, Naming.register_events(python_prefix, event_prefix, actions)}
+
+      other, :ok ->
+        {:halt, {:error, {:invalid_custom_event, other}}}
+    end)
   end
 end

@@ -10,7 +10,12 @@ defmodule Snakepit.Telemetry.Config do
           backoff_max_ms: 5_000,        # ... doubling up to this cap
           max_batch: 512,               # events per batch from the NIF
           max_message_bytes: 4_194_304, # largest gRPC message accepted
-          health_interval_ms: 1_000     # drop reports ([:snakepit, :telemetry, :events, :dropped]); 0: off
+          health_interval_ms: 1_000,    # drop reports ([:snakepit, :telemetry, :events, :dropped]); 0: off
+          # Limits on each event from Python: over them, events are dropped
+          # (parts), entries dropped (keys, counts) or values truncated, and
+          # counted; never a crash.
+          max_event_parts: 8, max_part_bytes: 64, max_measurements: 32,
+          max_metadata: 32, max_key_bytes: 128, max_value_bytes: 4_096
         ],
         control: [
           enabled: true,
@@ -39,7 +44,13 @@ defmodule Snakepit.Telemetry.Config do
     backoff_max_ms: 5_000,
     max_batch: 512,
     max_message_bytes: 4 * 1024 * 1024,
-    health_interval_ms: 1_000
+    health_interval_ms: 1_000,
+    max_event_parts: 8,
+    max_part_bytes: 64,
+    max_measurements: 32,
+    max_metadata: 32,
+    max_key_bytes: 128,
+    max_value_bytes: 4_096
   ]
   @control [enabled: true, sampling_rate: 1.0, sampling_rules: [], allow: [], deny: []]
   @python [queue_size: 1024, stats_interval_ms: 1_000]

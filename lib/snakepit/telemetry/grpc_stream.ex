@@ -117,6 +117,19 @@ defmodule Snakepit.Telemetry.GrpcStream do
         }
 
   @python_stats [:snakepit, :telemetry, :python, :stats]
+
+  # Stream settings the NIF takes (see Snakepit.Telemetry.Config).
+  @native_options [
+    :retry_interval_ms,
+    :max_batch,
+    :max_message_bytes,
+    :max_event_parts,
+    :max_part_bytes,
+    :max_measurements,
+    :max_metadata,
+    :max_key_bytes,
+    :max_value_bytes
+  ]
   @dropped [:snakepit, :telemetry, :events, :dropped]
 
   # Counters that each count whole events lost (or held back by policy) at
@@ -378,13 +391,11 @@ defmodule Snakepit.Telemetry.GrpcStream do
   defp open(worker, connect_timeout_ms, state) do
     stream_id = System.unique_integer([:positive, :monotonic])
 
-    options = %{
-      connect_timeout_ms: connect_timeout_ms,
-      retry_interval_ms: worker.stream_opts[:retry_interval_ms],
-      max_batch: worker.stream_opts[:max_batch],
-      max_message_bytes: worker.stream_opts[:max_message_bytes],
-      native_per_sec: state.native_per_sec
-    }
+    options =
+      worker.stream_opts
+      |> Keyword.take(@native_options)
+      |> Map.new()
+      |> Map.merge(%{connect_timeout_ms: connect_timeout_ms, native_per_sec: state.native_per_sec})
 
     with {:ok, handle} <- Native.stream_open(self(), stream_id, worker.address, options) do
       {:ok, %{worker | stream_id: stream_id, handle: handle, status: :connecting}}

@@ -105,6 +105,72 @@ defmodule Snakepit.Telemetry.Naming do
     ) <> "\n"
   end
 
+  @doc """
+  Lets Python events outside the catalog through, under names made of atoms
+  that already exist in the application's code. For each action, the Python
+  event `"<python_prefix>.<action>"` becomes `event_prefix ++ [action]`:
+
+      Naming.register_events("inference", [:snakepit, :python, :inference],
+        [:start, :stop, :exception, :tokens])
+
+  so that `with telemetry.span("inference", {"model": m}):` in Python reaches
+  `[:snakepit, :python, :inference, :stop]`. Python names that nobody
+  registered are still dropped and counted. The same is possible at start-up
+  with `config :snakepit_telemetry, custom_events: [{python_prefix,
+  event_prefix, actions}]`.
+  """
+  @spec register_events(String.t(), [atom()], [atom()]) :: :ok | {:error, term()}
+  def register_events(python_prefix, event_prefix, actions)
+      when is_binary(python_prefix) and is_list(event_prefix) and is_list(actions) do
+    if Enum.all?(event_prefix ++ actions, &is_atom/1) and event_prefix != [] and actions != [] do
+      Enum.reduce_while(actions, :ok, fn action, :ok ->
+        python = python_prefix <> "." <> Atom.to_string(action)
+
+        case Snakepit.Telemetry.Native.register_custom_event(python, event_prefix ++ [action]) do
+          {:ok, :ok} -> {:cont, :ok}
+          {:error, {_, text}} -> {:halt, {:error, {:invalid_custom_event, text}}}
+        end
+      end)
+    else
+      {:error, {:invalid_custom_event, {python_prefix, event_prefix, actions}}}
+    end
+  end
+
+  def register_events(python_prefix, event_prefix, actions),
+    do: {:error, {:invalid_custom_event, {python_prefix, event_prefix, actions}}}
+
+  @doc """
+  Registers a Python span (`start`, `stop`, `exception`) under
+  `event_prefix`; see `register_events/3`.
+  """
+  @spec register_span(String.t(), [atom()]) :: :ok | {:error, term()}
+  def register_span(python_prefix, event_prefix),
+    do: register_events(python_prefix, event_prefix, [:start, :stop, :exception])
+
+  @doc """
+  Makes these measurement and metadata keys arrive as the given atoms rather
+  than binaries (`config :snakepit_telemetry, custom_keys: [...]` at start-up).
+  """
+  @spec register_keys([atom()]) :: :ok | {:error, term()}
+  def register_keys(keys) when is_list(keys) do
+    Enum.reduce_while(keys, :ok, fn
+      key, :ok when is_atom(key) ->
+        case Snakepit.Telemetry.Native.register_custom_key(key) do
+          {:ok, :ok} -> {:cont, :ok}
+          {:error, {_, text}} -> {:halt, {:error, {:invalid_custom_key, text}}}
+        end
+
+      key, :ok ->
+        {:halt, {:error, {:invalid_custom_key, key}}}
+    end)
+  end
+
+  def register_keys(keys), do: {:error, {:invalid_custom_key, keys}}
+
+  @doc "Every registered custom event as `{python_name, event_name}`."
+  @spec custom_events() :: [{String.t(), [atom()]}]
+  def custom_events, do: Snakepit.Telemetry.Native.custom_events()
+
   @doc "Metadata keys that arrive as atoms; any other key arrives as a binary."
   @spec metadata_keys() :: [atom()]
   def metadata_keys, do: Snakepit.Telemetry.Native.catalog_metadata_keys()

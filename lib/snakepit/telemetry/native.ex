@@ -63,4 +63,7 @@ defmodule Snakepit.Telemetry.Native do
   def runtime_info, do: not_loaded()
   def catalog_events, do: not_loaded()
   def catalog_metadata_keys, do: not_loaded()
+  def register_custom_event(_python_name, _event_name), do: not_loaded()
+  def register_custom_key(_key), do: not_loaded()
+  def custom_events, do: not_loaded()
 end

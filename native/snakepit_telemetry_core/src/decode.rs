@@ -5,14 +5,34 @@
 //! ever creating an atom from Python bytes.
 
 use crate::catalog::{self, EventId, Sym, Unit};
+use crate::custom;
 use crate::proto::{telemetry_value, TelemetryEvent};
 use crate::stats::StreamStats;
 
-/// A measurement or metadata key: a catalog atom, or the original text.
+/// A measurement or metadata key: a catalog atom, a registered custom key,
+/// or the original text.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Key {
     Known(Sym),
+    Custom(u32),
     Unknown(String),
+}
+
+/// Which event: one of the catalog, or one an application registered.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Catalog(EventId),
+    Custom(u32),
+}
+
+impl Event {
+    /// The catalog entry, for catalog events.
+    pub fn spec(self) -> Option<&'static catalog::EventSpec> {
+        match self {
+            Event::Catalog(id) => Some(id.spec()),
+            Event::Custom(_) => None,
+        }
+    }
 }
 
 /// A measurement value that is safe to encode as an Erlang number.
@@ -26,7 +46,7 @@ pub enum Number {
 /// One event that passed the catalog and limits.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Decoded {
-    pub event: EventId,
+    pub event: Event,
     pub measurements: Vec<(Key, Number)>,
     pub metadata: Vec<(Key, String)>,
     pub correlation_id: Option<String>,
@@ -153,7 +173,7 @@ impl Decoder {
                         continue;
                     }
                 },
-                None => (Key::Unknown(key), number),
+                None => (unknown_or_custom(key), number),
             };
             measurements.push((key, number));
         }
@@ -180,7 +200,7 @@ impl Decoder {
             value = truncate(value, limits.max_value_bytes, &mut truncated);
             let key = match known {
                 Some(sym) => Key::Known(sym),
-                None => Key::Unknown(key),
+                None => unknown_or_custom(key),
             };
             metadata.push((key, value));
         }
@@ -199,7 +219,7 @@ impl Decoder {
         })
     }
 
-    fn lookup_event(&mut self, parts: &[String]) -> Result<EventId, Rejected> {
+    fn lookup_event(&mut self, parts: &[String]) -> Result<Event, Rejected> {
         let limits = &self.config.limits;
         if parts.is_empty() || parts.len() > limits.max_event_parts {
             return Err(Rejected::Malformed);
@@ -214,7 +234,12 @@ impl Decoder {
             }
             self.name.push_str(part);
         }
-        catalog::event(&self.name).ok_or(Rejected::UnknownEvent)
+        match catalog::event(&self.name) {
+            Some(id) => Ok(Event::Catalog(id)),
+            None => custom::event(&self.name)
+                .map(Event::Custom)
+                .ok_or(Rejected::UnknownEvent),
+        }
     }
 
     /// Converts wire units to what Elixir expects; `None` if the result does
@@ -234,6 +259,13 @@ impl Decoder {
                 scaled.is_finite().then_some(Number::Float(scaled))
             }
         }
+    }
+}
+
+fn unknown_or_custom(key: String) -> Key {
+    match custom::key(&key) {
+        Some(id) => Key::Custom(id),
+        None => Key::Unknown(key),
     }
 }
 
@@ -301,7 +333,7 @@ mod tests {
         ev.correlation_id = "abc-123".into();
 
         let d = decoder().decode(ev, &stats).unwrap();
-        assert_eq!(d.event.spec().python, Some("python.call.stop"));
+        assert_eq!(d.event.spec().unwrap().python, Some("python.call.stop"));
         assert_eq!(
             d.measurements,
             vec![(Key::Known(Sym::duration), Number::Int(1500))]
@@ -347,6 +379,28 @@ mod tests {
             assert_eq!(d.decode(ev, &stats), Err(Rejected::Malformed));
         }
         assert_eq!(StreamStats::get(&stats.dropped_malformed), 4);
+    }
+
+    #[test]
+    fn registered_custom_events_and_keys_are_decoded() {
+        let stats = StreamStats::default();
+        let mut d = decoder();
+        assert_eq!(
+            d.decode(event("decode_test.inference.stop"), &stats),
+            Err(Rejected::UnknownEvent)
+        );
+        let id = custom::register_event("decode_test.inference.stop").unwrap();
+        let key = custom::register_key("decode_test_model").unwrap();
+        let mut ev = event("decode_test.inference.stop");
+        ev.metadata = HashMap::from([("decode_test_model".into(), "bert".into())]);
+        ev.measurements = HashMap::from([("duration".into(), int(5))]);
+        let out = d.decode(ev, &stats).unwrap();
+        assert_eq!(out.event, Event::Custom(id));
+        assert_eq!(out.metadata, vec![(Key::Custom(key), "bert".to_string())]);
+        assert_eq!(
+            out.measurements,
+            vec![(Key::Known(Sym::duration), Number::Int(5))]
+        );
     }
 
     #[test]

@@ -533,7 +533,7 @@ mod tests {
 
         let names: Vec<_> = events
             .iter()
-            .filter_map(|e| e.event.spec().python)
+            .filter_map(|e| e.event.spec().and_then(|s| s.python))
             .collect();
         assert_eq!(names, ["python.call.start", "python.call.stop"]);
         assert_eq!(events[0].correlation_id.as_deref(), Some("c1"));

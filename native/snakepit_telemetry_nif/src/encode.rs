@@ -2,16 +2,20 @@
 //! everything else from Python becomes a binary.
 
 use rustler::{Encoder, Env, Term};
-use snakepit_telemetry_core::decode::{Decoded, Key, Number};
+use snakepit_telemetry_core::decode::{Decoded, Event, Key, Number};
 use snakepit_telemetry_core::stream::{CloseReason, Status};
 
 use crate::atoms::{self, sym};
+use crate::custom;
 
-fn key<'a>(env: Env<'a>, key: &Key) -> Term<'a> {
-    match key {
+/// A key's term; `None` only for a custom key whose atom is not stored yet
+/// (registration stores it right after the id exists), which drops the event.
+fn key<'a>(env: Env<'a>, key: &Key) -> Option<Term<'a>> {
+    Some(match key {
         Key::Known(s) => sym(*s).encode(env),
+        Key::Custom(id) => custom::key(*id)?.encode(env),
         Key::Unknown(text) => text.encode(env),
-    }
+    })
 }
 
 fn number<'a>(env: Env<'a>, n: Number) -> Term<'a> {
@@ -25,26 +29,30 @@ fn number<'a>(env: Env<'a>, n: Number) -> Term<'a> {
 /// `{event_name, measurements, metadata}`, or `None` if the maps cannot be
 /// built (duplicate keys, which the decoder prevents for every key it sets).
 fn event<'a>(env: Env<'a>, event: &Decoded) -> Option<Term<'a>> {
-    let name: Vec<Term<'a>> = event
-        .event
-        .spec()
-        .name
-        .iter()
-        .map(|s| sym(*s).encode(env))
-        .collect();
+    let name = match event.event {
+        Event::Catalog(id) => id
+            .spec()
+            .name
+            .iter()
+            .map(|s| sym(*s).encode(env))
+            .collect::<Vec<Term<'a>>>()
+            .encode(env),
+        Event::Custom(id) => custom::event_name(env, id)?,
+    };
 
-    let (mkeys, mvalues): (Vec<_>, Vec<_>) = event
-        .measurements
-        .iter()
-        .map(|(k, v)| (key(env, k), number(env, *v)))
-        .unzip();
+    let mut mkeys = Vec::with_capacity(event.measurements.len());
+    let mut mvalues = Vec::with_capacity(event.measurements.len());
+    for (k, v) in &event.measurements {
+        mkeys.push(key(env, k)?);
+        mvalues.push(number(env, *v));
+    }
     let measurements = Term::map_from_term_arrays(env, &mkeys, &mvalues).ok()?;
 
     let capacity = event.metadata.len() + 1;
     let mut keys = Vec::with_capacity(capacity);
     let mut values = Vec::with_capacity(capacity);
     for (k, v) in &event.metadata {
-        keys.push(key(env, k));
+        keys.push(key(env, k)?);
         values.push(v.encode(env));
     }
     if let Some(id) = &event.correlation_id {

@@ -4,6 +4,7 @@
 
 mod atoms;
 mod catalog;
+mod custom;
 mod delivery;
 mod encode;
 mod runtime;

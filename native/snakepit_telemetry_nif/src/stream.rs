@@ -46,6 +46,12 @@ pub struct OpenOptions {
     max_batch: usize,
     max_message_bytes: usize,
     native_per_sec: u64,
+    max_event_parts: usize,
+    max_part_bytes: usize,
+    max_measurements: usize,
+    max_metadata: usize,
+    max_key_bytes: usize,
+    max_value_bytes: usize,
 }
 
 struct NifSink {
@@ -85,7 +91,14 @@ fn stream_open(
         max_batch: options.max_batch,
         max_message_bytes: options.max_message_bytes,
         decode: DecodeConfig {
-            limits: Limits::default(),
+            limits: Limits {
+                max_event_parts: options.max_event_parts,
+                max_part_bytes: options.max_part_bytes,
+                max_measurements: options.max_measurements,
+                max_metadata: options.max_metadata,
+                max_key_bytes: options.max_key_bytes,
+                max_value_bytes: options.max_value_bytes,
+            },
             native_per_sec: options.native_per_sec,
         },
     };

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -296,5 +298,125 @@ def test_stats_control_and_env() -> None:
         finally:
             client.close()
         assert wait_until(lambda: w.command({"cmd": "stats"})[1]["stats_reports"] == 2)
+    finally:
+        w.kill()
+
+
+def take_until(client: Client, want: set[str], timeout: float = 5.0) -> list[pb.TelemetryEvent]:
+    """Events until every name in ``want`` was seen (others, e.g. samples, included)."""
+    got: list[pb.TelemetryEvent] = []
+    deadline = time.monotonic() + timeout
+    while not want <= {".".join(e.event_parts) for e in got}:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            pytest.fail(f"missing {want - {'.'.join(e.event_parts) for e in got}}")
+        try:
+            got.append(client.events.get(timeout=remaining))
+        except queue.Empty:
+            continue
+    return got
+
+
+def named(events: list[pb.TelemetryEvent], name: str) -> list[pb.TelemetryEvent]:
+    return [e for e in events if ".".join(e.event_parts) == name]
+
+
+def test_call_gc_error_samplers_commands() -> None:
+    w = WorkerProc("--samplers", "50", "--gc-events")
+    client = Client(w.address)
+    try:
+        assert w.command({"cmd": "call", "payload": "hello", "correlation_id": "abc"}) == (
+            "call",
+            {"ok": True},
+        )
+        events = take_until(client, {"python.call.stop", "tool.result_size"})
+        (start,) = named(events, "python.call.start")
+        (size,) = named(events, "tool.result_size")
+        (stop,) = named(events, "python.call.stop")
+        assert dict(start.metadata) == {"rpc_method": "/snakepit.bridge.BridgeService/Ping"}
+        assert size.measurements["bytes"].int_value == 5 and dict(size.metadata) == {"tool": "ping"}
+        assert dict(stop.metadata)["result"] == "success"
+        assert {start.correlation_id, size.correlation_id, stop.correlation_id} == {"abc"}
+
+        assert w.command({"cmd": "call", "payload": "fail"}) == ("call", {"ok": False})
+        (exc,) = named(take_until(client, {"python.call.exception"}), "python.call.exception")
+        assert dict(exc.metadata) == {
+            "rpc_method": "/snakepit.bridge.BridgeService/Ping",
+            "error_type": "ValueError",
+            "error_message": "ping asked to fail",
+        }
+        assert exc.correlation_id == ""
+
+        name, result = w.command({"cmd": "gc"})
+        assert name == "gc" and result["collected"] >= 0
+        gc_events = named(take_until(client, {"python.gc.completed"}), "python.gc.completed")
+        assert {"2"} <= {e.metadata["generation"] for e in gc_events}
+        assert set(gc_events[0].measurements) == {"duration", "collected", "uncollectable"}
+
+        assert w.command({"cmd": "error", "tool": "t", "correlation_id": "e"}) == (
+            "error",
+            {"reported": True},
+        )
+        events = take_until(client, {"tool.execution.exception", "python.error.occurred"})
+        (error,) = named(events, "python.error.occurred")
+        assert error.metadata["tool"] == "t" and error.correlation_id == "e"
+        assert error.measurements["system_time"].int_value > 0
+
+        events = take_until(client, {"python.memory.sampled", "python.cpu.sampled"})
+        (mem, *_) = named(events, "python.memory.sampled")
+        assert mem.measurements["rss_bytes"].int_value > 0
+        (cpu, *_) = named(events, "python.cpu.sampled")
+        assert cpu.measurements["cpu_percent"].WhichOneof("value") == "float_value"
+    finally:
+        client.close()
+        w.kill()
+
+
+def test_gc_events_env_and_hostile() -> None:
+    w = WorkerProc("--queue-size", "256", env={"SNAKEPIT_TELEMETRY_GC_EVENTS": "true"})
+    try:
+        assert w.command({"cmd": "gc", "generation": 0})[0] == "gc"
+        _, st = w.command({"cmd": "stats"})
+        assert st["emitted"] >= 1  # the collection's python.gc.completed
+        cmd = {"cmd": "hostile", "count": 80, "seed": 7, "invalid": 4}
+        name, result = w.command(cmd)
+        assert name == "hostile"
+        assert result == {
+            "count": 80,
+            "kinds": {"unknown_name": 20, "unknown_keys": 20, "oversized": 20, "bad_values": 20},
+            "invalid": 4,
+        }
+        _, again = w.command({"cmd": "hostile", "count": 3, "seed": 1})
+        assert again == {
+            "count": 3,
+            "kinds": {"unknown_name": 1, "unknown_keys": 1, "oversized": 1, "bad_values": 0},
+        }
+        _, after = w.command({"cmd": "stats"})
+        assert after["dropped_invalid"] == 4
+        assert after["emitted"] - st["emitted"] == 80 + 4 + 3
+        client = Client(w.address)
+        try:
+            events = [
+                e
+                for e in client.take(after["enqueued"])
+                if e.event_parts[0] != "python" or e.event_parts[1] != "gc"
+            ]
+        finally:
+            client.close()
+        assert len(events) == 83
+        lengths = {len(e.event_parts) for e in events}
+        assert lengths == {3, 20}
+        unknown = [tuple(e.event_parts) for e in events if e.event_parts[0] != "python"]
+        assert len(unknown) == len(set(unknown)) == 21  # all distinct
+        stops = [e for e in events if list(e.event_parts) == ["python", "call", "stop"]]
+        assert any(len(e.metadata.get("command", "")) == 100_000 for e in stops)
+        assert any(len(k) == 10_000 for e in stops for k in e.metadata)
+        assert any(math.isnan(e.measurements["duration"].float_value) for e in stops)
+        assert any(
+            e.measurements["pos_inf"].float_value == math.inf
+            for e in stops
+            if "pos_inf" in e.measurements
+        )
+        assert w.command({"cmd": "hostile", "seed": "x"})[0] == "error"
     finally:
         w.kill()

@@ -8,7 +8,13 @@ defmodule Snakepit.Telemetry.NativeTest do
     retry_interval_ms: 50,
     max_batch: 64,
     max_message_bytes: 1_048_576,
-    native_per_sec: 1_000_000_000
+    native_per_sec: 1_000_000_000,
+    max_event_parts: 8,
+    max_part_bytes: 64,
+    max_measurements: 32,
+    max_metadata: 32,
+    max_key_bytes: 128,
+    max_value_bytes: 4096
   }
 
   test "the library is loaded" do

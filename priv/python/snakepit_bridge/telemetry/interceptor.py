@@ -8,7 +8,11 @@ For each RPC (except ``StreamTelemetry``, which would otherwise report on itself
 forever) it emits ``python.call.start`` / ``python.call.stop`` or
 ``python.call.exception`` with ``rpc_method`` metadata, and runs the handler with
 the correlation ID from the ``x-snakepit-correlation-id`` header set, so events the
-handler emits carry it too. Telemetry failures never reach the RPC.
+handler emits carry it too. For streaming responses the span and the ID cover
+the whole iteration. ``context.abort(code, ...)`` (and a handler that sets a non-OK
+code and returns) is reported as an exception whose ``error_type`` is the code's
+name; a response stream the client abandons ends as ``CANCELLED``. Telemetry
+failures never reach the RPC.
 """
 
 from __future__ import annotations
@@ -137,6 +141,8 @@ class TelemetryInterceptor(grpc.ServerInterceptor):
             if method in self._skip:
                 return handler
             correlation_id = _header(handler_call_details.invocation_metadata)
+            if isinstance(method, bytes):
+                method = method.decode("utf-8", "replace")
             return self._wrap(handler, str(method), correlation_id)
         except Exception:
             return handler  # an unusual handler we cannot wrap still gets served

@@ -3,7 +3,8 @@
 One daemon thread emits both events every interval, so Elixir can chart a
 worker's memory and CPU without polling the OS itself. The interval comes from
 ``SNAKEPIT_TELEMETRY_SAMPLER_INTERVAL_MS`` (default 10000, 0 disables; bad values
-fall back to the default) unless :func:`start_samplers` is given one.
+fall back to the default) unless :func:`start_samplers` is given one. The first
+samples come one interval after the start.
 
 Memory: ``rss_bytes`` from ``/proc/self/statm`` (Linux), ``peak_rss_bytes`` from
 ``resource.getrusage``. A measurement the platform cannot provide is left out
