@@ -30,7 +30,9 @@ Commands (one JSON object per stdin line, ACK payload after the arrow):
   waits until its ``python.gc.completed`` is queued) -> {"collected": n};
 * ``error`` {tool: "t", correlation_id} calls a ``@telemetry.tool("t")`` function
   that raises (the worker catches it) -> {"reported": true};
-* ``hostile`` {count: N, seed: S, invalid: M} emits N decoder-hostile events fast,
+* ``hostile`` {count: N, seed: S, invalid: M, oversized_every: K} emits N
+  decoder-hostile events fast (only every K-th ``oversized`` slot stays oversized,
+  the others become ``unknown_name``; K defaults to 1),
   rotating ``unknown_name`` (unique random 3-part names, and unique 20-part names,
   which Python accepts), ``unknown_keys`` (``python.call.stop`` with unique random
   metadata and measurement keys), ``oversized`` (100 KB metadata value, or 10 KB
@@ -333,6 +335,7 @@ class Worker:
         if type(seed) is not int:
             raise CommandError(f"'seed' must be an integer, got {seed!r}")
         invalid = _int_arg(cmd, "invalid", 0)
+        oversized_every = max(1, _int_arg(cmd, "oversized_every", 1))
         rng = random.Random(seed)
 
         def tok() -> str:
@@ -341,6 +344,9 @@ class Worker:
         kinds = dict.fromkeys(HOSTILE_KINDS, 0)
         for i in range(count):
             kind = HOSTILE_KINDS[i % len(HOSTILE_KINDS)]
+            if kind == "oversized" and (i // len(HOSTILE_KINDS)) % oversized_every:
+                # Large payloads are slow to move; `oversized_every` thins them out.
+                kind = "unknown_name"
             kinds[kind] += 1
             alternate = (i // len(HOSTILE_KINDS)) % 2 == 1
             if kind == "unknown_name":
