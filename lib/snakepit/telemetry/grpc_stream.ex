@@ -497,9 +497,24 @@ defmodule Snakepit.Telemetry.GrpcStream do
   end
 
   defp execute({event, measurements, metadata}, worker) do
-    :telemetry.execute(event, measurements, Map.merge(metadata, worker.metadata))
+    :telemetry.execute(
+      event,
+      start_times(event, measurements),
+      Map.merge(metadata, worker.metadata)
+    )
+
     worker
   end
+
+  # Start events from Python carry the wall clock; :telemetry users also
+  # expect `monotonic_time`, in this VM's monotonic clock, so derive it.
+  defp start_times(event, %{system_time: t} = measurements) when is_integer(t) do
+    if List.last(event) == :start,
+      do: Map.put_new(measurements, :monotonic_time, t - :erlang.time_offset()),
+      else: measurements
+  end
+
+  defp start_times(_event, measurements), do: measurements
 
   defp emit(worker, suffix, measurements, metadata) do
     :telemetry.execute(

@@ -43,7 +43,9 @@ defmodule Snakepit.Telemetry.LifecycleTest do
 
   test "registering before the worker listens connects once it is up", %{address: address} do
     worker_id = "early-#{System.unique_integer([:positive])}"
-    forward_events([@established, @stop])
+    opened = [:snakepit, :grpc, :stream, :opened]
+    message = [:snakepit, :grpc, :stream, :message]
+    forward_events([@established, @stop, opened, message])
     :ok = GrpcStream.register_worker(worker_id: worker_id, pool_name: :p, address: address)
     on_exit(fn -> GrpcStream.unregister_worker(worker_id) end)
     Process.sleep(300)
@@ -51,8 +53,14 @@ defmodule Snakepit.Telemetry.LifecycleTest do
 
     worker = start_killable!(address)
     assert_receive {:event, @established, _, %{worker_id: ^worker_id}}, 10_000
+
+    assert_receive {:event, ^opened, %{system_time: _},
+                    %{worker_id: ^worker_id, address: ^address}},
+                   5_000
+
     command!(worker, %{cmd: "emit", event: "python.call.stop", measurements: %{duration: 1}})
     assert_receive {:event, @stop, _, %{worker_id: ^worker_id}}, 5_000
+    assert_receive {:event, ^message, %{events: n}, %{worker_id: ^worker_id}} when n >= 1, 5_000
   end
 
   test "kill -9 mid-stream, restart on the same address: reconnects and re-applies control",

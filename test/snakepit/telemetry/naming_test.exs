@@ -91,7 +91,11 @@ defmodule Snakepit.Telemetry.NamingTest do
     for %{name: name, measurements: m} <- Naming.catalog() do
       units = Map.new(m)
       if Map.has_key?(units, :duration), do: assert(units.duration == "native_time")
-      if List.last(name) == :start, do: assert(units[:system_time] == "native_time")
+
+      if List.last(name) == :start do
+        assert units[:system_time] == "native_time", inspect(name)
+        assert units[:monotonic_time] == "native_time", inspect(name)
+      end
     end
   end
 end
