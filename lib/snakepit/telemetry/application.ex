@@ -8,7 +8,13 @@ defmodule Snakepit.Telemetry.Application do
          :ok <- register_custom() do
       # Registrations first and rest_for_one: the table of registered workers
       # outlives GrpcStream restarts (see Snakepit.Telemetry.GrpcStream).
-      children = [Snakepit.Telemetry.Registrations, Snakepit.Telemetry.GrpcStream]
+      children = [
+        Snakepit.Telemetry.Registrations,
+        # The process-group scope of Snakepit.Telemetry.Cluster.
+        %{id: :pg, start: {:pg, :start_link, [Snakepit.Telemetry.Cluster.scope()]}},
+        Snakepit.Telemetry.GrpcStream,
+        Snakepit.Telemetry.Cluster
+      ]
 
       Supervisor.start_link(children, strategy: :rest_for_one, name: Snakepit.Telemetry.Supervisor)
     end

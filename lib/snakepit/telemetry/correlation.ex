@@ -60,6 +60,18 @@ defmodule Snakepit.Telemetry.Correlation do
     end
   end
 
+  @doc """
+  Runs `fun` on `node` with `:erpc.call/4`, with the current ID current
+  there too, so a call that crosses nodes keeps its correlation ID.
+  """
+  @spec erpc(node(), (() -> result), timeout()) :: result when result: term()
+  def erpc(node, fun, timeout \\ :infinity) when is_function(fun, 0) do
+    case get() do
+      nil -> :erpc.call(node, fun, timeout)
+      id -> :erpc.call(node, __MODULE__, :with_id, [id, fun], timeout)
+    end
+  end
+
   @doc "The gRPC metadata header name Python's interceptor reads."
   @spec header_name() :: String.t()
   def header_name, do: @header

@@ -90,7 +90,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
   require Logger
 
-  alias Snakepit.Telemetry.{Config, Control, Native, Registrations}
+  alias Snakepit.Telemetry.{Cluster, Config, Control, Native, Registrations}
 
   @type worker_id :: String.t()
   @type target :: worker_id() | {:pool, term()} | :all
@@ -187,7 +187,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
   def toggle(target, enabled, server \\ __MODULE__)
 
   def toggle(target, enabled, server) when is_boolean(enabled) do
-    GenServer.call(server, {:control, target, &{:ok, Control.toggle(&1, enabled)}})
+    control(target, &{:ok, Control.toggle(&1, enabled)}, server)
   end
 
   def toggle(_target, enabled, _server), do: {:error, {:invalid_enabled, enabled}}
@@ -205,7 +205,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
   def update_sampling(target, rate, patterns \\ [], server \\ __MODULE__) do
     with :ok <- Control.validate_rate(rate),
          :ok <- Control.validate_patterns(patterns) do
-      GenServer.call(server, {:control, target, &Control.put_sampling(&1, rate, patterns)})
+      control(target, &Control.put_sampling(&1, rate, patterns), server)
     end
   end
 
@@ -216,9 +216,26 @@ defmodule Snakepit.Telemetry.GrpcStream do
   @spec update_filter(target(), keyword(), GenServer.server()) :: :ok | {:error, term()}
   def update_filter(target, filter, server \\ __MODULE__) do
     with {:ok, _} <- Control.put_filter(%Control{}, filter) do
-      GenServer.call(server, {:control, target, &Control.put_filter(&1, filter)})
+      control(target, &Control.put_filter(&1, filter), server)
     end
   end
+
+  # A worker id registered on another node is controlled there.
+  defp control(worker_id, change, __MODULE__ = server) when is_binary(worker_id) do
+    destination =
+      case :pg.get_members(Cluster.scope(), {:worker, worker_id}) do
+        [] -> server
+        pids -> Enum.find(pids, hd(pids), &(node(&1) == node()))
+      end
+
+    try do
+      GenServer.call(destination, {:control, worker_id, change})
+    catch
+      :exit, _reason when is_pid(destination) -> {:error, {:node_unreachable, node(destination)}}
+    end
+  end
+
+  defp control(target, change, server), do: GenServer.call(server, {:control, target, change})
 
   ## Server
 
@@ -239,6 +256,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
       Enum.reduce(Registrations.all(), state, fn {worker_id, registration}, acc ->
         Logger.info("telemetry: reopening the stream of registered worker #{worker_id}")
         worker = new_worker(registration.ctx, registration.control, true)
+        :pg.join(Cluster.scope(), {:worker, worker_id}, self())
         connect(acc, worker, worker.stream_opts[:connect_timeout_ms])
       end)
 
@@ -256,6 +274,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
       case open(worker, timeout, state) do
         {:ok, worker} ->
           Registrations.put(ctx.worker_id, %{ctx: ctx, control: worker.control})
+          :pg.join(Cluster.scope(), {:worker, ctx.worker_id}, self())
           {:reply, :ok, put_worker(state, worker)}
 
         {:error, {:invalid_address, text}} ->
@@ -274,6 +293,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
       {worker, workers} ->
         Registrations.delete(worker_id)
+        :pg.leave(Cluster.scope(), {:worker, worker_id}, self())
         if worker.handle, do: Native.stream_close(worker.handle)
         if worker.timer, do: Process.cancel_timer(worker.timer)
 

@@ -29,19 +29,20 @@ defmodule Snakepit.Telemetry.PythonWorker do
 
   @type t :: GenServer.server()
 
+  @defaults [listen: "127.0.0.1:0", python: nil, args: [], env: [], ready_timeout: 10_000]
+
   @doc "Starts a worker and waits until it listens."
   @spec start_link(keyword()) :: GenServer.on_start()
   def start_link(opts \\ []) do
-    opts =
-      Keyword.validate!(opts,
-        listen: "127.0.0.1:0",
-        python: nil,
-        args: [],
-        env: [],
-        ready_timeout: 10_000
-      )
-
+    opts = Keyword.validate!(opts, @defaults)
     GenServer.start_link(__MODULE__, opts)
+  end
+
+  @doc "Starts a worker not linked to the caller (e.g. from `:erpc`)."
+  @spec start(keyword()) :: GenServer.on_start()
+  def start(opts \\ []) do
+    opts = Keyword.validate!(opts, @defaults)
+    GenServer.start(__MODULE__, opts)
   end
 
   @doc "The address the worker serves its telemetry stream on."
