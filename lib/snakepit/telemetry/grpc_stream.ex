@@ -12,30 +12,6 @@ defmodule Snakepit.Telemetry.GrpcStream do
   `:telemetry` (and reported as `[:telemetry, :handler, :failure]`), it never
   takes this process down.
 
-  # Emits one `@dropped` event per counter that grew since the last report.
-  defp report_drops(worker) do
-    current = if worker.handle, do: Native.stream_stats(worker.handle), else: %{}
-    native = Map.merge(worker.totals, current, fn _k, a, b -> a + b end)
-
-    counts =
-      for({reason, hop, source} <- drop_counters(native, worker.python), into: %{}, do: {{hop, reason}, source})
-
-    Enum.each(counts, fn {{hop, reason} = key, now} ->
-      delta = now - Map.get(worker.reported, key, 0)
-
-      if delta > 0 do
-        :telemetry.execute(@dropped, %{count: delta}, Map.merge(%{reason: reason, hop: hop}, worker.metadata))
-      end
-    end)
-
-    %{worker | reported: Map.merge(worker.reported, counts)}
-  end
-
-  defp drop_counters(native, python) do
-    for(r <- @native_drops, do: {r, :native, Map.get(native, r, 0)}) ++
-      for r <- @python_drops, do: {r, :python, Map.get(python, r, 0)}
-  end
-
   ## Control
 
   `toggle/2`, `update_sampling/3` and `update_filter/2` take a worker id,
@@ -45,6 +21,10 @@ defmodule Snakepit.Telemetry.GrpcStream do
   whenever the stream (re)opens. `:ok` means the state is recorded and its
   control messages are on their way to Python (now, or as soon as the stream
   opens).
+
+  A worker id registered on another node of the cluster is controlled on
+  that node (see `Snakepit.Telemetry.Cluster`); an unreachable node gives
+  `{:error, {:node_unreachable, node}}`.
 
   ## Lifecycle
 
