@@ -61,6 +61,19 @@ defmodule Snakepit.Telemetry.Events do
     end)
   end
 
+  @doc false
+  # Python start events carry the wall clock; :telemetry users also expect
+  # `monotonic_time` in this VM's monotonic clock, so both Python paths
+  # (gRPC and stderr) derive it here.
+  @spec from_python([atom()], map()) :: map()
+  def from_python(event, %{system_time: t} = measurements) when is_integer(t) do
+    if List.last(event) == :start,
+      do: Map.put_new(measurements, :monotonic_time, t - :erlang.time_offset()),
+      else: measurements
+  end
+
+  def from_python(_event, measurements), do: measurements
+
   defp check(event) do
     case Naming.lookup(event) do
       %{python: nil} -> :ok

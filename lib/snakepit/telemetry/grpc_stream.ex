@@ -70,7 +70,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
   require Logger
 
-  alias Snakepit.Telemetry.{Cluster, Config, Control, Native, Registrations}
+  alias Snakepit.Telemetry.{Cluster, Config, Control, Events, Native, Registrations}
 
   @type worker_id :: String.t()
   @type target :: worker_id() | {:pool, term()} | :all
@@ -499,22 +499,12 @@ defmodule Snakepit.Telemetry.GrpcStream do
   defp execute({event, measurements, metadata}, worker) do
     :telemetry.execute(
       event,
-      start_times(event, measurements),
+      Events.from_python(event, measurements),
       Map.merge(metadata, worker.metadata)
     )
 
     worker
   end
-
-  # Start events from Python carry the wall clock; :telemetry users also
-  # expect `monotonic_time`, in this VM's monotonic clock, so derive it.
-  defp start_times(event, %{system_time: t} = measurements) when is_integer(t) do
-    if List.last(event) == :start,
-      do: Map.put_new(measurements, :monotonic_time, t - :erlang.time_offset()),
-      else: measurements
-  end
-
-  defp start_times(_event, measurements), do: measurements
 
   defp emit(worker, suffix, measurements, metadata) do
     :telemetry.execute(

@@ -66,4 +66,6 @@ defmodule Snakepit.Telemetry.Native do
   def register_custom_event(_python_name, _event_name), do: not_loaded()
   def register_custom_key(_key), do: not_loaded()
   def custom_events, do: not_loaded()
+  def decode_json_line(_line, _options), do: not_loaded()
+  def json_stats, do: not_loaded()
 end

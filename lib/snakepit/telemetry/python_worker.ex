@@ -19,6 +19,9 @@ defmodule Snakepit.Telemetry.PythonWorker do
     * `:env` - extra environment variables, e.g.
       `Snakepit.Telemetry.Config.worker_env(pool)`.
     * `:ready_timeout` - milliseconds to wait for the worker to listen (10 000).
+    * `:stderr_telemetry` - `%{worker_id: ..., pool_name: ...}`: read the
+      worker's stderr too and fold its telemetry lines (the Python `stderr`
+      backend) into `:telemetry` with `Snakepit.Telemetry.Stderr`.
   """
   use GenServer
 
@@ -29,7 +32,14 @@ defmodule Snakepit.Telemetry.PythonWorker do
 
   @type t :: GenServer.server()
 
-  @defaults [listen: "127.0.0.1:0", python: nil, args: [], env: [], ready_timeout: 10_000]
+  @defaults [
+    listen: "127.0.0.1:0",
+    python: nil,
+    args: [],
+    env: [],
+    ready_timeout: 10_000,
+    stderr_telemetry: nil
+  ]
 
   @doc "Starts a worker and waits until it listens."
   @spec start_link(keyword()) :: GenServer.on_start()
@@ -105,6 +115,8 @@ defmodule Snakepit.Telemetry.PythonWorker do
         :exit_status,
         :use_stdio,
         :hide,
+        # The stderr backend's lines arrive with stdout when asked for.
+        if(opts[:stderr_telemetry], do: :stderr_to_stdout, else: :use_stdio),
         {:line, 1_048_576},
         {:args, args},
         {:env,
@@ -116,7 +128,15 @@ defmodule Snakepit.Telemetry.PythonWorker do
 
     case await_ready(port, opts[:ready_timeout]) do
       {:ok, address} ->
-        {:ok, %{port: port, os_pid: os_pid, address: address, waiting: :queue.new(), lines: []}}
+        {:ok,
+         %{
+           port: port,
+           os_pid: os_pid,
+           address: address,
+           waiting: :queue.new(),
+           lines: [],
+           stderr_telemetry: opts[:stderr_telemetry]
+         }}
 
       {:error, reason} ->
         Port.close(port)
@@ -152,7 +172,12 @@ defmodule Snakepit.Telemetry.PythonWorker do
   end
 
   def handle_info({port, {:data, {_, line}}}, %{port: port} = state) do
-    {:noreply, %{state | lines: [line | state.lines]}}
+    with ctx when ctx != nil <- state.stderr_telemetry,
+         result when result != :ignored <- Snakepit.Telemetry.Stderr.handle_line(line, ctx) do
+      {:noreply, state}
+    else
+      _ -> {:noreply, %{state | lines: [line | state.lines]}}
+    end
   end
 
   def handle_info({port, {:exit_status, status}}, %{port: port} = state) do

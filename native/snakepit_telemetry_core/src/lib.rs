@@ -10,6 +10,7 @@
 pub mod catalog;
 pub mod custom;
 pub mod decode;
+pub mod json;
 pub mod stats;
 pub mod stream;
 

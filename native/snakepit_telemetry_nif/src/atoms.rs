@@ -31,6 +31,13 @@ rustler::atoms! {
     metadata,
     doc,
     unit,
+    // stderr-path errors.
+    not_telemetry,
+    too_large,
+    invalid_json,
+    unknown_event,
+    malformed,
+    encode_failed,
     // runtime_info keys.
     live_streams,
     delivery_queue,

@@ -28,7 +28,7 @@ fn number<'a>(env: Env<'a>, n: Number) -> Term<'a> {
 
 /// `{event_name, measurements, metadata}`, or `None` if the maps cannot be
 /// built (duplicate keys, which the decoder prevents for every key it sets).
-fn event<'a>(env: Env<'a>, event: &Decoded) -> Option<Term<'a>> {
+pub fn event<'a>(env: Env<'a>, event: &Decoded) -> Option<Term<'a>> {
     let name = match event.event {
         Event::Catalog(id) => id
             .spec()

@@ -7,6 +7,7 @@ mod catalog;
 mod custom;
 mod delivery;
 mod encode;
+mod json;
 mod runtime;
 mod stream;
 

@@ -54,6 +54,27 @@ pub struct OpenOptions {
     max_value_bytes: usize,
 }
 
+impl OpenOptions {
+    /// Decoding settings, shared by the gRPC and the stderr paths.
+    pub fn decode_config(&self) -> DecodeConfig {
+        DecodeConfig {
+            limits: Limits {
+                max_event_parts: self.max_event_parts,
+                max_part_bytes: self.max_part_bytes,
+                max_measurements: self.max_measurements,
+                max_metadata: self.max_metadata,
+                max_key_bytes: self.max_key_bytes,
+                max_value_bytes: self.max_value_bytes,
+            },
+            native_per_sec: self.native_per_sec,
+        }
+    }
+
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes
+    }
+}
+
 struct NifSink {
     pid: LocalPid,
     stream_id: u64,
@@ -90,17 +111,7 @@ fn stream_open(
         retry_interval: Duration::from_millis(options.retry_interval_ms.max(1)),
         max_batch: options.max_batch,
         max_message_bytes: options.max_message_bytes,
-        decode: DecodeConfig {
-            limits: Limits {
-                max_event_parts: options.max_event_parts,
-                max_part_bytes: options.max_part_bytes,
-                max_measurements: options.max_measurements,
-                max_metadata: options.max_metadata,
-                max_key_bytes: options.max_key_bytes,
-                max_value_bytes: options.max_value_bytes,
-            },
-            native_per_sec: options.native_per_sec,
-        },
+        decode: options.decode_config(),
     };
     let (controls, controls_rx) = mpsc::channel(CONTROL_QUEUE);
     let (stop, stop_rx) = oneshot::channel();
@@ -189,7 +200,12 @@ fn stream_close(handle: ResourceArc<StreamHandle>) -> Atom {
 
 #[rustler::nif]
 fn stream_stats<'a>(env: Env<'a>, handle: ResourceArc<StreamHandle>) -> Term<'a> {
-    let snapshot = handle.stats.snapshot();
+    stats_map(env, &handle.stats)
+}
+
+/// A stream's counters as a map with preallocated atom keys.
+pub fn stats_map<'a>(env: Env<'a>, stats: &StreamStats) -> Term<'a> {
+    let snapshot = stats.snapshot();
     let keys: Vec<Term<'a>> = snapshot
         .iter()
         .map(|(name, _)| atoms::stat(name).encode(env))

@@ -1,0 +1,163 @@
+//! The stderr path: telemetry events written by a worker as JSON lines
+//! (`SNAKEPIT_TELEMETRY_EVENT {...}`), for adapters that cannot serve the
+//! gRPC stream.
+//!
+//! A line is parsed with serde_json into the same `TelemetryEvent` the gRPC
+//! path receives and then goes through the same [`Decoder`], so both paths
+//! apply the same catalog, atom safety, limits and counters, and produce the
+//! same events.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::decode::{Decoded, Decoder, Rejected};
+use crate::proto::{telemetry_value, TelemetryEvent, TelemetryValue};
+use crate::stats::StreamStats;
+
+/// What precedes the JSON object on a telemetry line.
+pub const PREFIX: &str = "SNAKEPIT_TELEMETRY_EVENT ";
+
+#[derive(Deserialize)]
+struct Line {
+    event_parts: Vec<String>,
+    #[serde(default)]
+    measurements: HashMap<String, Value>,
+    #[serde(default)]
+    metadata: HashMap<String, Value>,
+    #[serde(default)]
+    timestamp_ns: i64,
+    #[serde(default)]
+    correlation_id: String,
+}
+
+/// Why a line gave no event.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LineError {
+    /// Not a telemetry line at all (ordinary worker output).
+    NotTelemetry,
+    /// Longer than the limit; not parsed.
+    TooLarge,
+    /// A telemetry line whose JSON does not have the expected shape.
+    InvalidJson,
+    /// Parsed, then dropped by the decoder.
+    Rejected(Rejected),
+}
+
+/// Decodes one output line. `max_bytes` bounds the line before parsing.
+pub fn decode_line(
+    line: &str,
+    max_bytes: usize,
+    decoder: &mut Decoder,
+    stats: &StreamStats,
+) -> Result<Decoded, LineError> {
+    let json = line.strip_prefix(PREFIX).ok_or(LineError::NotTelemetry)?;
+    if line.len() > max_bytes {
+        StreamStats::add(&stats.received, 1);
+        StreamStats::add(&stats.dropped_malformed, 1);
+        return Err(LineError::TooLarge);
+    }
+    let parsed: Line = match serde_json::from_str(json.trim_end()) {
+        Ok(parsed) => parsed,
+        Err(_) => {
+            StreamStats::add(&stats.received, 1);
+            StreamStats::add(&stats.dropped_malformed, 1);
+            return Err(LineError::InvalidJson);
+        }
+    };
+    decoder
+        .decode(to_event(parsed), stats)
+        .map_err(LineError::Rejected)
+}
+
+fn to_event(line: Line) -> TelemetryEvent {
+    let measurements = line
+        .measurements
+        .into_iter()
+        .map(|(key, value)| {
+            let value = match value {
+                Value::Number(n) => match n.as_i64() {
+                    Some(i) => Some(telemetry_value::Value::IntValue(i)),
+                    None => n.as_f64().map(telemetry_value::Value::FloatValue),
+                },
+                // "NaN", "Infinity": the decoder drops and counts non-numbers,
+                // as it drops NaN arriving over gRPC.
+                Value::String(s) => Some(telemetry_value::Value::StringValue(s)),
+                _ => None,
+            };
+            (key, TelemetryValue { value })
+        })
+        .collect();
+    let metadata = line
+        .metadata
+        .into_iter()
+        .filter_map(|(key, value)| match value {
+            Value::String(s) => Some((key, s)),
+            Value::Null => None,
+            other => Some((key, other.to_string())),
+        })
+        .collect();
+    TelemetryEvent {
+        event_parts: line.event_parts,
+        measurements,
+        metadata,
+        timestamp_ns: line.timestamp_ns,
+        correlation_id: line.correlation_id,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Sym;
+    use crate::decode::{DecodeConfig, Key, Number};
+
+    fn decode(line: &str) -> (Result<Decoded, LineError>, StreamStats) {
+        let stats = StreamStats::default();
+        let mut decoder = Decoder::new(DecodeConfig::default());
+        let result = decode_line(line, 65_536, &mut decoder, &stats);
+        (result, stats)
+    }
+
+    #[test]
+    fn a_line_decodes_like_the_same_event_over_grpc() {
+        let line = r#"SNAKEPIT_TELEMETRY_EVENT {"event_parts":["python","call","stop"],"measurements":{"duration":1500,"ratio":0.5,"bad":"NaN"},"metadata":{"command":"predict","n":3},"timestamp_ns":7,"correlation_id":"c1"}"#;
+        let (result, stats) = decode(line);
+        let d = result.unwrap();
+        assert_eq!(d.event.spec().unwrap().python, Some("python.call.stop"));
+        let mut m = d.measurements.clone();
+        m.sort_by_key(|(k, _)| format!("{k:?}"));
+        assert_eq!(
+            m,
+            vec![
+                (Key::Known(Sym::duration), Number::Int(1500)),
+                (Key::Unknown("ratio".into()), Number::Float(0.5)),
+            ]
+        );
+        assert!(d
+            .metadata
+            .contains(&(Key::Known(Sym::command), "predict".to_string())));
+        assert!(d
+            .metadata
+            .contains(&(Key::Unknown("n".into()), "3".to_string())));
+        assert_eq!(d.correlation_id.as_deref(), Some("c1"));
+        assert_eq!(StreamStats::get(&stats.dropped_measurements), 1);
+    }
+
+    #[test]
+    fn other_lines_and_bad_lines_are_told_apart_and_counted() {
+        assert_eq!(
+            decode("Traceback (most recent call last):").0.unwrap_err(),
+            LineError::NotTelemetry
+        );
+        let (r, stats) = decode("SNAKEPIT_TELEMETRY_EVENT {not json");
+        assert_eq!(r.unwrap_err(), LineError::InvalidJson);
+        assert_eq!(StreamStats::get(&stats.dropped_malformed), 1);
+        let (r, stats) = decode(r#"SNAKEPIT_TELEMETRY_EVENT {"event_parts":["zz","made","up"]}"#);
+        assert_eq!(r.unwrap_err(), LineError::Rejected(Rejected::UnknownEvent));
+        assert_eq!(StreamStats::get(&stats.dropped_unknown_event), 1);
+        let long = format!("{PREFIX}{}", "x".repeat(70_000));
+        assert_eq!(decode(&long).0.unwrap_err(), LineError::TooLarge);
+    }
+}
