@@ -20,6 +20,7 @@ if str(PY_ROOT) not in sys.path:
 from snakepit_bridge import snakepit_bridge_pb2 as pb  # noqa: E402
 from snakepit_bridge import snakepit_bridge_pb2_grpc as pb_grpc  # noqa: E402
 from snakepit_bridge import telemetry  # noqa: E402
+from snakepit_bridge.telemetry import backends  # noqa: E402
 from snakepit_bridge.telemetry._internal.convert import QueuedEvent  # noqa: E402
 
 _CLOSE = object()
@@ -117,6 +118,15 @@ class Client:
         self.call.cancel()
         self.done.wait(2)
         self.channel.close()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_backend(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No backend choice (nor a served stream) leaks between tests or from the shell."""
+    monkeypatch.delenv(backends.BACKEND_ENV, raising=False)
+    backends._reset_for_tests()
+    yield
+    backends._reset_for_tests()
 
 
 @pytest.fixture

@@ -27,12 +27,15 @@ ACK = "SNAKEPIT_TELEMETRY_ACK "
 class WorkerProc:
     """A worker subprocess with line-oriented, timeout-aware stdout reading."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, stderr: int | None = None
+    ) -> None:
         env = dict(os.environ, PYTHONPATH=str(PY_ROOT), **(env or {}))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "snakepit_bridge.telemetry.worker", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=stderr,
             text=True,
             env=env,
         )
@@ -418,5 +421,50 @@ def test_gc_events_env_and_hostile() -> None:
             if "pos_inf" in e.measurements
         )
         assert w.command({"cmd": "hostile", "seed": "x"})[0] == "error"
+    finally:
+        w.kill()
+
+
+def test_backend_flag_stderr_lines_and_stats() -> None:
+    """``--backend stderr,grpc``: JSON lines on the worker's stderr and on the stream."""
+    w = WorkerProc("--backend", "stderr,grpc", stderr=subprocess.PIPE)
+    try:
+        cmd = {
+            "cmd": "emit",
+            "event": "python.call.stop",
+            "measurements": {"duration": 5},
+            "metadata": {"command": "predict"},
+            "correlation_id": "w1",
+            "count": 2,
+        }
+        assert w.command(cmd) == ("emit", {"count": 2})
+        name, stats = w.command({"cmd": "backend_stats"})
+        assert name == "backend_stats" and set(stats) == {"stderr", "grpc"}
+        assert stats["stderr"]["emitted"] == 2 and stats["grpc"]["emitted"] == 2
+        assert w.command({"cmd": "exit"})[0] == "exit"
+        assert w.proc.wait(timeout=5) == 0
+        assert w.proc.stderr is not None
+        lines = [ln for ln in w.proc.stderr.read().splitlines() if ln]
+    finally:
+        w.kill()
+    assert len(lines) == 2
+    prefix, body = lines[0].split(" ", 1)
+    assert prefix == "SNAKEPIT_TELEMETRY_EVENT"
+    event = json.loads(body)
+    assert event["event_parts"] == ["python", "call", "stop"]
+    assert event["measurements"] == {"duration": 5} and event["correlation_id"] == "w1"
+
+
+def test_backend_default_is_grpc_and_env_is_honoured() -> None:
+    w = WorkerProc(env={"SNAKEPIT_TELEMETRY_BACKEND": "none"})
+    try:
+        assert w.command({"cmd": "backend_stats"})[1] == {
+            "none": {"emitted": 0, "dropped": 0, "errors": 0}
+        }
+    finally:
+        w.kill()
+    w = WorkerProc()
+    try:
+        assert set(w.command({"cmd": "backend_stats"})[1]) == {"grpc"}
     finally:
         w.kill()

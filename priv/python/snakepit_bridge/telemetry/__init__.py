@@ -1,8 +1,10 @@
 """Public telemetry API for Snakepit Python workers.
 
-``emit`` and ``span`` send events to a process-wide default :class:`TelemetryStream`
-(created lazily, replaceable with :func:`set_stream`). Elixir pulls the events over
-the ``BridgeService/StreamTelemetry`` gRPC call that :func:`add_to_server` registers.
+``emit`` and ``span`` go through the current backend (:func:`set_backend`,
+``SNAKEPIT_TELEMETRY_BACKEND``; see :mod:`.backends`). The ``grpc`` backend, the
+default once :func:`add_to_server` or :func:`set_stream` was called, queues them on
+a process-wide :class:`TelemetryStream` that Elixir pulls over the
+``BridgeService/StreamTelemetry`` call; before that the default is ``stderr``.
 Instrumentation must never break the instrumented code, so nothing here raises.
 
 Also here: correlation IDs (:mod:`.correlation`, picked up by ``emit``/``span``),
@@ -27,6 +29,7 @@ from ._internal.core import (
     stats,
     tool,
 )
+from .backends import Backend, backend_stats, get_backend, mark_served, set_backend
 from .correlation import CORRELATION_HEADER
 from .gc_events import GC_EVENT, install_gc_hook, uninstall_gc_hook
 from .interceptor import TelemetryInterceptor
@@ -34,6 +37,7 @@ from .samplers import CPU_EVENT, MEMORY_EVENT, start_samplers, stop_samplers
 from .stream import TelemetryStream
 
 __all__ = [
+    "Backend",
     "CORRELATION_HEADER",
     "CPU_EVENT",
     "ERROR_EVENT",
@@ -44,11 +48,14 @@ __all__ = [
     "TelemetryInterceptor",
     "TelemetryStream",
     "add_to_server",
+    "backend_stats",
     "correlation",
     "emit",
+    "get_backend",
     "get_stream",
     "install_gc_hook",
     "report_error",
+    "set_backend",
     "set_stream",
     "span",
     "start_samplers",
@@ -79,6 +86,7 @@ def add_to_server(server: grpc.Server, stream: TelemetryStream | None = None) ->
     Uses a generic handler that only claims this one method, so Snakepit's other
     BridgeService methods can be registered on the same server side by side.
     Returns the stream that serves the call (the default one unless given).
+    From now on the default backend is ``grpc`` (unless one was chosen).
     """
     target = stream if stream is not None else get_stream()
     handler = grpc.method_handlers_generic_handler(
@@ -92,4 +100,5 @@ def add_to_server(server: grpc.Server, stream: TelemetryStream | None = None) ->
         },
     )
     server.add_generic_rpc_handlers((handler,))
+    mark_served()
     return target

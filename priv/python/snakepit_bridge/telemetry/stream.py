@@ -273,6 +273,11 @@ class TelemetryStream:
         rate = control.sample_rate_for(".".join(parts))
         return rate >= 1.0 or self._random.random() < rate
 
+    def sample_rate(self, event: str) -> float:
+        """The sampling rate in force for the dotted ``event`` name (1.0 when not sampling)."""
+        control = self._control
+        return control.sample_rate_for(event) if control.sampling else 1.0
+
     def _bump(self, counter: str, amount: int = 1) -> None:
         """Increment a counter; the lock keeps counts exact across threads."""
         with self._cond:

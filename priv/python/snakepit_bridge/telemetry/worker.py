@@ -42,6 +42,7 @@ Commands (one JSON object per stdin line, ACK payload after the arrow):
   with empty parts cannot leave Python (emit drops them as invalid); ``invalid: M``
   additionally tries M of them (not part of N) and adds ``"invalid": M`` to the ACK;
 * ``stats`` -> the stream counters plus ``"control"``, the control state in force;
+* ``backend_stats`` -> ``{name: stats}`` for each backend in use;
 * ``wait_drained`` {timeout_ms} -> {"drained": bool};
 * ``exit`` -> {"exit": true}, then the worker exits.
 
@@ -49,7 +50,10 @@ The stream's defaults come from ``SNAKEPIT_TELEMETRY_*`` environment variables
 (queue size, enabled, sampling rate, allow/deny globs, stats interval).
 ``--samplers [MS]`` starts the memory/CPU samplers (MS overrides
 ``SNAKEPIT_TELEMETRY_SAMPLER_INTERVAL_MS``; 0 = off); ``--gc-events`` or
-``SNAKEPIT_TELEMETRY_GC_EVENTS=true`` installs the GC hook.
+``SNAKEPIT_TELEMETRY_GC_EVENTS=true`` installs the GC hook. ``--backend NAME``
+(``grpc``, ``stderr``, ``otel``, ``statsd``, ``none`` or a comma list) overrides
+``SNAKEPIT_TELEMETRY_BACKEND`` (default ``grpc``); with ``stderr`` the events are
+``SNAKEPIT_TELEMETRY_EVENT {json}`` lines on this process's stderr.
 
 Stdin EOF or ``{"cmd": "exit"}`` stops the server and exits 0, so the worker
 never outlives a parent that closed its end of the pipe.
@@ -79,9 +83,12 @@ from . import (
     TelemetryInterceptor,
     TelemetryStream,
     add_to_server,
+    backend_stats,
     correlation,
     emit,
+    get_backend,
     install_gc_hook,
+    set_backend,
     set_stream,
     span,
     start_samplers,
@@ -178,6 +185,7 @@ class Worker:
             "workload": self.cmd_workload,
             "flood": self.cmd_flood,
             "stats": self.cmd_stats,
+            "backend_stats": self.cmd_backend_stats,
             "wait_drained": self.cmd_wait_drained,
             "call": self.cmd_call,
             "gc": self.cmd_gc,
@@ -282,6 +290,9 @@ class Worker:
 
     def cmd_stats(self, _cmd: dict[str, Any]) -> dict[str, Any]:
         return {**self.stream.stats(), "control": self.stream.control_state()}
+
+    def cmd_backend_stats(self, _cmd: dict[str, Any]) -> dict[str, Any]:
+        return backend_stats()
 
     def cmd_wait_drained(self, cmd: dict[str, Any]) -> dict[str, Any]:
         timeout_ms = _int_arg(cmd, "timeout_ms", 5000)
@@ -454,6 +465,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="start memory/CPU samplers every MS ms (no value: from the environment)",
     )
     parser.add_argument(
+        "--backend",
+        default=None,
+        metavar="NAME",
+        help="telemetry backend(s): grpc|stderr|otel|statsd|none or a comma list",
+    )
+    parser.add_argument(
         "--gc-events", action="store_true", help="emit python.gc.completed per collection"
     )
     return parser.parse_args(argv)
@@ -471,6 +488,8 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
     server = grpc.server(executor, interceptors=[TelemetryInterceptor()])
     add_to_server(server, stream)
     add_ping(server)
+    if opts.backend is not None:
+        set_backend(opts.backend)
     try:
         address = _bind(server, opts.listen)
     except RuntimeError as exc:  # grpc raises when the address cannot be bound
@@ -501,6 +520,8 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
         stop_samplers()
         uninstall_gc_hook()
         worker.close()
+        with contextlib.suppress(Exception):
+            get_backend().close()  # flushes queued stderr lines before os._exit
         stream.close()
         server.stop(STOP_GRACE_S).wait(STOP_GRACE_S + 1.0)
         executor.shutdown(wait=False, cancel_futures=True)

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 from ... import snakepit_bridge_pb2 as pb
 
+ERROR_MESSAGE_LIMIT = 1024
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
@@ -146,3 +147,21 @@ def to_proto(event: QueuedEvent) -> pb.TelemetryEvent:
         else:
             values[key].string_value = value
     return msg
+
+
+def suffixed(name: object, suffix: str) -> str | tuple[Any, ...]:
+    """``name`` plus one more event part, keeping the caller's representation."""
+    if isinstance(name, str):
+        return f"{name}.{suffix}"
+    if isinstance(name, list | tuple):
+        return (*name, suffix)
+    return ""  # invalid: emit drops and counts it
+
+
+def safe_str(exc: BaseException) -> str:
+    """``str(exc)`` truncated, tolerating exceptions whose ``__str__`` raises."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = f"<unprintable {type(exc).__name__}>"
+    return text[:ERROR_MESSAGE_LIMIT]

@@ -7,6 +7,7 @@ code, so nothing here raises into the caller (except the caller's own exceptions
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import threading
@@ -15,10 +16,12 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
+from .. import backends
 from ..correlation import get_correlation_id
 from ..stream import TelemetryStream
+from .convert import ERROR_MESSAGE_LIMIT as ERROR_MESSAGE_LIMIT
+from .convert import safe_str, suffixed
 
-ERROR_MESSAGE_LIMIT = 1024
 ERROR_EVENT = "python.error.occurred"
 TOOL_SPAN = "tool.execution"
 
@@ -46,11 +49,16 @@ def _set_default(stream: TelemetryStream) -> TelemetryStream:
 
 
 def set_stream(stream: TelemetryStream) -> None:
-    """Replace the default stream that ``emit`` and ``span`` write to."""
+    """Replace the default stream that the ``grpc`` backend writes to.
+
+    Choosing a stream is choosing the gRPC path, so unless a backend was picked
+    explicitly the default backend becomes ``grpc``.
+    """
     if not isinstance(stream, TelemetryStream):
         raise TypeError(f"expected a TelemetryStream, got {type(stream).__name__}")
     with _default_lock:
         _set_default(stream)
+    backends.mark_served()
 
 
 def stats() -> dict[str, int | bool]:
@@ -64,7 +72,7 @@ def emit(
     metadata: Mapping[Any, Any] | None = None,
     correlation_id: str | None = None,
 ) -> None:
-    """Queue one event on the default stream. Never raises; problems are counted.
+    """Send one event to the current backend. Never raises; problems are counted.
 
     Without an explicit ``correlation_id`` the context's current one is used
     (see :mod:`snakepit_bridge.telemetry.correlation`).
@@ -72,44 +80,29 @@ def emit(
     try:
         if correlation_id is None:
             correlation_id = get_correlation_id()
-        get_stream().emit_event(event, measurements, metadata, correlation_id)
+        backends.get_backend().handle_emit(event, measurements, metadata, correlation_id)
     except Exception:
-        # Only reachable if the default stream cannot even be created; the caller
+        # Only reachable if the backend cannot even be created; the caller
         # must still not see it.
         pass
 
 
-def _suffixed(name: str | Sequence[str], suffix: str) -> str | tuple[Any, ...]:
-    """``name`` plus one more event part, keeping the caller's representation."""
-    if isinstance(name, str):
-        return f"{name}.{suffix}"
-    if isinstance(name, list | tuple):
-        return (*name, suffix)
-    return ""  # invalid: emit drops and counts it
-
-
-def safe_str(exc: BaseException) -> str:
-    """``str(exc)`` truncated, tolerating exceptions whose ``__str__`` raises."""
-    try:
-        text = str(exc)
-    except Exception:
-        text = f"<unprintable {type(exc).__name__}>"
-    return text[:ERROR_MESSAGE_LIMIT]
+_suffixed = suffixed
 
 
 class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
-    """Context manager emitting ``<name>.start`` and ``<name>.stop``/``.exception``.
+    """Context manager for a span on the current backend (see ``Backend.span_start``).
 
-    Durations come from ``time.monotonic_ns`` so wall-clock jumps cannot make them
-    negative; the user's exception always propagates unchanged. Sampling is
-    decided once at enter (with the rate for ``<name>.start``) and shared by the
-    stop/exception, so a sampled span is never delivered half; toggle, filters and
-    a full queue still apply to each event separately. Both events go to the
-    stream that was the default at enter, with the correlation ID in force at
-    enter unless one was passed.
+    By default (events backends) it emits ``<name>.start`` and
+    ``<name>.stop``/``.exception``. Durations come from ``time.monotonic_ns`` so
+    wall-clock jumps cannot make them negative; the user's exception always
+    propagates unchanged. Both ends go to the backend that was current at enter,
+    with the correlation ID in force at enter unless one was passed. On the grpc
+    backend sampling is decided once at enter (with the rate for ``<name>.start``)
+    and shared by the stop/exception, so a sampled span is never delivered half.
     """
 
-    __slots__ = ("_correlation_id", "_metadata", "_name", "_sampled", "_started", "_stream")
+    __slots__ = ("_backend", "_correlation_id", "_metadata", "_name", "_started", "_token")
 
     def __init__(
         self,
@@ -120,8 +113,8 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
         self._name = name
         self._correlation_id = correlation_id
         self._started = 0
-        self._stream: TelemetryStream | None = None
-        self._sampled = True
+        self._backend: backends.Backend | None = None
+        self._token: object = backends.NO_SPAN
         try:
             self._metadata: dict[Any, Any] = dict(metadata) if metadata else {}
         except Exception:
@@ -131,15 +124,9 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
         try:
             if self._correlation_id is None:
                 self._correlation_id = get_correlation_id()
-            stream = self._stream = get_stream()
-            start = _suffixed(self._name, "start")
-            self._sampled = stream.sample(start)
-            stream.emit_event(
-                start,
-                {"system_time": time.time_ns()},
-                self._metadata,
-                self._correlation_id,
-                self._sampled,
+            backend = self._backend = backends.get_backend()
+            self._token = backend.handle_span_start(
+                self._name, self._metadata, self._correlation_id
             )
         except Exception:
             pass
@@ -154,42 +141,29 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
     ) -> bool:
         ended = time.monotonic_ns()
         if exc_type is None:
-            self.stop(ended=ended)
+            self._end(None, None, ended)
         else:
-            message = safe_str(exc) if exc is not None else ""
-            self.fail(exc_type.__name__, message, ended=ended)
+            error = exc if exc is not None else backends.SpanFailure(exc_type.__name__, "")
+            self._end(error, None, ended)
         return False  # never swallow the user's exception
 
     def stop(self, extra: Mapping[str, Any] | None = None, ended: int | None = None) -> None:
-        """Emit ``<name>.stop``; for callers (like the interceptor) that cannot use ``with``."""
-        self._end("stop", extra, ended)
+        """End the span successfully; for callers (the interceptor) that cannot use ``with``."""
+        self._end(None, extra, ended)
 
     def fail(self, error_type: str, error_message: str, ended: int | None = None) -> None:
-        """Emit ``<name>.exception`` with the given error fields."""
-        self._end(
-            "exception",
-            {"error_type": error_type, "error_message": error_message[:ERROR_MESSAGE_LIMIT]},
-            ended,
-        )
+        """End the span as failed with the given error fields."""
+        self._end(backends.SpanFailure(error_type, error_message), None, ended)
 
-    def _end(self, suffix: str, extra: Mapping[str, Any] | None, ended: int | None) -> None:
+    def _end(
+        self, error: BaseException | None, extra: Mapping[str, Any] | None, ended: int | None
+    ) -> None:
         duration = (time.monotonic_ns() if ended is None else ended) - self._started
-        stream = self._stream
-        if stream is None:
-            return  # enter failed before it could emit anything
-        try:
-            meta = self._metadata
-            if extra:
-                meta = {**meta, **extra}
-            stream.emit_event(
-                _suffixed(self._name, suffix),
-                {"duration": duration},
-                meta,
-                self._correlation_id,
-                self._sampled,
-            )
-        except Exception:
-            pass
+        backend = self._backend
+        if backend is None:
+            return  # enter failed before it could start anything
+        with contextlib.suppress(Exception):
+            backend.handle_span_end(self._token, duration, error, extra)
 
 
 def report_error(

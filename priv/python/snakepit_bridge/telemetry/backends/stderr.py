@@ -1,0 +1,175 @@
+"""The ``stderr`` backend: one ``SNAKEPIT_TELEMETRY_EVENT {json}`` line per event.
+
+Emit only appends to a bounded queue; a daemon thread does the writing, so a
+stderr pipe nobody reads blocks that thread, never the caller. Once the queue is
+full, further events are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from collections import deque
+from typing import Any, TextIO
+
+from .._internal.convert import Scalar
+from .base import Backend
+
+__all__ = [
+    "DEFAULT_STDERR_QUEUE",
+    "LINE_PREFIX",
+    "STDERR_QUEUE_ENV",
+    "StderrBackend",
+    "format_line",
+]
+
+log = logging.getLogger(__name__)
+
+LINE_PREFIX = "SNAKEPIT_TELEMETRY_EVENT "
+STDERR_QUEUE_ENV = "SNAKEPIT_TELEMETRY_STDERR_QUEUE"
+DEFAULT_STDERR_QUEUE = 1024
+
+_Item = tuple[tuple[str, ...], dict[str, Scalar], dict[str, str], int, str]
+
+
+def _json_value(value: Scalar) -> Scalar:
+    """JSON has no NaN/inf: send them as strings, which the Elixir side drops and counts."""
+    if type(value) is float and not math.isfinite(value):
+        if math.isnan(value):
+            return "NaN"
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+def format_line(
+    parts: tuple[str, ...],
+    measurements: dict[str, Scalar],
+    metadata: dict[str, str],
+    timestamp_ns: int,
+    correlation_id: str,
+) -> str:
+    """The exact line written for one event (without the newline)."""
+    obj: dict[str, Any] = {
+        "event_parts": list(parts),
+        "measurements": {k: _json_value(v) for k, v in measurements.items()},
+        "metadata": metadata,
+        "timestamp_ns": timestamp_ns,
+    }
+    if correlation_id:
+        obj["correlation_id"] = correlation_id
+    return LINE_PREFIX + json.dumps(obj, separators=(",", ":"), allow_nan=False)
+
+
+def _queue_size_from_env() -> int:
+    raw = os.environ.get(STDERR_QUEUE_ENV, "")
+    try:
+        size = int(raw)
+    except ValueError:
+        size = 0
+    if size < 1:
+        if raw.strip():
+            log.debug("ignoring %s=%r: expected a positive integer", STDERR_QUEUE_ENV, raw)
+        return DEFAULT_STDERR_QUEUE
+    return size
+
+
+class StderrBackend(Backend):
+    """JSON lines on stderr (or ``out``), written by a daemon thread from a bounded queue."""
+
+    name = "stderr"
+
+    def __init__(self, out: TextIO | None = None, queue_size: int | None = None) -> None:
+        super().__init__()
+        self._out = out  # None: whatever sys.stderr is at write time
+        self._queue_size = _queue_size_from_env() if queue_size is None else max(1, queue_size)
+        self._queue: deque[_Item] = deque()
+        self._cond = threading.Condition()
+        self._writing = 0  # lines taken off the queue, not yet written
+        self._thread: threading.Thread | None = None
+        self._counts.update(written=0, queue_len=0)
+
+    def emit(
+        self,
+        parts: tuple[str, ...],
+        measurements: dict[str, Scalar],
+        metadata: dict[str, str],
+        timestamp_ns: int,
+        correlation_id: str,
+    ) -> None:
+        with self._cond:
+            if len(self._queue) >= self._queue_size:
+                dropped = True
+            else:
+                dropped = False
+                self._queue.append((parts, measurements, metadata, timestamp_ns, correlation_id))
+                if self._thread is None:
+                    self._start_writer()
+                elif len(self._queue) == 1:
+                    self._cond.notify_all()
+        if dropped:
+            self.count("dropped")
+
+    def _start_writer(self) -> None:
+        """Started on the first event so an unused backend costs no thread."""
+        self._thread = threading.Thread(
+            target=self._write_loop, name="snakepit-telemetry-stderr", daemon=True
+        )
+        self._thread.start()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                batch = list(self._queue)
+                self._queue.clear()
+                self._writing = len(batch)
+            lines: list[str] = []
+            errors = 0
+            for item in batch:
+                try:
+                    lines.append(format_line(*item) + "\n")
+                except Exception:
+                    errors += 1
+            written = 0
+            if lines:
+                try:
+                    out = self._out if self._out is not None else sys.stderr
+                    out.write("".join(lines))  # blocks here while the pipe is full
+                    out.flush()
+                    written = len(lines)
+                except Exception:
+                    errors += len(lines)
+            with self._counts_lock:
+                self._counts["written"] += written
+                self._counts["errors"] += errors
+            with self._cond:
+                self._writing = 0
+                self._cond.notify_all()
+
+    def flush(self, timeout: float = 1.0) -> bool:
+        """Wait until every queued line was written (or failed); ``False`` on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._writing:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def close(self) -> None:
+        """Give queued lines up to a second; the daemon writer stays for later events."""
+        self.flush(1.0)
+
+    def stats(self) -> dict[str, Any]:
+        stats = super().stats()
+        with self._cond:
+            stats["queue_len"] = len(self._queue) + self._writing
+        stats["queue_size"] = self._queue_size
+        return stats
