@@ -109,20 +109,19 @@ defmodule Snakepit.Telemetry.PythonWorker do
     args =
       ["-u", "-m", "snakepit_bridge.telemetry.worker", "--listen", opts[:listen]] ++ opts[:args]
 
+    env =
+      [{~c"PYTHONPATH", String.to_charlist(python_path)}] ++
+        for({k, v} <- opts[:env], do: {String.to_charlist(k), String.to_charlist(v)})
+
+    # The stderr backend's lines arrive with stdout when asked for.
+    stderr = if opts[:stderr_telemetry], do: [:stderr_to_stdout], else: []
+
     port =
-      Port.open({:spawn_executable, python}, [
-        :binary,
-        :exit_status,
-        :use_stdio,
-        :hide,
-        # The stderr backend's lines arrive with stdout when asked for.
-        if(opts[:stderr_telemetry], do: :stderr_to_stdout, else: :use_stdio),
-        {:line, 1_048_576},
-        {:args, args},
-        {:env,
-         [{~c"PYTHONPATH", String.to_charlist(python_path)}] ++
-           for({k, v} <- opts[:env], do: {String.to_charlist(k), String.to_charlist(v)})}
-      ])
+      Port.open(
+        {:spawn_executable, python},
+        [:binary, :exit_status, :use_stdio, :hide, {:line, 1_048_576}, {:args, args}, {:env, env}] ++
+          stderr
+      )
 
     {:os_pid, os_pid} = Port.info(port, :os_pid)
 
