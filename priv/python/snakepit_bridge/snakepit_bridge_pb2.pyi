@@ -6,6 +6,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class TelemetryEventBatch(_message.Message):
+    __slots__ = ("events", "base_timestamp_ns")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    BASE_TIMESTAMP_NS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[TelemetryEvent]
+    base_timestamp_ns: int
+    def __init__(self, events: _Optional[_Iterable[_Union[TelemetryEvent, _Mapping]]] = ..., base_timestamp_ns: _Optional[int] = ...) -> None: ...
+
 class TelemetryEvent(_message.Message):
     __slots__ = ("event_parts", "measurements", "metadata", "timestamp_ns", "correlation_id")
     class MeasurementsEntry(_message.Message):

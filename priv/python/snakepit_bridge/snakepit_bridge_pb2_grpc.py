@@ -39,6 +39,11 @@ class BridgeServiceStub:
                 request_serializer=snakepit__bridge__pb2.TelemetryControl.SerializeToString,
                 response_deserializer=snakepit__bridge__pb2.TelemetryEvent.FromString,
                 _registered_method=True)
+        self.StreamTelemetryBatches = channel.stream_stream(
+                '/snakepit.bridge.BridgeService/StreamTelemetryBatches',
+                request_serializer=snakepit__bridge__pb2.TelemetryControl.SerializeToString,
+                response_deserializer=snakepit__bridge__pb2.TelemetryEventBatch.FromString,
+                _registered_method=True)
 
 
 class BridgeServiceServicer:
@@ -52,6 +57,16 @@ class BridgeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamTelemetryBatches(self, request_iterator, context):
+        """The same stream with many events per message. Elixir tries this first and
+        falls back to StreamTelemetry when the worker answers UNIMPLEMENTED, so a
+        worker may offer either RPC or both. Controls and event semantics are
+        identical; only the framing differs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BridgeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +74,11 @@ def add_BridgeServiceServicer_to_server(servicer, server):
                     servicer.StreamTelemetry,
                     request_deserializer=snakepit__bridge__pb2.TelemetryControl.FromString,
                     response_serializer=snakepit__bridge__pb2.TelemetryEvent.SerializeToString,
+            ),
+            'StreamTelemetryBatches': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamTelemetryBatches,
+                    request_deserializer=snakepit__bridge__pb2.TelemetryControl.FromString,
+                    response_serializer=snakepit__bridge__pb2.TelemetryEventBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +108,33 @@ class BridgeService:
             '/snakepit.bridge.BridgeService/StreamTelemetry',
             snakepit__bridge__pb2.TelemetryControl.SerializeToString,
             snakepit__bridge__pb2.TelemetryEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamTelemetryBatches(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/snakepit.bridge.BridgeService/StreamTelemetryBatches',
+            snakepit__bridge__pb2.TelemetryControl.SerializeToString,
+            snakepit__bridge__pb2.TelemetryEventBatch.FromString,
             options,
             channel_credentials,
             insecure,

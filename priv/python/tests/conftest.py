@@ -39,10 +39,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
 
 def drain(stream: telemetry.TelemetryStream) -> list[QueuedEvent]:
     """Take the queued events without a gRPC call (tests only)."""
-    with stream._cond:
-        items = list(stream._queue)
-        stream._queue.clear()
-    return items
+    return stream.drain_queued()
 
 
 def names(events: list[QueuedEvent]) -> list[str]:
@@ -112,6 +109,87 @@ class Client:
     def assert_quiet(self, wait: float = 0.2) -> None:
         time.sleep(wait)
         assert self.events.empty(), "unexpected extra event"
+
+    def close(self) -> None:
+        self._requests.put(_CLOSE)
+        self.call.cancel()
+        self.done.wait(2)
+        self.channel.close()
+
+
+BATCHES_METHOD = "/snakepit.bridge.BridgeService/StreamTelemetryBatches"
+
+
+class BatchClient:
+    """A StreamTelemetryBatches call (generic stub), read on a thread.
+
+    Keeps every batch message as received; ``events`` holds the regular events
+    with absolute timestamps (base + offset), stats reports go to ``stats``.
+    """
+
+    def __init__(self, address: str, **channel_options: object) -> None:
+        self.channel = grpc.insecure_channel(address, options=list(channel_options.items()))
+        self._requests: queue.Queue[object] = queue.Queue()
+        self.batches: list[pb.TelemetryEventBatch] = []  # regular events only
+        self.stats_batches: list[pb.TelemetryEventBatch] = []
+        self.events: queue.Queue[pb.TelemetryEvent] = queue.Queue()
+        self.error: grpc.RpcError | None = None
+        self.done = threading.Event()
+        method = self.channel.stream_stream(
+            BATCHES_METHOD,
+            request_serializer=pb.TelemetryControl.SerializeToString,
+            response_deserializer=pb.TelemetryEventBatch.FromString,
+        )
+        self.call = method(self._request_iter())
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _request_iter(self) -> Iterator[pb.TelemetryControl]:
+        while True:
+            item = self._requests.get()
+            if item is _CLOSE:
+                return
+            assert isinstance(item, pb.TelemetryControl)
+            yield item
+
+    def _read(self) -> None:
+        try:
+            for batch in self.call:
+                if any(list(e.event_parts) == STATS_PARTS for e in batch.events):
+                    self.stats_batches.append(batch)  # tests check it holds nothing else
+                    continue
+                self.batches.append(batch)
+                for event in batch.events:
+                    event.timestamp_ns += batch.base_timestamp_ns
+                    self.events.put(event)
+        except grpc.RpcError as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def send(self, control: pb.TelemetryControl) -> None:
+        self._requests.put(control)
+
+    def take(self, n: int, timeout: float = 5.0) -> list[pb.TelemetryEvent]:
+        """Exactly ``n`` events (fails the test if they do not arrive in time)."""
+        deadline = time.monotonic() + timeout
+        out = []
+        for _ in range(n):
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                out.append(self.events.get(timeout=remaining))
+            except queue.Empty:
+                pytest.fail(f"expected {n} events, got {len(out)}")
+        return out
+
+    def take_all(self) -> list[pb.TelemetryEvent]:
+        """Whatever arrived so far."""
+        out = []
+        while True:
+            try:
+                out.append(self.events.get_nowait())
+            except queue.Empty:
+                return out
 
     def close(self) -> None:
         self._requests.put(_CLOSE)

@@ -13,9 +13,7 @@ from snakepit_bridge.telemetry._internal.convert import QueuedEvent
 
 def drain(stream: telemetry.TelemetryStream) -> list[QueuedEvent]:
     """Peek at queued events without a gRPC call (tests only)."""
-    items = list(stream._queue)
-    stream._queue.clear()
-    return items
+    return stream.drain_queued()
 
 
 def test_emit_dotted_and_parts(stream: telemetry.TelemetryStream) -> None:

@@ -80,25 +80,39 @@ def _parse_control(data: bytes) -> pb.TelemetryControl:
         return pb.TelemetryControl()
 
 
-def add_to_server(server: grpc.Server, stream: TelemetryStream | None = None) -> TelemetryStream:
-    """Register ``BridgeService/StreamTelemetry`` on an existing server.
+def _already_encoded(payload: bytes) -> bytes:
+    """Response serializer of StreamTelemetryBatches: the stream yields wire bytes."""
+    return payload
 
-    Uses a generic handler that only claims this one method, so Snakepit's other
-    BridgeService methods can be registered on the same server side by side.
-    Returns the stream that serves the call (the default one unless given).
-    From now on the default backend is ``grpc`` (unless one was chosen).
+
+def add_to_server(
+    server: grpc.Server, stream: TelemetryStream | None = None, *, batches: bool = True
+) -> TelemetryStream:
+    """Register the telemetry methods of ``BridgeService`` on an existing server.
+
+    ``StreamTelemetryBatches`` (unless ``batches=False``) and ``StreamTelemetry``:
+    Elixir asks for batches first and falls back to the plain stream when the
+    worker answers UNIMPLEMENTED. Uses a generic handler that only claims these
+    methods, so Snakepit's other BridgeService methods can be registered on the
+    same server side by side. Returns the stream that serves the calls (the
+    default one unless given). From now on the default backend is ``grpc``
+    (unless one was chosen).
     """
     target = stream if stream is not None else get_stream()
-    handler = grpc.method_handlers_generic_handler(
-        SERVICE_NAME,
-        {
-            "StreamTelemetry": grpc.stream_stream_rpc_method_handler(
-                target.StreamTelemetry,
-                request_deserializer=_parse_control,
-                response_serializer=pb.TelemetryEvent.SerializeToString,
-            )
-        },
-    )
+    methods = {
+        "StreamTelemetry": grpc.stream_stream_rpc_method_handler(
+            target.StreamTelemetry,
+            request_deserializer=_parse_control,
+            response_serializer=pb.TelemetryEvent.SerializeToString,
+        )
+    }
+    if batches:
+        methods["StreamTelemetryBatches"] = grpc.stream_stream_rpc_method_handler(
+            target.StreamTelemetryBatches,
+            request_deserializer=_parse_control,
+            response_serializer=_already_encoded,
+        )
+    handler = grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
     server.add_generic_rpc_handlers((handler,))
     mark_served()
     return target

@@ -27,10 +27,16 @@ import grpc
 from ._internal.core import safe_str, span
 from .correlation import CORRELATION_HEADER, set_correlation_id
 
-__all__ = ["CALL_SPAN", "STREAM_TELEMETRY_METHOD", "TelemetryInterceptor"]
+__all__ = [
+    "CALL_SPAN",
+    "STREAM_TELEMETRY_BATCHES_METHOD",
+    "STREAM_TELEMETRY_METHOD",
+    "TelemetryInterceptor",
+]
 
 CALL_SPAN = "python.call"
 STREAM_TELEMETRY_METHOD = "/snakepit.bridge.BridgeService/StreamTelemetry"
+STREAM_TELEMETRY_BATCHES_METHOD = "/snakepit.bridge.BridgeService/StreamTelemetryBatches"
 
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
 
@@ -117,13 +123,13 @@ class TelemetryInterceptor(grpc.ServerInterceptor):
     """Spans and correlation IDs for every RPC of a (sync) gRPC server.
 
     ``skip`` lists full method names to leave alone; by default only
-    ``StreamTelemetry``, whose events would describe the telemetry transport itself.
+    the two telemetry streams, whose events would describe the transport itself.
     """
 
     def __init__(
         self,
         span_name: str = CALL_SPAN,
-        skip: Iterable[str] = (STREAM_TELEMETRY_METHOD,),
+        skip: Iterable[str] = (STREAM_TELEMETRY_METHOD, STREAM_TELEMETRY_BATCHES_METHOD),
     ) -> None:
         self._span_name = span_name
         self._skip = frozenset(skip)

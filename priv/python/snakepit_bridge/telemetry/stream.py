@@ -1,8 +1,15 @@
-"""TelemetryStream: a bounded event queue drained by one gRPC StreamTelemetry call.
+"""TelemetryStream: a bounded event queue drained by one gRPC telemetry call.
 
-Emitters only append small tuples under a lock; the gRPC handler thread turns them
-into protobuf messages. At most one call is active per stream: a new call takes
-over from the old one, which returns promptly and hands back what it had not sent.
+Emitters append one small tuple to a deque (no lock, no conversion, on the common
+path); the gRPC handler thread converts and encodes. The call is either
+``StreamTelemetryBatches`` (many events per message, encoded by
+:mod:`._internal.wire`) or plain ``StreamTelemetry`` (one protobuf message per
+event) for clients that only know that one. At most one call is active per
+stream: a new call takes over from the old one, which returns promptly and hands
+back what it had not sent.
+
+Emit takes ownership of the measurements and metadata mappings: they are read
+later, on the stream thread, so do not change them after the call.
 
 Environment, read once when a stream is created:
 
@@ -33,6 +40,7 @@ import grpc
 from .. import snakepit_bridge_pb2 as pb
 from ._internal import convert
 from ._internal.control import ControlState
+from ._internal.wire import BatchEncoder, RawEvent
 
 __all__ = [
     "DEFAULT_QUEUE_SIZE",
@@ -45,6 +53,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# Dotted name -> validated parts (None when invalid), filled by convert.event_parts.
+_known_names = convert.NAME_CACHE
+
 DEFAULT_QUEUE_SIZE = 1024
 QUEUE_SIZE_ENV = "SNAKEPIT_TELEMETRY_QUEUE_SIZE"
 # Upper bound on a blocked wait: a safety net in case a wake-up is ever missed.
@@ -54,6 +65,8 @@ _STATS_MIN_POLL_S = 0.01
 # How long a superseded call may stay blocked in a send (client not reading)
 # before it is cancelled so its unsent events move to the new call.
 TAKEOVER_GRACE_S = 1.0
+# Most events in one StreamTelemetryBatches message (bytes: wire.MAX_BATCH_BYTES).
+MAX_BATCH_EVENTS = 2048
 
 STATS_INTERVAL_ENV = "SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS"
 DEFAULT_STATS_INTERVAL_MS = 1000
@@ -73,9 +86,9 @@ STATS_MEASUREMENTS = (
     "queue_len",
 )
 
+# "emitted" and "enqueued" are derived in _snapshot_locked: the common emit path
+# only appends to the queue, so it has no counter to bump.
 _COUNTERS = (
-    "emitted",
-    "enqueued",
     "sent",
     "dropped_queue_full",
     "dropped_invalid",
@@ -94,6 +107,8 @@ _COUNTERS = (
     # Stats events handed to a call (never counted in "sent"); counted when
     # yielded, so one cut off by the call ending still counts.
     "stats_reports",
+    # StreamTelemetryBatches messages handed to gRPC.
+    "batches_sent",
 )
 
 
@@ -147,13 +162,22 @@ class TelemetryStream:
         if size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size!r}")
         self._queue_size = size
-        self._queue: deque[convert.QueuedEvent] = deque()
+        self._queue: deque[RawEvent] = deque()
+        # The queue bound for the lock-free emit path, or 0 when the control state
+        # needs the full path (disabled, filtering or sampling).
+        self._fast_cap = 0
+        # Stream threads asleep on an empty queue; emit wakes them only then.
+        self._idle = 0
+        # Events that left the queue for a call (or drain_queued) for good.
+        self._taken = 0
+        # Emits that did not reach the queue (dropped or failed at emit).
+        self._refused = 0
         # Hot paths take the bare lock (cheaper than going through the Condition).
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         # Read once: every new call starts again from these defaults.
         self._default_control = ControlState.from_env(os.environ)
-        self._control = self._default_control
+        self._set_control(self._default_control)
         self._stats_interval = _stats_interval_from_env()
         self._counts = dict.fromkeys(_COUNTERS, 0)
         # Events taken off the queue by the active call but not yet handed to gRPC.
@@ -182,13 +206,29 @@ class TelemetryStream:
         samples this event on its own.
         """
         try:
+            # The common case, kept to a few operations: a known-good name and a
+            # control state that needs no decision (see _fast_cap). The core
+            # ``emit`` inlines these same lines.
+            if sampled is not False and type(event) is str:
+                parts = _known_names.get(event)
+                queue = self._queue
+                if parts is not None and len(queue) < self._fast_cap:
+                    queue.append((parts, measurements, metadata, correlation_id, time.time_ns()))
+                    if self._idle:
+                        self.wake()
+                    return
             self._emit(event, measurements, metadata, correlation_id, sampled)
         except Exception:
-            # _emit only raises before it counts anything (e.g. a correlation id
-            # whose __str__ fails), so the event is dropped and counted here.
+            # _emit only raises before it counts anything, so the event is
+            # dropped and counted here.
             with self._cond:
-                self._counts["emitted"] += 1
+                self._refused += 1
                 self._counts["internal_errors"] += 1
+
+    def wake(self) -> None:
+        """Wake the stream thread waiting for events (emit calls this when it sleeps)."""
+        with self._cond:
+            self._cond.notify_all()
 
     def _emit(
         self,
@@ -226,37 +266,21 @@ class TelemetryStream:
             reason = "dropped_queue_full"
         if reason is not None:
             with self._lock:
-                self._counts["emitted"] += 1
+                self._refused += 1
                 self._counts[reason] += 1
             return
 
         assert parts is not None
-        values, dropped = convert.measurements(raw_measurements)
-        meta, meta_errors = convert.metadata(raw_metadata)
-        if correlation_id is None:
-            cid = ""
-        elif type(correlation_id) is str:
-            cid = correlation_id
-        else:
-            cid = str(correlation_id)
-        item = convert.QueuedEvent(parts, values, meta, timestamp_ns, cid)
-
+        # Converted later, on the stream thread (see _convert and wire.BatchEncoder).
+        item = (parts, raw_measurements, raw_metadata, correlation_id, timestamp_ns)
         queue = self._queue
         with self._lock:
-            counts = self._counts
-            counts["emitted"] += 1
-            if dropped:
-                counts["measurements_dropped"] += dropped
-            if meta_errors:
-                counts["internal_errors"] += meta_errors
             if len(queue) >= self._queue_size:
-                counts["dropped_queue_full"] += 1
+                self._refused += 1
+                self._counts["dropped_queue_full"] += 1
                 return
             queue.append(item)
-            counts["enqueued"] += 1
-            if len(queue) == 1:
-                # The stream thread only sleeps on an empty queue, so only the
-                # first append after a drain needs to wake it.
+            if self._idle:
                 self._cond.notify_all()
 
     def sample(self, event: str | Sequence[str]) -> bool:
@@ -290,10 +314,29 @@ class TelemetryStream:
         """The queue bound."""
         return self._queue_size
 
+    def _set_control(self, control: ControlState) -> None:
+        """Swap the control state; caller holds the lock (or is the constructor)."""
+        self._control = control
+        passthrough = control.enabled and not control.filtering and not control.sampling
+        self._fast_cap = self._queue_size if passthrough else 0
+
+    def _snapshot_locked(self) -> dict[str, int]:
+        """All counters, including the derived ones; caller holds the lock.
+
+        Every event that reached the queue is either still there or was taken
+        (``_taken``): appends happen outside the lock but are atomic, so this is
+        a consistent count.
+        """
+        out = dict(self._counts)
+        enqueued = self._taken + len(self._queue)
+        out["enqueued"] = enqueued
+        out["emitted"] = enqueued + self._refused
+        return out
+
     def stats(self) -> dict[str, int | bool]:
         """A snapshot of all counters plus queue and stream state."""
         with self._cond:
-            out: dict[str, int | bool] = dict(self._counts)
+            out: dict[str, int | bool] = dict(self._snapshot_locked())
             out["queue_len"] = len(self._queue)
             out["in_flight"] = self._in_flight
             out["queue_size"] = self._queue_size
@@ -307,7 +350,7 @@ class TelemetryStream:
 
     def _stats_values(self) -> tuple[int, ...]:
         """The reported counters, in ``STATS_MEASUREMENTS`` order; caller holds the lock."""
-        counts = self._counts
+        counts = self._snapshot_locked()
         return tuple(
             len(self._queue) if key == "queue_len" else counts[key] for key in STATS_MEASUREMENTS
         )
@@ -349,7 +392,8 @@ class TelemetryStream:
                 result = self._control.apply(control)
                 if result is None:
                     raise ValueError("TelemetryControl without a control field")
-                self._control, truncated = result
+                control_state, truncated = result
+                self._set_control(control_state)
                 self._counts["controls_applied"] += 1
                 if truncated:
                     self._counts["controls_truncated"] += truncated
@@ -380,10 +424,37 @@ class TelemetryStream:
         request_iterator: Iterable[pb.TelemetryControl | None],
         context: grpc.ServicerContext,
     ) -> Iterator[pb.TelemetryEvent]:
-        """Serve one StreamTelemetry call: apply controls, yield queued events.
+        """Serve one StreamTelemetry call: one protobuf message per event.
 
-        Stats events are interleaved directly (not through the queue): one right
-        away, then whenever a reported counter changed and the interval has passed.
+        For clients that do not know ``StreamTelemetryBatches``; see :meth:`_serve`.
+        """
+        return self._serve(request_iterator, context, batched=False)
+
+    def StreamTelemetryBatches(  # noqa: N802 - name fixed by the proto service
+        self,
+        request_iterator: Iterable[pb.TelemetryControl | None],
+        context: grpc.ServicerContext,
+    ) -> Iterator[bytes]:
+        """Serve one StreamTelemetryBatches call: encoded ``TelemetryEventBatch`` messages.
+
+        Yields bytes, so it must be registered with an identity response
+        serializer, as :func:`snakepit_bridge.telemetry.add_to_server` does.
+        """
+        return self._serve(request_iterator, context, batched=True)
+
+    def _serve(
+        self,
+        request_iterator: Iterable[pb.TelemetryControl | None],
+        context: grpc.ServicerContext,
+        batched: bool,
+    ) -> Iterator[Any]:
+        """Apply controls and yield queued events until the call ends or is superseded.
+
+        Whatever is queued when the thread wakes goes out at once (in batches of
+        at most ``MAX_BATCH_EVENTS`` on the batched RPC): batches grow with load
+        and no event waits for company. Stats events are interleaved directly
+        (not through the queue): one right away, then whenever a reported counter
+        changed and the interval has passed.
         """
         try:
             # Sends response headers now, so the client's call completes even before
@@ -402,7 +473,7 @@ class TelemetryStream:
             self._counts["streams_opened"] += 1
             # Elixir re-sends its whole desired state on each call; start clean so
             # a rule from an earlier call cannot survive.
-            self._control = self._default_control
+            self._set_control(self._default_control)
             self._cond.notify_all()  # wakes a previous call so it can step aside
         if stale:
             timer = threading.Timer(TAKEOVER_GRACE_S, self._cancel_stale, (stale,))
@@ -424,9 +495,10 @@ class TelemetryStream:
             daemon=True,
         ).start()
 
-        batch: deque[convert.QueuedEvent] = deque()
-        in_doubt = False  # True while batch[0] is suspended in a yield
+        batch: deque[RawEvent] = deque()
+        in_doubt = 0  # events of the message suspended in a yield, if any
         clock = _StatsClock(self._stats_interval)
+        encoder = BatchEncoder() if batched else None
         try:
             while True:
                 with self._cond:
@@ -439,15 +511,22 @@ class TelemetryStream:
                         timeout = _WAIT_SLICE_S
                         if clock.enabled():
                             timeout = min(timeout, clock.next_due - now)
-                        self._cond.wait(timeout)
+                        self._idle += 1
+                        try:
+                            # Emitters append without the lock; checking again after
+                            # announcing the sleep closes the gap before the wait.
+                            if not self._queue:
+                                self._cond.wait(timeout)
+                        finally:
+                            self._idle -= 1
                         if not context.is_active():
                             finished.set()
                     if self._generation != generation or finished.is_set():
                         return
-                    report = self._stats_report_locked(clock)
-                    batch.extend(self._queue)
-                    self._in_flight += len(self._queue)
-                    self._queue.clear()
+                    report = self._stats_report_locked(clock, encoder)
+                    taken = self._take_locked()
+                    batch.extend(taken)
+                    self._in_flight += len(taken)
                 if report is not None:
                     yield report
                 while batch:
@@ -455,26 +534,61 @@ class TelemetryStream:
                         return  # superseded: the finally block hands the rest back
                     if clock.due(time.monotonic()):
                         with self._cond:
-                            report = self._stats_report_locked(clock)
+                            report = self._stats_report_locked(clock, encoder)
                         if report is not None:
                             yield report
                             continue  # re-check the generation before sending more
-                    msg = self._build(batch[0])
-                    if msg is not None:
-                        in_doubt = True
+                    if encoder is None:
+                        count = 1
+                        msg, sent = self._build(batch[0])
+                    else:
+                        msg, count, sent = self._encode(encoder, batch)
+                    if sent:
+                        in_doubt = count
                         yield msg  # resumes only once gRPC has taken the message
-                        in_doubt = False
-                    batch.popleft()
+                        in_doubt = 0
+                    for _ in range(count):
+                        batch.popleft()
                     with self._cond:
-                        self._in_flight -= 1
-                        if msg is not None:
-                            self._counts["sent"] += 1
+                        self._in_flight -= count
+                        self._counts["sent"] += sent
+                        if encoder is not None and sent:
+                            self._counts["batches_sent"] += 1
                         if not self._in_flight:
                             self._cond.notify_all()
         finally:
             self._finish_call(generation, batch, in_doubt)
 
-    def _stats_report_locked(self, clock: _StatsClock) -> pb.TelemetryEvent | None:
+    def _take_locked(self) -> list[RawEvent]:
+        """Take everything queued right now; caller holds the lock.
+
+        ``popleft`` until empty rather than copy-and-clear: emitters append
+        without the lock, and an append between a copy and a clear would be lost.
+        """
+        queue = self._queue
+        popleft = queue.popleft
+        taken = [popleft() for _ in range(len(queue))]
+        self._taken += len(taken)
+        return taken
+
+    def drain_queued(self) -> list[convert.QueuedEvent]:
+        """Take and convert everything queued, without a gRPC call.
+
+        For tests and for embedding the queue in another transport; conversion
+        drops are counted as on the stream thread.
+        """
+        with self._cond:
+            taken = self._take_locked()
+        out = []
+        for item in taken:
+            converted = self._convert(item)
+            if converted is not None:
+                out.append(converted)
+        return out
+
+    def _stats_report_locked(
+        self, clock: _StatsClock, encoder: BatchEncoder | None
+    ) -> pb.TelemetryEvent | bytes | None:
         """A stats event if one is due and a counter changed; caller holds the lock.
 
         An unchanged check is retried after at most ``_WAIT_SLICE_S`` so a change is
@@ -489,37 +603,79 @@ class TelemetryStream:
             return None
         clock.last = values
         clock.next_due = now + clock.interval
+        msg: pb.TelemetryEvent | bytes
         try:
-            msg = pb.TelemetryEvent(event_parts=STATS_EVENT, timestamp_ns=time.time_ns())
-            for key, value in zip(STATS_MEASUREMENTS, values, strict=True):
-                msg.measurements[key].int_value = value
+            if encoder is None:
+                msg = pb.TelemetryEvent(event_parts=STATS_EVENT, timestamp_ns=time.time_ns())
+                for key, value in zip(STATS_MEASUREMENTS, values, strict=True):
+                    msg.measurements[key].int_value = value
+            else:
+                report = dict(zip(STATS_MEASUREMENTS, values, strict=True))
+                msg = encoder.encode([(STATS_EVENT, report, None, None, time.time_ns())])[0]
         except Exception:
             self._counts["internal_errors"] += 1
             return None
         self._counts["stats_reports"] += 1
         return msg
 
-    def _build(self, item: convert.QueuedEvent) -> pb.TelemetryEvent | None:
-        """Convert one queued event, counting (not raising) conversion failures."""
+    def _convert(self, item: RawEvent) -> convert.QueuedEvent | None:
+        """Apply the conversion rules to a raw queued event, counting what they drop."""
+        parts, raw_measurements, raw_metadata, correlation_id, timestamp_ns = item
         try:
-            return convert.to_proto(item)
+            values, dropped = convert.measurements(raw_measurements)
+            meta, errors = convert.metadata(raw_metadata)
+            if correlation_id is None:
+                cid = ""
+            elif type(correlation_id) is str:
+                cid = correlation_id
+            else:
+                cid = str(correlation_id)
         except Exception:
             self._bump("internal_errors")
             return None
+        if dropped or errors:
+            with self._cond:
+                self._counts["measurements_dropped"] += dropped
+                self._counts["internal_errors"] += errors
+        return convert.QueuedEvent(parts, values, meta, timestamp_ns, cid)
 
-    def _finish_call(
-        self, generation: int, unsent: deque[convert.QueuedEvent], in_doubt: bool
-    ) -> None:
+    def _build(self, item: RawEvent) -> tuple[pb.TelemetryEvent | None, int]:
+        """One event as a protobuf message, and 1 (or ``(None, 0)``, counted, on failure)."""
+        converted = self._convert(item)
+        if converted is None:
+            return None, 0
+        try:
+            return convert.to_proto(converted), 1
+        except Exception:
+            self._bump("internal_errors")
+            return None, 0
+
+    def _encode(self, encoder: BatchEncoder, batch: deque[RawEvent]) -> tuple[bytes, int, int]:
+        """A batch message from the front of ``batch``: payload, events used, events in it."""
+        items = [batch[i] for i in range(min(len(batch), MAX_BATCH_EVENTS))]
+        try:
+            payload, consumed, encoded, dropped, errors = encoder.encode(items)
+        except Exception:
+            self._bump("internal_errors", len(items))
+            return b"", len(items), 0
+        if dropped or errors:
+            with self._cond:
+                self._counts["measurements_dropped"] += dropped
+                self._counts["internal_errors"] += errors
+        return payload, consumed, encoded
+
+    def _finish_call(self, generation: int, unsent: deque[RawEvent], in_doubt: int) -> None:
         """Return unsent events to the queue front and clear the active marker.
 
-        An event whose ``yield`` was interrupted (call cancelled mid-send) is not
-        returned: it may have reached the client, and delivering twice is worse.
+        Events whose ``yield`` was interrupted (call cancelled mid-send) are not
+        returned: they may have reached the client, and delivering twice is worse.
         """
         with self._cond:
             self._in_flight -= len(unsent)
-            if in_doubt and unsent:
+            for _ in range(min(in_doubt, len(unsent))):
                 unsent.popleft()
                 self._counts["interrupted_sends"] += 1
+            self._taken -= len(unsent)
             self._queue.extendleft(reversed(unsent))
             if self._active == generation:
                 self._active = None

@@ -22,6 +22,14 @@ Commands (one JSON object per stdin line, ACK payload after the arrow):
   runs N spans with correlation ids ``p-0 .. p-(N-1)`` -> {"count": N};
 * ``unknown`` / ``unknown_keys`` {count}: events with random names / keys;
 * ``flood`` {event, count} -> {"count": N, "seconds": s};
+* ``paced`` {count, rate}: ``python.call.start`` events whose ``system_time`` is
+  the emit time, at ``rate`` per second on a fixed schedule (for latency
+  measurements) -> {"count": N, "seconds": s};
+* ``spanwork`` {calls, work_us: 1000, telemetry: true}: ``calls`` calls of about
+  ``work_us`` of CPU work, each in a ``python.call`` span unless ``telemetry`` is
+  false; waits until the events were handed to gRPC -> {"calls": N, "cpu_s":
+  process CPU (all threads) over the run, "wall_s": s};
+* ``rusage`` -> {"cpu_s": process CPU time so far, "rss_kb": resident memory};
 * ``workload`` {calls, interval_ms, correlation_prefix}: runs in the background
   and prints WORKLOAD_DONE -> {"started": true};
 * ``call`` {payload: "hello", correlation_id} makes a real Ping RPC to the worker's
@@ -184,6 +192,9 @@ class Worker:
             "unknown_keys": self.cmd_unknown_keys,
             "workload": self.cmd_workload,
             "flood": self.cmd_flood,
+            "paced": self.cmd_paced,
+            "spanwork": self.cmd_spanwork,
+            "rusage": self.cmd_rusage,
             "stats": self.cmd_stats,
             "backend_stats": self.cmd_backend_stats,
             "wait_drained": self.cmd_wait_drained,
@@ -287,6 +298,47 @@ class Worker:
         for _ in range(count):
             emit(event, measurements)
         return {"count": count, "seconds": time.perf_counter() - started}
+
+    def cmd_paced(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        count = _int_arg(cmd, "count", 1000)
+        rate = max(1, _int_arg(cmd, "rate", 1000))
+        interval = 1.0 / rate
+        started = time.perf_counter()
+        for i in range(count):
+            delay = started + i * interval - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            emit("python.call.start", {"system_time": time.time_ns()})
+        return {"count": count, "seconds": time.perf_counter() - started}
+
+    def cmd_spanwork(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        calls = _int_arg(cmd, "calls", 1000)
+        work_us = max(1, _int_arg(cmd, "work_us", 1000))
+        traced = cmd.get("telemetry", True) is not False
+        spins = _spins_for(work_us)
+        wall = time.perf_counter()
+        cpu = time.process_time()
+        if traced:
+            for _ in range(calls):
+                with span("python.call", {"command": "predict"}):
+                    _spin(spins)
+            self.stream.wait_drained(30)
+        else:
+            for _ in range(calls):
+                _spin(spins)
+        return {
+            "calls": calls,
+            "cpu_s": time.process_time() - cpu,
+            "wall_s": time.perf_counter() - wall,
+        }
+
+    def cmd_rusage(self, _cmd: dict[str, Any]) -> dict[str, Any]:
+        with open("/proc/self/statm") as statm:
+            resident_pages = int(statm.read().split()[1])
+        return {
+            "cpu_s": time.process_time(),
+            "rss_kb": resident_pages * os.sysconf("SC_PAGE_SIZE") // 1024,
+        }
 
     def cmd_stats(self, _cmd: dict[str, Any]) -> dict[str, Any]:
         return {**self.stream.stats(), "control": self.stream.control_state()}
@@ -427,6 +479,25 @@ class Worker:
                 raise _SyntheticFailure(f"synthetic tool failure in call {i}")
 
 
+def _spin(n: int) -> int:
+    """Pure-Python CPU work: ``n`` loop iterations."""
+    total = 0
+    for i in range(n):
+        total += i
+    return total
+
+
+def _spins_for(work_us: int) -> int:
+    """Iterations of :func:`_spin` that take about ``work_us`` microseconds here."""
+    probe = 200_000
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        _spin(probe)
+        best = min(best, time.perf_counter() - started)
+    return max(1, int(probe * work_us / 1e6 / best))
+
+
 def _bind(server: grpc.Server, listen: str) -> str:
     """Bind ``listen`` and return the address to advertise in the READY line."""
     if listen.startswith("unix:"):
@@ -473,6 +544,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--gc-events", action="store_true", help="emit python.gc.completed per collection"
     )
+    parser.add_argument(
+        "--wire",
+        choices=("batches", "single"),
+        default="batches",
+        help="offer StreamTelemetryBatches too (default), or only the plain StreamTelemetry",
+    )
     return parser.parse_args(argv)
 
 
@@ -486,7 +563,7 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
 
     executor = futures.ThreadPoolExecutor(max_workers=max(1, opts.max_workers))
     server = grpc.server(executor, interceptors=[TelemetryInterceptor()])
-    add_to_server(server, stream)
+    add_to_server(server, stream, batches=opts.wire == "batches")
     add_ping(server)
     if opts.backend is not None:
         set_backend(opts.backend)

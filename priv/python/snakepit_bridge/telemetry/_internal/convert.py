@@ -29,8 +29,8 @@ class QueuedEvent(NamedTuple):
     correlation_id: str
 
 
-_NAME_CACHE: dict[str, tuple[str, ...] | None] = {}
-_NAME_CACHE_LIMIT = 4096
+NAME_CACHE: dict[str, tuple[str, ...] | None] = {}
+NAME_CACHE_LIMIT = 4096
 
 
 def event_parts(event: object) -> tuple[str, ...] | None:
@@ -40,13 +40,13 @@ def event_parts(event: object) -> tuple[str, ...] | None:
     reset when full so random names cannot grow it without bound.
     """
     if type(event) is str:
-        cached = _NAME_CACHE.get(event, _NAME_CACHE)
-        if cached is not _NAME_CACHE:
+        cached = NAME_CACHE.get(event, NAME_CACHE)
+        if cached is not NAME_CACHE:
             return cached  # type: ignore[return-value]
         parts = _validate(tuple(event.split(".")))
-        if len(_NAME_CACHE) >= _NAME_CACHE_LIMIT:
-            _NAME_CACHE.clear()
-        _NAME_CACHE[event] = parts
+        if len(NAME_CACHE) >= NAME_CACHE_LIMIT:
+            NAME_CACHE.clear()
+        NAME_CACHE[event] = parts
         return parts
     if isinstance(event, list | tuple):
         return _validate(tuple(event))
@@ -87,7 +87,7 @@ def measurements(raw: object) -> tuple[dict[str, Scalar], int]:
             else:
                 out[key] = value
         else:
-            converted = _coerce_measurement(value)
+            converted = coerce_measurement(value)
             if converted is None:
                 dropped += 1
             else:
@@ -95,7 +95,7 @@ def measurements(raw: object) -> tuple[dict[str, Scalar], int]:
     return out, dropped
 
 
-def _coerce_measurement(value: Any) -> Scalar | None:
+def coerce_measurement(value: Any) -> Scalar | None:
     """Slow path for subclasses and numeric ABCs (IntEnum, numpy scalars, ...)."""
     if isinstance(value, bool):
         return int(value)

@@ -49,7 +49,7 @@ import atexit
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .base import NO_SPAN, Backend, CompositeBackend, NoneBackend, SpanFailure, error_fields
@@ -91,6 +91,27 @@ _auto = False  # the current backend came from the default rule, not a choice
 _served = False
 _otel_warned = False
 _selection = {"unknown_names": 0, "unavailable": 0}
+# Called (under _lock) whenever the current backend changes; the core emit path
+# uses this to cache where the grpc backend writes.
+_listeners: list[Callable[[], None]] = []
+
+
+def on_change(listener: Callable[[], None]) -> None:
+    """Call ``listener`` after every change of the current backend."""
+    _listeners.append(listener)
+
+
+def current() -> Backend | None:
+    """The current backend without resolving one (``None`` until first needed)."""
+    return _current
+
+
+def _changed() -> None:
+    for listener in _listeners:
+        try:
+            listener()
+        except Exception:
+            log.debug("telemetry backend listener failed", exc_info=True)
 
 
 def _build_one(name: str) -> Backend | None:
@@ -169,6 +190,7 @@ def _resolve() -> Backend:
     backend = create_backend(raw) if raw.strip() else None
     _auto = backend is None
     _current = backend if backend is not None else _default()
+    _changed()
     return _current
 
 
@@ -194,8 +216,11 @@ def set_backend(spec: BackendSpec | None) -> Backend:
         if new is None:
             _current = None
             new = _resolve() if spec is not None else None
+            if spec is None:
+                _changed()
         else:
             _current, _auto = new, False
+        _changed()
     if old is not None and old is not new and not _contains(new, old):
         _close_quietly(old)
     return new if new is not None else get_backend()
@@ -221,6 +246,7 @@ def mark_served() -> None:
         if old is None or not _auto or isinstance(old, GrpcBackend):
             return
         _current = GrpcBackend()
+        _changed()
     _close_quietly(old)
 
 
@@ -249,5 +275,6 @@ def _reset_for_tests() -> None:
     with _lock:
         old, _current, _auto, _served = _current, None, False, False
         _selection.update(unknown_names=0, unavailable=0)
+        _changed()
     if old is not None:
         _close_quietly(old)
