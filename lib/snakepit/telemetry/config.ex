@@ -9,6 +9,9 @@ defmodule Snakepit.Telemetry.Config do
           backoff_initial_ms: 100,      # reconnect after a lost stream: first delay
           backoff_max_ms: 5_000,        # ... doubling up to this cap
           max_batch: 512,               # events per batch from the NIF
+          max_pending_events: 8_192,    # unacknowledged events on their way to
+                                        # GrpcStream, per stream; beyond, the NIF
+                                        # stops reading and the worker sheds load
           max_message_bytes: 4_194_304, # largest gRPC message accepted
           health_interval_ms: 1_000,    # drop reports ([:snakepit, :telemetry, :events, :dropped]); 0: off
           # Limits on each event from Python: over them, events are dropped
@@ -43,6 +46,7 @@ defmodule Snakepit.Telemetry.Config do
     backoff_initial_ms: 100,
     backoff_max_ms: 5_000,
     max_batch: 512,
+    max_pending_events: 8_192,
     max_message_bytes: 4 * 1024 * 1024,
     health_interval_ms: 1_000,
     max_event_parts: 8,

@@ -4,13 +4,25 @@ defmodule Snakepit.Telemetry.GrpcStream do
   `:telemetry` events, and steers each worker's telemetry live.
 
   Register each worker (`register_worker/1`); the NIF opens a
-  `StreamTelemetry` call to it, decodes every event against the compiled-in
-  catalog and sends the decoded events here in batches. Each event is
-  executed with `:telemetry.execute/3`; its metadata always holds `:node`,
-  `:pool_name` and `:worker_id`, and `:correlation_id` when the event had one.
+  `StreamTelemetryBatches` call to it (or `StreamTelemetry` when the worker
+  does not implement that; negotiated on every connection), decodes every
+  event against the compiled-in catalog and sends the decoded events here in
+  batches. Each event is executed with `:telemetry.execute/3`; its metadata
+  always holds `:node`, `:pool_name` and `:worker_id`, and `:correlation_id`
+  when the event had one.
   Handlers run in this process; a handler that raises is detached by
   `:telemetry` (and reported as `[:telemetry, :handler, :failure]`), it never
   takes this process down.
+
+  ## Backpressure
+
+  Each batch is acknowledged to the NIF (`Native.stream_ack/2`) once its
+  events have been executed. At most `max_pending_events` (see
+  `Snakepit.Telemetry.Config`) unacknowledged events per stream, plus one
+  wire message, are ever on their way here, so this process's mailbox stays
+  bounded. When handlers are slower than the worker, the NIF stops reading
+  the call, HTTP/2 flow control stops the worker's sender, and the worker's
+  bounded queue drops (and counts, `dropped_queue_full`) what does not fit.
 
   ## Control
 
@@ -34,7 +46,9 @@ defmodule Snakepit.Telemetry.GrpcStream do
       retry).
     * **On open**: Python gets `toggle(true)` and then the worker's whole
       control state. The first open emits `[:snakepit, :grpc, :connection,
-      :established]`, and every open `[:snakepit, :grpc, :stream, :opened]`.
+      :established]`, and every open `[:snakepit, :grpc, :stream, :opened]`;
+      their metadata hold `:protocol` (`:batches` or `:events`), as does the
+      `[:snakepit, :grpc, :connection, :reconnected]` event.
     * **When an open stream ends** (worker crash, `kill -9`, network error,
       worker shutdown): `[:snakepit, :grpc, :connection, :lost]` and
       `[:snakepit, :grpc, :stream, :closed]` are emitted and the stream is
@@ -51,18 +65,25 @@ defmodule Snakepit.Telemetry.GrpcStream do
   ## Status and counters
 
   `list_streams/0` reports per worker: `:status` (`:connecting`, `:open`,
-  `:backing_off` or `{:failed, reason}`), `:control`, `:reconnects`,
-  `:stats` (native counters summed over every stream the worker had:
-  `received`, `delivered` and each drop reason) and `:python` (the worker's
-  own counters, e.g. `dropped_queue_full`, from its latest
+  `:backing_off` or `{:failed, reason}`), `:protocol` (`:batches` or
+  `:events`: the RPC of the current or latest open stream; `nil` before the
+  first open), `:control`, `:reconnects`, `:stats` (native counters summed
+  over every stream the worker had: `received`, `delivered`, each drop
+  reason, `wire_messages`, `fallbacks` (connections that fell back to
+  `StreamTelemetry`), `credit_waits` (times the NIF stopped reading for
+  want of acknowledgements), ...) and `:python` (the worker's own counters,
+  e.g. `dropped_queue_full`, from its latest
   `[:snakepit, :telemetry, :python, :stats]` report).
 
   ## Messages from the NIF
 
-    * `{:snakepit_telemetry, stream_id, status}`: `:connecting`, `:open` or
-      `{:closed, reason}` with reason `:stopped`, `:end_of_stream`,
-      `{:error, text}` or `{:connect_failed, text}`.
-    * `{:snakepit_telemetry_events, stream_id, [{event, measurements, metadata}]}`.
+    * `{:snakepit_telemetry, stream_id, status}`: `:connecting`,
+      `{:open, protocol}` (`:batches` or `:events`) or `{:closed, reason}`
+      with reason `:stopped`, `:end_of_stream`, `{:error, text}` or
+      `{:connect_failed, text}`.
+    * `{:snakepit_telemetry_events, stream_id, [{event, measurements, metadata}]}`,
+      acknowledged with `Native.stream_ack(handle, length(events))` once
+      handled.
 
   Messages for a stream that is no longer current are ignored.
   """
@@ -84,12 +105,15 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
   @type status :: :connecting | :open | :backing_off | {:failed, term()}
 
+  @type protocol :: :batches | :events
+
   @type stream_info :: %{
           worker_id: worker_id(),
           pool_name: atom() | String.t(),
           address: String.t(),
           python_pid: pos_integer() | nil,
           status: status(),
+          protocol: protocol() | nil,
           control: map(),
           reconnects: non_neg_integer(),
           stats: %{atom() => non_neg_integer()},
@@ -102,6 +126,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
   @native_options [
     :retry_interval_ms,
     :max_batch,
+    :max_pending_events,
     :max_message_bytes,
     :max_event_parts,
     :max_part_bytes,
@@ -302,8 +327,11 @@ defmodule Snakepit.Telemetry.GrpcStream do
   def handle_info({:snakepit_telemetry_events, stream_id, events}, state) do
     case current(state, stream_id) do
       {:ok, worker} ->
-        emit(worker, [:stream, :message], %{events: length(events)}, %{})
+        count = length(events)
+        emit(worker, [:stream, :message], %{events: count}, %{})
         worker = Enum.reduce(events, worker, &execute/2)
+        # Handled: the NIF may send this many more (see "Backpressure").
+        if worker.handle, do: Native.stream_ack(worker.handle, count)
         {:noreply, put_in(state.workers[worker.worker_id], worker)}
 
       :error ->
@@ -354,6 +382,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
       stream_id: nil,
       handle: nil,
       status: :connecting,
+      protocol: nil,
       timer: nil,
       attempt: 0,
       ever_open?: reopened?,
@@ -411,7 +440,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
   defp stream_status(state, worker, :connecting),
     do: put_in(state.workers[worker.worker_id], worker)
 
-  defp stream_status(state, worker, :open) do
+  defp stream_status(state, worker, {:open, protocol}) do
     now = System.monotonic_time()
     Enum.each(Control.messages(worker.control), &send_control(worker.handle, &1))
 
@@ -422,14 +451,17 @@ defmodule Snakepit.Telemetry.GrpcStream do
         worker,
         [:connection, :reconnected],
         %{attempts: worker.attempt, downtime: downtime},
-        %{}
+        %{protocol: protocol}
       )
     else
-      emit(worker, [:connection, :established], %{system_time: System.system_time()}, %{})
+      emit(worker, [:connection, :established], %{system_time: System.system_time()}, %{
+        protocol: protocol
+      })
     end
 
     emit(worker, [:stream, :opened], %{system_time: System.system_time()}, %{
-      address: worker.address
+      address: worker.address,
+      protocol: protocol
     })
 
     reconnects = if worker.ever_open?, do: worker.reconnects + 1, else: 0
@@ -437,6 +469,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
     worker = %{
       worker
       | status: :open,
+        protocol: protocol,
         ever_open?: true,
         attempt: 0,
         lost_at: nil,
@@ -614,6 +647,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
       address: worker.address,
       python_pid: worker.python_pid,
       status: worker.status,
+      protocol: worker.protocol,
       control: Control.to_map(worker.control),
       reconnects: worker.reconnects,
       stats: Map.merge(worker.totals, current, fn _k, a, b -> a + b end),

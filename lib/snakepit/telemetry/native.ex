@@ -59,6 +59,16 @@ defmodule Snakepit.Telemetry.Native do
   def stream_sampling(_handle, _rate, _patterns), do: not_loaded()
   def stream_filter(_handle, _allow, _deny), do: not_loaded()
   def stream_close(_handle), do: not_loaded()
+
+  @doc """
+  Acknowledges `n` events the stream's owner has handled, so that many more
+  may be sent to it: at most the stream's `max_pending_events`
+  unacknowledged events (plus one wire message) are ever on their way to the
+  owner. Returns `:ok`; raises `ArgumentError` for a bad handle or a negative
+  or non-integer `n`.
+  """
+  @spec stream_ack(reference(), non_neg_integer()) :: :ok
+  def stream_ack(_handle, _n), do: not_loaded()
   def stream_stats(_handle), do: not_loaded()
   def runtime_info, do: not_loaded()
   def catalog_events, do: not_loaded()

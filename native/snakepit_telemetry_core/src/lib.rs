@@ -8,6 +8,7 @@
 //! [`Sym`]: catalog::Sym
 
 pub mod catalog;
+pub mod credit;
 pub mod custom;
 pub mod decode;
 pub mod json;

@@ -1,5 +1,8 @@
 //! Per-stream counters. Every event that enters a stream is accounted for:
-//! `received == delivered + dropped_*` once the stream has gone quiet.
+//! `received == delivered + dropped_*` once the stream has gone quiet (or
+//! closed). Events a stream holds back while its owner is busy count once
+//! they are handed on: when the owner has acknowledged everything before
+//! them, when they fill a batch or the credit, or when the stream closes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -39,6 +42,9 @@ counters! {
     batches: "Batches sent to the Elixir process.",
     controls_sent: "Control messages handed to the gRPC stream.",
     connect_attempts: "Connection attempts, including the first.",
+    wire_messages: "gRPC messages read off the stream (one event each, or one batch of events).",
+    fallbacks: "Connections that fell back to StreamTelemetry because the worker does not implement StreamTelemetryBatches.",
+    credit_waits: "Times the stream stopped reading because the owner had max_pending_events events unacknowledged.",
 }
 
 impl StreamStats {

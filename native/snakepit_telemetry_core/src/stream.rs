@@ -1,6 +1,16 @@
-//! One telemetry stream: connect to a worker, keep the `StreamTelemetry` call
-//! open, forward control messages to it and hand decoded events to a [`Sink`]
-//! in batches.
+//! One telemetry stream: connect to a worker, keep its telemetry call open,
+//! forward control messages to it and hand decoded events to a [`Sink`] in
+//! batches.
+//!
+//! Every connection first calls `StreamTelemetryBatches` (many events per
+//! gRPC message) and falls back to `StreamTelemetry` (one event per message)
+//! when the worker answers `UNIMPLEMENTED`. Both carry the same controls and
+//! events; only the framing differs.
+//!
+//! The stream reads only while its [`Credit`] allows: events handed to the
+//! sink stay pending until the owner releases them, and while too many are
+//! pending the call is left unread, so HTTP/2 flow control pushes back on
+//! the worker instead of memory growing here or in the owner's mailbox.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -17,9 +27,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Streaming;
 
+use crate::credit::Credit;
 use crate::decode::{DecodeConfig, Decoded, Decoder};
 use crate::proto::bridge_service_client::BridgeServiceClient;
-use crate::proto::{telemetry_control, TelemetryControl, TelemetryEvent, TelemetryToggle};
+use crate::proto::{
+    telemetry_control, TelemetryControl, TelemetryEvent, TelemetryEventBatch, TelemetryToggle,
+};
 use crate::stats::StreamStats;
 
 /// Where a worker serves its telemetry stream.
@@ -74,10 +87,22 @@ pub struct StreamConfig {
     pub connect_timeout: Duration,
     /// Pause between connection attempts.
     pub retry_interval: Duration,
-    /// Most wire events folded into one batch for the sink.
+    /// Most wire events folded into one batch for the sink (a batch message
+    /// from the worker is never split, so one batch may hold more).
     pub max_batch: usize,
     /// Largest gRPC message accepted from the worker.
     pub max_message_bytes: usize,
+    /// HTTP/2 stream window: what the worker may send ahead while the
+    /// stream waits for credit. It bounds the memory (and the age of the
+    /// events) buffered here for a slow owner.
+    pub stream_window_bytes: u32,
+    /// HTTP/2 connection window. Every connection carries one stream, so
+    /// this is no extra buffering; it sets h2's budget for buffered small
+    /// DATA frames (half of it), which must exceed the framing overhead of
+    /// a whole stream window of the smallest gRPC messages (5 bytes, 251
+    /// bytes of overhead each): at least ~100x `stream_window_bytes`.
+    /// Otherwise h2 closes a paused connection (`ENHANCE_YOUR_CALM`).
+    pub connection_window_bytes: u32,
     pub decode: DecodeConfig,
 }
 
@@ -88,9 +113,21 @@ impl Default for StreamConfig {
             retry_interval: Duration::from_millis(100),
             max_batch: 512,
             max_message_bytes: 4 * 1024 * 1024,
+            stream_window_bytes: 256 * 1024,
+            connection_window_bytes: 32 * 1024 * 1024,
             decode: DecodeConfig::default(),
         }
     }
+}
+
+/// Which RPC an open stream uses.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// `StreamTelemetryBatches`: many events per gRPC message.
+    Batches,
+    /// `StreamTelemetry`: one event per gRPC message (the fallback for
+    /// workers without `StreamTelemetryBatches`).
+    Events,
 }
 
 /// What a stream reports about itself, in order: `Connecting`, then `Open`
@@ -98,7 +135,7 @@ impl Default for StreamConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Status {
     Connecting,
-    Open,
+    Open(Protocol),
     Closed(CloseReason),
 }
 
@@ -117,8 +154,10 @@ pub enum CloseReason {
 /// Receives what a stream produces. Called from the stream's task.
 pub trait Sink: Send + 'static {
     fn status(&mut self, status: Status);
-    /// A non-empty batch of decoded events. The sink accounts for them in
-    /// the stream's stats (delivered or dropped).
+    /// A non-empty batch of decoded events, whose credit the stream has
+    /// taken. The sink accounts for them in the stream's stats (delivered or
+    /// dropped) and sees that the credit of any it drops is released; the
+    /// owner releases the rest once it has handled them.
     fn events(&mut self, batch: Vec<Decoded>);
 }
 
@@ -153,16 +192,37 @@ pub async fn run<S: Sink>(
     mut controls: mpsc::Receiver<TelemetryControl>,
     mut stop: oneshot::Receiver<()>,
     stats: Arc<StreamStats>,
+    credit: Arc<Credit>,
     mut sink: S,
 ) {
     let _live = LiveGuard::new();
     sink.status(Status::Connecting);
+    let mut held = Held::default();
     let reason = tokio::select! {
         biased;
         _ = &mut stop => CloseReason::Stopped,
-        reason = session(&address, &config, &mut controls, &stats, &mut sink) => reason,
+        reason = session(&address, &config, &mut controls, &stats, &credit, &mut held, &mut sink) => reason,
     };
+    // Whatever was decoded still goes to the sink, which accounts for it.
+    held.flush(&mut sink);
     sink.status(Status::Closed(reason));
+}
+
+/// Decoded events not handed to the sink yet (their credit is taken).
+#[derive(Default)]
+struct Held {
+    events: Vec<Decoded>,
+    /// Wire events they came from (rejected ones included).
+    wire: usize,
+}
+
+impl Held {
+    fn flush<S: Sink>(&mut self, sink: &mut S) {
+        self.wire = 0;
+        if !self.events.is_empty() {
+            sink.events(std::mem::take(&mut self.events));
+        }
+    }
 }
 
 async fn session<S: Sink>(
@@ -170,12 +230,14 @@ async fn session<S: Sink>(
     config: &StreamConfig,
     controls: &mut mpsc::Receiver<TelemetryControl>,
     stats: &StreamStats,
+    credit: &Credit,
+    held: &mut Held,
     sink: &mut S,
 ) -> CloseReason {
     let deadline = Instant::now() + config.connect_timeout;
     let (outbound, mut inbound) = loop {
         StreamStats::add(&stats.connect_attempts, 1);
-        match open(address, config).await {
+        match open(address, config, stats).await {
             Ok(pair) => break pair,
             Err(error) => {
                 if Instant::now() + config.retry_interval >= deadline {
@@ -186,10 +248,43 @@ async fn session<S: Sink>(
         }
     };
     StreamStats::add(&stats.controls_sent, 1);
-    sink.status(Status::Open);
+    sink.status(Status::Open(inbound.protocol()));
 
     let mut decoder = Decoder::new(config.decode.clone());
+    // Set while the owner has too many events pending: the call is left
+    // unread (controls and stop still work) until half the credit is back.
+    let mut paused = false;
     loop {
+        // Decoded events go to the sink at once when the owner has handled
+        // everything before them; while it is busy they gather here until
+        // they fill a batch or use up the credit, so a slow owner gets a few
+        // large messages instead of a mailbox of small ones, and nothing
+        // later than it could have handled it.
+        if held.events.is_empty() {
+            // Nothing to hand on (every event held was rejected).
+            held.wire = 0;
+        } else if credit.pending() <= held.events.len()
+            || held.wire >= config.max_batch
+            || !credit.available()
+        {
+            held.flush(sink);
+        }
+        if paused && credit.pending() <= credit.resume_level() {
+            paused = false;
+        }
+        if !paused && !credit.available() {
+            paused = true;
+            StreamStats::add(&stats.credit_waits, 1);
+        }
+        // What to wait for: the owner catching up (to flush what is held),
+        // or the credit to resume reading.
+        let wake_at = if !held.events.is_empty() {
+            Some(held.events.len())
+        } else if paused {
+            Some(credit.resume_level())
+        } else {
+            None
+        };
         tokio::select! {
             control = controls.recv() => match control {
                 Some(control) => {
@@ -202,17 +297,17 @@ async fn session<S: Sink>(
                 }
                 None => return CloseReason::Stopped,
             },
-            message = inbound.message() => {
+            () = credit.wait_until(wake_at.unwrap_or(0)), if wake_at.is_some() => {}
+            message = inbound.message(), if !paused => {
                 let first = match message {
-                    Ok(Some(event)) => event,
+                    Ok(Some(wire)) => wire,
                     Ok(None) => return CloseReason::EndOfStream,
                     Err(status) => return CloseReason::Error(status_text(&status)),
                 };
-                let (batch, end) = drain_ready(first, &mut inbound, &mut decoder, stats, config.max_batch);
-                if !batch.is_empty() {
-                    sink.events(batch);
-                }
-                if let Some(reason) = end {
+                let room = config.max_batch.saturating_sub(held.wire).max(1);
+                if let Some(reason) =
+                    drain_ready(first, &mut inbound, &mut decoder, stats, room, credit, held)
+                {
                     return reason;
                 }
             }
@@ -220,31 +315,111 @@ async fn session<S: Sink>(
     }
 }
 
-/// Decodes `first` and every further event that is already buffered, up to
-/// `max` wire events, without waiting. Also returns how the call ended if
-/// that was seen while draining.
+/// The worker's side of an open call, in either framing.
+enum Inbound {
+    Batches(Streaming<TelemetryEventBatch>),
+    Events(Streaming<TelemetryEvent>),
+}
+
+/// One gRPC message: a single event or a batch of them.
+enum Wire {
+    One(TelemetryEvent),
+    Many(Vec<TelemetryEvent>),
+}
+
+impl Wire {
+    /// A batch's events with absolute timestamps: `base_timestamp_ns` is
+    /// added to each (saturating, so a hostile base cannot overflow).
+    fn from_batch(batch: TelemetryEventBatch) -> Wire {
+        let mut events = batch.events;
+        if batch.base_timestamp_ns != 0 {
+            for event in &mut events {
+                event.timestamp_ns = event.timestamp_ns.saturating_add(batch.base_timestamp_ns);
+            }
+        }
+        Wire::Many(events)
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Wire::One(_) => 1,
+            Wire::Many(events) => events.len(),
+        }
+    }
+
+    /// The events, in the order they were emitted.
+    fn into_events(self) -> impl Iterator<Item = TelemetryEvent> {
+        let (one, many) = match self {
+            Wire::One(event) => (Some(event), Vec::new()),
+            Wire::Many(events) => (None, events),
+        };
+        one.into_iter().chain(many)
+    }
+}
+
+impl Inbound {
+    fn protocol(&self) -> Protocol {
+        match self {
+            Inbound::Batches(_) => Protocol::Batches,
+            Inbound::Events(_) => Protocol::Events,
+        }
+    }
+
+    /// The next message; cancel-safe like [`Streaming::message`].
+    async fn message(&mut self) -> Result<Option<Wire>, tonic::Status> {
+        Ok(match self {
+            Inbound::Batches(s) => s.message().await?.map(Wire::from_batch),
+            Inbound::Events(s) => s.message().await?.map(Wire::One),
+        })
+    }
+}
+
+/// Decodes `first` and every further message that is already buffered onto
+/// `held`, without waiting, until `max` wire events were read or the owner's
+/// `credit` is used up (it is taken as events are decoded). A message is
+/// never split, so the credit is overshot by at most one message. Returns
+/// how the call ended if that was seen while draining.
 fn drain_ready(
-    first: TelemetryEvent,
-    inbound: &mut Streaming<TelemetryEvent>,
+    first: Wire,
+    inbound: &mut Inbound,
     decoder: &mut Decoder,
     stats: &StreamStats,
     max: usize,
-) -> (Vec<Decoded>, Option<CloseReason>) {
-    let mut batch = Vec::with_capacity(max.min(64));
-    let mut seen = 1;
-    batch.extend(decoder.decode(first, stats).ok());
-    while seen < max {
+    credit: &Credit,
+    held: &mut Held,
+) -> Option<CloseReason> {
+    let mut seen = decode_wire(first, decoder, stats, credit, held);
+    while seen < max && credit.available() {
         match inbound.message().now_or_never() {
-            Some(Ok(Some(event))) => {
-                seen += 1;
-                batch.extend(decoder.decode(event, stats).ok());
-            }
-            Some(Ok(None)) => return (batch, Some(CloseReason::EndOfStream)),
-            Some(Err(status)) => return (batch, Some(CloseReason::Error(status_text(&status)))),
+            Some(Ok(Some(wire))) => seen += decode_wire(wire, decoder, stats, credit, held),
+            Some(Ok(None)) => return Some(CloseReason::EndOfStream),
+            Some(Err(status)) => return Some(CloseReason::Error(status_text(&status))),
             None => break,
         }
     }
-    (batch, None)
+    None
+}
+
+/// Decodes one message's events onto `held` and takes their credit;
+/// returns how many wire events it counts for (an empty batch message
+/// counts as one, so draining always ends).
+fn decode_wire(
+    wire: Wire,
+    decoder: &mut Decoder,
+    stats: &StreamStats,
+    credit: &Credit,
+    held: &mut Held,
+) -> usize {
+    StreamStats::add(&stats.wire_messages, 1);
+    let seen = wire.len().max(1);
+    let before = held.events.len();
+    held.events.extend(
+        wire.into_events()
+            .filter_map(|event| decoder.decode(event, stats).ok()),
+    );
+    credit.take(held.events.len() - before);
+    held.wire += seen;
+    seen
 }
 
 fn status_text(status: &tonic::Status) -> String {
@@ -260,26 +435,57 @@ pub fn enable() -> TelemetryControl {
     }
 }
 
+/// A fresh outbound control queue holding the first control, [`enable`].
+fn outbound() -> (
+    mpsc::Sender<TelemetryControl>,
+    ReceiverStream<TelemetryControl>,
+) {
+    let (tx, rx) = mpsc::channel(64);
+    tx.try_send(enable()).expect("fresh channel has room");
+    (tx, ReceiverStream::new(rx))
+}
+
+/// Connects and opens the call: `StreamTelemetryBatches`, or
+/// `StreamTelemetry` on the same channel if the worker does not implement
+/// it. Negotiated on every connection, since a worker may be upgraded or
+/// downgraded between two.
 async fn open(
     address: &Address,
     config: &StreamConfig,
-) -> Result<(mpsc::Sender<TelemetryControl>, Streaming<TelemetryEvent>), String> {
-    let channel = connect(address).await.map_err(|e| error_chain(&e))?;
+    stats: &StreamStats,
+) -> Result<(mpsc::Sender<TelemetryControl>, Inbound), String> {
+    let channel = connect(address, config)
+        .await
+        .map_err(|e| error_chain(&e))?;
     let mut client =
         BridgeServiceClient::new(channel).max_decoding_message_size(config.max_message_bytes);
-    let (tx, rx) = mpsc::channel(64);
-    tx.try_send(enable()).expect("fresh channel has room");
+    let (tx, rx) = outbound();
+    match client.stream_telemetry_batches(rx).await {
+        Ok(response) => return Ok((tx, Inbound::Batches(response.into_inner()))),
+        Err(status) if status.code() == tonic::Code::Unimplemented => {}
+        Err(status) => return Err(status_text(&status)),
+    }
+    let (tx, rx) = outbound();
     let response = client
-        .stream_telemetry(ReceiverStream::new(rx))
+        .stream_telemetry(rx)
         .await
         .map_err(|status| status_text(&status))?;
-    Ok((tx, response.into_inner()))
+    StreamStats::add(&stats.fallbacks, 1);
+    Ok((tx, Inbound::Events(response.into_inner())))
 }
 
-async fn connect(address: &Address) -> Result<Channel, tonic::transport::Error> {
+async fn connect(
+    address: &Address,
+    config: &StreamConfig,
+) -> Result<Channel, tonic::transport::Error> {
+    let windows = |endpoint: Endpoint| {
+        endpoint
+            .initial_stream_window_size(config.stream_window_bytes)
+            .initial_connection_window_size(config.connection_window_bytes)
+    };
     match address {
         Address::Tcp(authority) => {
-            Endpoint::from_shared(format!("http://{authority}"))?
+            windows(Endpoint::from_shared(format!("http://{authority}"))?)
                 .tcp_nodelay(true)
                 .connect()
                 .await
@@ -288,7 +494,7 @@ async fn connect(address: &Address) -> Result<Channel, tonic::transport::Error> 
             let path = path.clone();
             // The URI is required by the API but unused: the connector
             // decides where to go.
-            Endpoint::from_static("http://localhost")
+            windows(Endpoint::from_static("http://localhost"))
                 .connect_with_connector(tower::service_fn(move |_: Uri| {
                     let path = path.clone();
                     async move { UnixStream::connect(path).await.map(TokioIo::new) }
@@ -358,23 +564,49 @@ mod tests {
         );
     }
 
-    /// A worker stand-in: sends `events` on every call, records controls.
+    /// A worker stand-in: sends `events` on every `StreamTelemetry` call,
+    /// records controls. With `batches`, it also serves
+    /// `StreamTelemetryBatches` (sending those messages); without, that RPC
+    /// is unimplemented, as in a worker that predates it.
     struct FakeWorker {
         events: Vec<TelemetryEvent>,
         controls: mpsc::UnboundedSender<TelemetryControl>,
         hold_open: bool,
+        batches: Option<Vec<TelemetryEventBatch>>,
+        /// Send every message in a DATA frame of its own, as grpc-core
+        /// does (tonic coalesces messages that are ready together).
+        one_by_one: bool,
     }
 
-    type EventStream = Pin<Box<dyn Stream<Item = Result<TelemetryEvent, tonic::Status>> + Send>>;
+    /// Yields each item on a poll of its own, with `Pending` in between.
+    struct OneByOne<S> {
+        inner: S,
+        ready: bool,
+    }
 
-    #[tonic::async_trait]
-    impl BridgeService for FakeWorker {
-        type StreamTelemetryStream = EventStream;
+    impl<S: Stream + Unpin> Stream for OneByOne<S> {
+        type Item = S::Item;
 
-        async fn stream_telemetry(
-            &self,
-            request: Request<TonicStreaming<TelemetryControl>>,
-        ) -> Result<Response<EventStream>, tonic::Status> {
+        fn poll_next(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<S::Item>> {
+            if !self.ready {
+                self.ready = true;
+                cx.waker().wake_by_ref();
+                return std::task::Poll::Pending;
+            }
+            self.ready = false;
+            Pin::new(&mut self.inner).poll_next(cx)
+        }
+    }
+
+    type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, tonic::Status>> + Send>>;
+    type EventStream = Boxed<TelemetryEvent>;
+    type BatchStream = Boxed<TelemetryEventBatch>;
+
+    impl FakeWorker {
+        fn consume_controls(&self, request: Request<TonicStreaming<TelemetryControl>>) {
             let mut inbound = request.into_inner();
             let controls = self.controls.clone();
             tokio::spawn(async move {
@@ -382,13 +614,48 @@ mod tests {
                     let _ = controls.send(control);
                 }
             });
-            let events = tokio_stream::iter(self.events.clone().into_iter().map(Ok));
-            let stream: EventStream = if self.hold_open {
-                Box::pin(events.chain(tokio_stream::pending()))
+        }
+
+        fn respond<T: Send + 'static>(&self, items: Vec<T>) -> Boxed<T> {
+            let items = tokio_stream::iter(items.into_iter().map(Ok));
+            let items: Boxed<T> = if self.one_by_one {
+                Box::pin(OneByOne {
+                    inner: items,
+                    ready: false,
+                })
             } else {
-                Box::pin(events)
+                Box::pin(items)
             };
-            Ok(Response::new(stream))
+            if self.hold_open {
+                Box::pin(items.chain(tokio_stream::pending()))
+            } else {
+                items
+            }
+        }
+    }
+
+    #[tonic::async_trait]
+    impl BridgeService for FakeWorker {
+        type StreamTelemetryStream = EventStream;
+        type StreamTelemetryBatchesStream = BatchStream;
+
+        async fn stream_telemetry(
+            &self,
+            request: Request<TonicStreaming<TelemetryControl>>,
+        ) -> Result<Response<EventStream>, tonic::Status> {
+            self.consume_controls(request);
+            Ok(Response::new(self.respond(self.events.clone())))
+        }
+
+        async fn stream_telemetry_batches(
+            &self,
+            request: Request<TonicStreaming<TelemetryControl>>,
+        ) -> Result<Response<BatchStream>, tonic::Status> {
+            let Some(batches) = &self.batches else {
+                return Err(tonic::Status::unimplemented("no batches here"));
+            };
+            self.consume_controls(request);
+            Ok(Response::new(self.respond(batches.clone())))
         }
     }
 
@@ -406,14 +673,22 @@ mod tests {
         Events(Vec<Decoded>),
     }
 
-    struct ChannelSink(mpsc::UnboundedSender<Seen>);
+    /// Passes everything on; with `ack`, acknowledges events at once, like
+    /// an owner that keeps up.
+    struct ChannelSink {
+        tx: mpsc::UnboundedSender<Seen>,
+        ack: Option<Arc<Credit>>,
+    }
 
     impl Sink for ChannelSink {
         fn status(&mut self, status: Status) {
-            let _ = self.0.send(Seen::Status(status));
+            let _ = self.tx.send(Seen::Status(status));
         }
         fn events(&mut self, batch: Vec<Decoded>) {
-            let _ = self.0.send(Seen::Events(batch));
+            if let Some(credit) = &self.ack {
+                credit.release(batch.len());
+            }
+            let _ = self.tx.send(Seen::Events(batch));
         }
     }
 
@@ -422,27 +697,46 @@ mod tests {
         controls_tx: mpsc::Sender<TelemetryControl>,
         stop: Option<oneshot::Sender<()>>,
         stats: Arc<StreamStats>,
+        credit: Arc<Credit>,
         task: tokio::task::JoinHandle<()>,
     }
 
+    /// A stream whose owner keeps up (the sink acknowledges every batch).
     fn start(address: Address, config: StreamConfig) -> Harness {
+        start_inner(address, config, 8_192, true)
+    }
+
+    /// A stream whose owner acknowledges nothing unless the test releases
+    /// `h.credit`.
+    fn start_with_credit(address: Address, config: StreamConfig, credit: usize) -> Harness {
+        start_inner(address, config, credit, false)
+    }
+
+    fn start_inner(address: Address, config: StreamConfig, credit: usize, ack: bool) -> Harness {
         let (tx, seen) = mpsc::unbounded_channel();
         let (controls_tx, controls_rx) = mpsc::channel(8);
         let (stop_tx, stop_rx) = oneshot::channel();
         let stats = Arc::new(StreamStats::default());
+        let credit = Arc::new(Credit::new(credit));
+        let sink = ChannelSink {
+            tx,
+            ack: ack.then(|| credit.clone()),
+        };
         let task = tokio::spawn(run(
             address,
             config,
             controls_rx,
             stop_rx,
             stats.clone(),
-            ChannelSink(tx),
+            credit.clone(),
+            sink,
         ));
         Harness {
             seen,
             controls_tx,
             stop: Some(stop_tx),
             stats,
+            credit,
             task,
         }
     }
@@ -473,6 +767,7 @@ mod tests {
         }
     }
 
+    /// A worker with only `StreamTelemetry`.
     fn worker(
         events: Vec<TelemetryEvent>,
         hold_open: bool,
@@ -483,9 +778,60 @@ mod tests {
                 events,
                 controls,
                 hold_open,
+                batches: None,
+                one_by_one: false,
             },
             rx,
         )
+    }
+
+    /// A worker that also serves `StreamTelemetryBatches`, with these
+    /// messages (its `StreamTelemetry` would send none).
+    fn batch_worker(
+        batches: Vec<Vec<TelemetryEvent>>,
+        hold_open: bool,
+    ) -> (FakeWorker, mpsc::UnboundedReceiver<TelemetryControl>) {
+        let batches = batches
+            .into_iter()
+            .map(|events| TelemetryEventBatch {
+                events,
+                base_timestamp_ns: 0,
+            })
+            .collect();
+        let (worker, rx) = worker(Vec::new(), hold_open);
+        (
+            FakeWorker {
+                batches: Some(batches),
+                ..worker
+            },
+            rx,
+        )
+    }
+
+    /// `n` events whose correlation ids are their positions.
+    fn numbered(n: usize) -> Vec<TelemetryEvent> {
+        (0..n)
+            .map(|i| event("python.call.stop", &i.to_string()))
+            .collect()
+    }
+
+    fn positions(events: &[Decoded]) -> Vec<usize> {
+        events
+            .iter()
+            .map(|e| e.correlation_id.as_deref().unwrap().parse().unwrap())
+            .collect()
+    }
+
+    /// Events the sink gets until it has been quiet for `quiet`.
+    async fn collect_quiet(h: &mut Harness, quiet: Duration) -> Vec<Decoded> {
+        let mut all = Vec::new();
+        while let Ok(seen) = tokio::time::timeout(quiet, h.seen.recv()).await {
+            match seen.expect("sink open") {
+                Seen::Events(batch) => all.extend(batch),
+                Seen::Status(status) => panic!("unexpected {status:?}"),
+            }
+        }
+        all
     }
 
     async fn serve_tcp(worker: FakeWorker) -> Address {
@@ -527,7 +873,7 @@ mod tests {
         let mut h = start(address, StreamConfig::default());
 
         expect_status(&mut h, Status::Connecting).await;
-        expect_status(&mut h, Status::Open).await;
+        expect_status(&mut h, Status::Open(Protocol::Events)).await;
         let (events, reason) = collect_until_closed(&mut h).await;
         assert_eq!(reason, CloseReason::EndOfStream);
 
@@ -556,7 +902,7 @@ mod tests {
         let address = serve_tcp(worker).await;
         let mut h = start(address, StreamConfig::default());
         expect_status(&mut h, Status::Connecting).await;
-        expect_status(&mut h, Status::Open).await;
+        expect_status(&mut h, Status::Open(Protocol::Events)).await;
         assert_eq!(controls.recv().await, Some(enable()));
 
         let off = TelemetryControl {
@@ -584,7 +930,7 @@ mod tests {
         let address = serve_tcp(worker).await;
         let mut h = start(address, StreamConfig::default());
         expect_status(&mut h, Status::Connecting).await;
-        expect_status(&mut h, Status::Open).await;
+        expect_status(&mut h, Status::Open(Protocol::Events)).await;
         drop(h.stop.take());
         let (_, reason) = collect_until_closed(&mut h).await;
         assert_eq!(reason, CloseReason::Stopped);
@@ -599,7 +945,7 @@ mod tests {
         let (worker, _controls) = worker(vec![event("tool.result_size", "")], false);
         serve_unix(worker, &path);
 
-        expect_status(&mut h, Status::Open).await;
+        expect_status(&mut h, Status::Open(Protocol::Events)).await;
         let (events, reason) = collect_until_closed(&mut h).await;
         assert_eq!(reason, CloseReason::EndOfStream);
         assert_eq!(events.len(), 1);
@@ -638,7 +984,7 @@ mod tests {
             },
         );
         expect_status(&mut h, Status::Connecting).await;
-        expect_status(&mut h, Status::Open).await;
+        expect_status(&mut h, Status::Open(Protocol::Events)).await;
         let mut batches = 0;
         let mut total = 0;
         loop {
@@ -658,5 +1004,280 @@ mod tests {
         assert_eq!(total, 5_000);
         assert!(batches < 5_000, "events were batched ({batches} batches)");
         assert_eq!(StreamStats::get(&h.stats.received), 5_000);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn falls_back_to_stream_telemetry_when_batches_are_unimplemented() {
+        let (worker, mut controls) = worker(numbered(50), false);
+        let address = serve_tcp(worker).await;
+        let mut h = start(address, StreamConfig::default());
+        expect_status(&mut h, Status::Connecting).await;
+        expect_status(&mut h, Status::Open(Protocol::Events)).await;
+        let (events, reason) = collect_until_closed(&mut h).await;
+        assert_eq!(reason, CloseReason::EndOfStream);
+        assert_eq!(positions(&events), (0..50).collect::<Vec<_>>());
+        assert_eq!(StreamStats::get(&h.stats.fallbacks), 1);
+        assert_eq!(StreamStats::get(&h.stats.wire_messages), 50);
+        assert_eq!(StreamStats::get(&h.stats.received), 50);
+        assert_eq!(StreamStats::get(&h.stats.connect_attempts), 1);
+        // The fallback call starts with its own toggle-on.
+        assert_eq!(controls.recv().await, Some(enable()));
+        assert_eq!(StreamStats::get(&h.stats.controls_sent), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batches_carry_many_events_per_message_in_order() {
+        // 1000 events in messages of 7; sink batches of about 10 wire events
+        // cut across message boundaries, but never split a message.
+        let batches: Vec<Vec<_>> = numbered(1_000).chunks(7).map(<[_]>::to_vec).collect();
+        let (worker, mut controls) = batch_worker(batches, false);
+        let address = serve_tcp(worker).await;
+        let mut h = start(
+            address,
+            StreamConfig {
+                max_batch: 10,
+                ..StreamConfig::default()
+            },
+        );
+        expect_status(&mut h, Status::Connecting).await;
+        expect_status(&mut h, Status::Open(Protocol::Batches)).await;
+        let mut all = Vec::new();
+        loop {
+            match next(&mut h).await {
+                Seen::Events(batch) => {
+                    let last = positions(&batch).last().copied().unwrap();
+                    assert!(
+                        batch.len() % 7 == 0 || last == 999,
+                        "a message was split: {} events",
+                        batch.len()
+                    );
+                    assert!(batch.len() <= 14);
+                    all.extend(batch);
+                }
+                Seen::Status(Status::Closed(reason)) => {
+                    assert_eq!(reason, CloseReason::EndOfStream);
+                    break;
+                }
+                Seen::Status(other) => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(positions(&all), (0..1_000).collect::<Vec<_>>());
+        assert_eq!(StreamStats::get(&h.stats.wire_messages), 143);
+        assert_eq!(StreamStats::get(&h.stats.received), 1_000);
+        assert_eq!(StreamStats::get(&h.stats.fallbacks), 0);
+        assert_eq!(controls.recv().await, Some(enable()));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_base_timestamp_is_added_to_its_events() {
+        let at = |offset: i64| TelemetryEvent {
+            timestamp_ns: offset,
+            ..event("python.call.stop", "")
+        };
+        let batch = |base: i64, events: Vec<TelemetryEvent>| TelemetryEventBatch {
+            events,
+            base_timestamp_ns: base,
+        };
+        let (mut worker, _controls) = batch_worker(vec![], false);
+        worker.batches = Some(vec![
+            batch(1_700_000_000_000_000_000, vec![at(0), at(1_500)]),
+            batch(0, vec![at(42)]),
+            batch(i64::MAX, vec![at(10)]),
+        ]);
+        let address = serve_tcp(worker).await;
+        let mut h = start(address, StreamConfig::default());
+        expect_status(&mut h, Status::Connecting).await;
+        expect_status(&mut h, Status::Open(Protocol::Batches)).await;
+        let (events, _) = collect_until_closed(&mut h).await;
+        let times: Vec<_> = events.iter().map(|e| e.timestamp_ns).collect();
+        assert_eq!(
+            times,
+            [
+                1_700_000_000_000_000_000,
+                1_700_000_000_000_001_500,
+                42,
+                i64::MAX
+            ]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn empty_and_partly_unknown_batches() {
+        let batches = vec![
+            vec![],
+            vec![event("python.call.start", "a"), event("zz.unknown.evt", "")],
+            vec![],
+            vec![event("python.call.stop", "a")],
+        ];
+        let (worker, _controls) = batch_worker(batches, false);
+        let address = serve_tcp(worker).await;
+        let mut h = start(address, StreamConfig::default());
+        expect_status(&mut h, Status::Connecting).await;
+        expect_status(&mut h, Status::Open(Protocol::Batches)).await;
+        let (events, reason) = collect_until_closed(&mut h).await;
+        assert_eq!(reason, CloseReason::EndOfStream);
+        let names: Vec<_> = events
+            .iter()
+            .filter_map(|e| e.event.spec().and_then(|s| s.python))
+            .collect();
+        assert_eq!(names, ["python.call.start", "python.call.stop"]);
+        let s = &h.stats;
+        assert_eq!(StreamStats::get(&s.wire_messages), 4);
+        assert_eq!(StreamStats::get(&s.received), 3);
+        assert_eq!(
+            StreamStats::get(&s.received),
+            events.len() as u64 + StreamStats::get(&s.dropped_unknown_event)
+        );
+    }
+
+    /// Without credit the stream stops reading (controls still pass), and
+    /// resumes once enough is released; nothing is lost or reordered.
+    async fn credit_bounds_what_is_pending(h: &mut Harness, message: usize, total: usize) {
+        let quiet = Duration::from_millis(300);
+        let first = collect_quiet(h, quiet).await;
+        assert!(
+            (100..100 + message).contains(&first.len()),
+            "{} events handed on with a credit of 100",
+            first.len()
+        );
+        assert_eq!(h.credit.pending(), first.len());
+        assert!(StreamStats::get(&h.stats.credit_waits) >= 1);
+
+        // Above the resume mark: still paused.
+        h.credit.release(first.len() - 60);
+        assert!(collect_quiet(h, quiet).await.is_empty());
+
+        let mut all = first;
+        while all.len() < total {
+            h.credit.release(h.credit.pending());
+            let more = collect_quiet(h, quiet).await;
+            assert!(!more.is_empty(), "resumed after the release");
+            assert!(h.credit.pending() < 100 + message);
+            all.extend(more);
+        }
+        assert_eq!(positions(&all), (0..total).collect::<Vec<_>>());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_credit_no_reading_with_single_events() {
+        let (worker, mut controls) = worker(numbered(1_000), true);
+        let address = serve_tcp(worker).await;
+        let mut h = start_with_credit(address, StreamConfig::default(), 100);
+        expect_status(&mut h, Status::Connecting).await;
+        expect_status(&mut h, Status::Open(Protocol::Events)).await;
+        assert_eq!(controls.recv().await, Some(enable()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        // Controls go through while the stream waits for credit.
+        assert!(StreamStats::get(&h.stats.credit_waits) >= 1);
+        h.controls_tx.send(enable()).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), controls.recv()).await;
+        assert_eq!(got.unwrap(), Some(enable()));
+
+        credit_bounds_what_is_pending(&mut h, 1, 1_000).await;
+        h.stop.take().unwrap().send(()).unwrap();
+        let (_, reason) = collect_until_closed(&mut h).await;
+        assert_eq!(reason, CloseReason::Stopped);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_credit_no_reading_with_batches() {
+        let batches: Vec<Vec<_>> = numbered(1_000).chunks(30).map(<[_]>::to_vec).collect();
+        let (worker, _controls) = batch_worker(batches, true);
+        let address = serve_tcp(worker).await;
+        let mut h = start_with_credit(address, StreamConfig::default(), 100);
+        expect_status(&mut h, Status::Connecting).await;
+        expect_status(&mut h, Status::Open(Protocol::Batches)).await;
+        credit_bounds_what_is_pending(&mut h, 30, 1_000).await;
+    }
+
+    /// A paused stream leaves the worker's small DATA frames buffered in
+    /// h2, which closes the connection (ENHANCE_YOUR_CALM) once their
+    /// framing overhead exceeds its budget. The windows keep that from
+    /// happening to a well-behaved worker, however small its events.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_paused_stream_of_tiny_messages_stays_open() {
+        let tiny = TelemetryEvent {
+            event_parts: vec!["tool".into(), "result_size".into()],
+            ..Default::default()
+        };
+        // Enough that the old windows (2 MiB stream, 5 MiB connection) let
+        // h2's budget run out.
+        let total = 30_000;
+        let (mut worker, _controls) = worker(vec![tiny; total], true);
+        worker.one_by_one = true;
+        let address = serve_tcp(worker).await;
+        let mut h = start_with_credit(address, StreamConfig::default(), 100);
+        expect_status(&mut h, Status::Connecting).await;
+        expect_status(&mut h, Status::Open(Protocol::Events)).await;
+
+        // Paused with at most a window's worth of frames buffered.
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        let mut got = collect_quiet(&mut h, Duration::from_millis(200))
+            .await
+            .len();
+        assert_eq!(got, 100);
+        // An owner that acknowledges each batch as it handles it.
+        h.credit.release(got);
+        while got < total {
+            match next(&mut h).await {
+                Seen::Events(batch) => {
+                    got += batch.len();
+                    h.credit.release(batch.len());
+                }
+                Seen::Status(status) => panic!("unexpected {status:?} after {got} events"),
+            }
+        }
+        assert_eq!(got, total);
+        assert_eq!(StreamStats::get(&h.stats.wire_messages), total as u64);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busy_owner_gets_few_large_batches_in_order() {
+        let total = 5_000;
+        let (mut worker, _controls) = worker(numbered(total), true);
+        worker.one_by_one = true;
+        let address = serve_tcp(worker).await;
+        let mut h = start_with_credit(address, StreamConfig::default(), 1_000);
+        expect_status(&mut h, Status::Connecting).await;
+        expect_status(&mut h, Status::Open(Protocol::Events)).await;
+        let mut all = Vec::new();
+        let mut batches = 0;
+        while all.len() < total {
+            match next(&mut h).await {
+                Seen::Events(batch) => {
+                    // Never more than the credit outstanding (one-event
+                    // messages: no overshoot).
+                    assert!(h.credit.pending() <= 1_000);
+                    batches += 1;
+                    // A slow owner: 10 ms per batch, then the ack.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    h.credit.release(batch.len());
+                    all.extend(batch);
+                }
+                Seen::Status(status) => panic!("unexpected {status:?}"),
+            }
+        }
+        assert_eq!(positions(&all), (0..total).collect::<Vec<_>>());
+        assert!(batches < 100, "{batches} batches for {total} events");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_held_for_a_busy_owner_are_delivered_on_stop() {
+        let (mut worker, _controls) = worker(numbered(50), true);
+        worker.one_by_one = true;
+        let address = serve_tcp(worker).await;
+        // The owner never acknowledges: after the first batch, events are
+        // held back (less than the credit and a batch).
+        let mut h = start_with_credit(address, StreamConfig::default(), 1_000);
+        expect_status(&mut h, Status::Connecting).await;
+        expect_status(&mut h, Status::Open(Protocol::Events)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(StreamStats::get(&h.stats.received), 50);
+        h.stop.take().unwrap().send(()).unwrap();
+        let (events, reason) = collect_until_closed(&mut h).await;
+        assert_eq!(reason, CloseReason::Stopped);
+        assert_eq!(positions(&events), (0..50).collect::<Vec<_>>());
+        assert_eq!(h.credit.pending(), 50);
     }
 }

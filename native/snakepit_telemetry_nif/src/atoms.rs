@@ -17,6 +17,9 @@ rustler::atoms! {
     connecting,
     open,
     closed,
+    // Protocols of an open stream.
+    batches,
+    events,
     stopped,
     end_of_stream,
     connect_failed,

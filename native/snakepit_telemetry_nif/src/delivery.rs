@@ -9,6 +9,10 @@
 //! more than [`MAX_QUEUED_EVENTS`] wait, new batches are dropped and counted,
 //! never queued without limit. Batches of one stream that wait together are
 //! merged into one message, so a busy BEAM receives fewer, larger messages.
+//!
+//! Every batch carries its stream's [`Credit`]: events that do not reach the
+//! owner (queue full, encoding failed, owner gone) have their credit released
+//! here, since the owner will never acknowledge them.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,6 +21,7 @@ use std::thread;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use once_cell::sync::Lazy;
 use rustler::{Encoder, LocalPid, OwnedEnv};
+use snakepit_telemetry_core::credit::Credit;
 use snakepit_telemetry_core::decode::Decoded;
 use snakepit_telemetry_core::stats::StreamStats;
 use snakepit_telemetry_core::stream::Status;
@@ -43,6 +48,7 @@ pub enum Item {
         stream_id: u64,
         batch: Vec<Decoded>,
         stats: Arc<StreamStats>,
+        credit: Arc<Credit>,
     },
 }
 
@@ -65,12 +71,20 @@ pub fn status(pid: LocalPid, stream_id: u64, status: Status) {
     });
 }
 
-/// Queues a batch, or drops and counts it when the queue is full.
-pub fn events(pid: LocalPid, stream_id: u64, batch: Vec<Decoded>, stats: &Arc<StreamStats>) {
+/// Queues a batch, or drops and counts it (and releases its credit) when
+/// the queue is full.
+pub fn events(
+    pid: LocalPid,
+    stream_id: u64,
+    batch: Vec<Decoded>,
+    stats: &Arc<StreamStats>,
+    credit: &Arc<Credit>,
+) {
     let n = batch.len();
     if QUEUED_EVENTS.fetch_add(n, Ordering::AcqRel) + n > MAX_QUEUED_EVENTS {
         QUEUED_EVENTS.fetch_sub(n, Ordering::AcqRel);
         StreamStats::add(&stats.dropped_buffer_full, n as u64);
+        credit.release(n);
         return;
     }
     let item = Item::Events {
@@ -78,11 +92,13 @@ pub fn events(pid: LocalPid, stream_id: u64, batch: Vec<Decoded>, stats: &Arc<St
         stream_id,
         batch,
         stats: stats.clone(),
+        credit: credit.clone(),
     };
     if QUEUE.send(item).is_err() {
         // Only if the delivery thread is gone, which it never is by design.
         QUEUED_EVENTS.fetch_sub(n, Ordering::AcqRel);
         StreamStats::add(&stats.dropped_buffer_full, n as u64);
+        credit.release(n);
     }
 }
 
@@ -98,18 +114,16 @@ fn take_ready(first: Item, rx: &Receiver<Item>) -> Vec<Item> {
     while let Ok(next) = rx.try_recv() {
         if let (
             Some(Item::Events {
-                stream_id: last,
-                batch,
-                ..
+                stats: last, batch, ..
             }),
             Item::Events {
-                stream_id,
-                batch: more,
-                ..
+                stats, batch: more, ..
             },
         ) = (items.last_mut(), &next)
         {
-            if *last == *stream_id && batch.len() + more.len() <= MAX_MESSAGE_EVENTS {
+            // The same stream: its stats (like its credit) are its own; a
+            // stream id alone may be reused by another owner.
+            if Arc::ptr_eq(last, stats) && batch.len() + more.len() <= MAX_MESSAGE_EVENTS {
                 if let Item::Events { batch: more, .. } = next {
                     batch.extend(more);
                 }
@@ -155,6 +169,7 @@ fn deliver(env: &mut OwnedEnv, item: Item) {
             stream_id,
             batch,
             stats,
+            credit,
         } => {
             QUEUED_EVENTS.fetch_sub(batch.len(), Ordering::AcqRel);
             let total = batch.len() as u64;
@@ -165,13 +180,19 @@ fn deliver(env: &mut OwnedEnv, item: Item) {
                 (atoms::snakepit_telemetry_events(), stream_id, events).encode(env)
             });
             StreamStats::add(&stats.dropped_encode, failed);
-            match sent {
+            // Only what reached the owner stays pending until its ack.
+            let lost = match sent {
                 Ok(()) => {
                     StreamStats::add(&stats.delivered, total - failed);
                     StreamStats::add(&stats.batches, 1);
+                    failed
                 }
-                Err(_) => StreamStats::add(&stats.dropped_receiver_down, total - failed),
-            }
+                Err(_) => {
+                    StreamStats::add(&stats.dropped_receiver_down, total - failed);
+                    total
+                }
+            };
+            credit.release(lost as usize);
         }
     }
 }

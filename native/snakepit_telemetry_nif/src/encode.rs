@@ -3,7 +3,7 @@
 
 use rustler::{Encoder, Env, Term};
 use snakepit_telemetry_core::decode::{Decoded, Event, Key, Number};
-use snakepit_telemetry_core::stream::{CloseReason, Status};
+use snakepit_telemetry_core::stream::{CloseReason, Protocol, Status};
 
 use crate::atoms::{self, sym};
 use crate::custom;
@@ -80,8 +80,15 @@ pub fn events<'a>(env: Env<'a>, batch: &[Decoded]) -> (Term<'a>, u64) {
 pub fn status<'a>(env: Env<'a>, status: &Status) -> Term<'a> {
     match status {
         Status::Connecting => atoms::connecting().encode(env),
-        Status::Open => atoms::open().encode(env),
+        Status::Open(protocol) => (atoms::open(), protocol_atom(*protocol)).encode(env),
         Status::Closed(reason) => (atoms::closed(), close_reason(env, reason)).encode(env),
+    }
+}
+
+fn protocol_atom(protocol: Protocol) -> rustler::Atom {
+    match protocol {
+        Protocol::Batches => atoms::batches(),
+        Protocol::Events => atoms::events(),
     }
 }
 

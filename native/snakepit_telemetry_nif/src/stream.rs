@@ -4,11 +4,17 @@
 //! task and returns its handle at once, control messages go on a bounded
 //! queue (a full queue is an error, not a wait), and the task reports back to
 //! the owner process with messages (see `Snakepit.Telemetry.GrpcStream`).
+//!
+//! The owner acknowledges the events it has handled with `stream_ack`; at
+//! most `max_pending_events` unacknowledged events (plus one wire message)
+//! are ever on their way to it, so its mailbox stays bounded and a slow
+//! owner slows the worker down instead (see `snakepit_telemetry_core::credit`).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustler::{Atom, Encoder, Env, LocalPid, NifMap, ResourceArc, Term};
+use snakepit_telemetry_core::credit::Credit;
 use snakepit_telemetry_core::decode::{DecodeConfig, Decoded, Limits};
 use snakepit_telemetry_core::proto::{
     telemetry_control::Control, TelemetryControl, TelemetryEventFilter, TelemetrySamplingUpdate,
@@ -32,6 +38,7 @@ pub struct StreamHandle {
     controls: mpsc::Sender<TelemetryControl>,
     stop: Mutex<Option<oneshot::Sender<()>>>,
     stats: Arc<StreamStats>,
+    credit: Arc<Credit>,
 }
 
 #[rustler::resource_impl]
@@ -44,6 +51,7 @@ pub struct OpenOptions {
     connect_timeout_ms: u64,
     retry_interval_ms: u64,
     max_batch: usize,
+    max_pending_events: usize,
     max_message_bytes: usize,
     native_per_sec: u64,
     max_event_parts: usize,
@@ -79,6 +87,7 @@ struct NifSink {
     pid: LocalPid,
     stream_id: u64,
     stats: Arc<StreamStats>,
+    credit: Arc<Credit>,
 }
 
 impl Sink for NifSink {
@@ -87,7 +96,7 @@ impl Sink for NifSink {
     }
 
     fn events(&mut self, batch: Vec<Decoded>) {
-        delivery::events(self.pid, self.stream_id, batch, &self.stats);
+        delivery::events(self.pid, self.stream_id, batch, &self.stats, &self.credit);
     }
 }
 
@@ -100,10 +109,10 @@ fn stream_open(
 ) -> Result<ResourceArc<StreamHandle>, (Atom, String)> {
     let address =
         Address::parse(&address).map_err(|e| (atoms::invalid_address(), e.to_string()))?;
-    if options.max_batch == 0 || options.native_per_sec == 0 {
+    if options.max_batch == 0 || options.native_per_sec == 0 || options.max_pending_events == 0 {
         return Err((
             atoms::invalid_option(),
-            "max_batch and native_per_sec must be positive".into(),
+            "max_batch, max_pending_events and native_per_sec must be positive".into(),
         ));
     }
     let config = StreamConfig {
@@ -112,14 +121,19 @@ fn stream_open(
         max_batch: options.max_batch,
         max_message_bytes: options.max_message_bytes,
         decode: options.decode_config(),
+        // The HTTP/2 windows are chosen together with the credit; see
+        // StreamConfig.
+        ..StreamConfig::default()
     };
     let (controls, controls_rx) = mpsc::channel(CONTROL_QUEUE);
     let (stop, stop_rx) = oneshot::channel();
     let stats = Arc::new(StreamStats::default());
+    let credit = Arc::new(Credit::new(options.max_pending_events));
     let sink = NifSink {
         pid: owner,
         stream_id,
         stats: stats.clone(),
+        credit: credit.clone(),
     };
     RUNTIME.spawn(stream::run(
         address,
@@ -127,12 +141,14 @@ fn stream_open(
         controls_rx,
         stop_rx,
         stats.clone(),
+        credit.clone(),
         sink,
     ));
     Ok(ResourceArc::new(StreamHandle {
         controls,
         stop: Mutex::new(Some(stop)),
         stats,
+        credit,
     }))
 }
 
@@ -195,6 +211,15 @@ fn stream_close(handle: ResourceArc<StreamHandle>) -> Atom {
     if let Some(stop) = handle.stop.lock().map(|mut s| s.take()).unwrap_or(None) {
         let _ = stop.send(());
     }
+    atoms::ok()
+}
+
+/// Acknowledges `n` events the owner has handled, so that many more may be
+/// sent to it. Acknowledging more than is pending is harmless (the count
+/// never goes below zero).
+#[rustler::nif]
+fn stream_ack(handle: ResourceArc<StreamHandle>, n: usize) -> Atom {
+    handle.credit.release(n);
     atoms::ok()
 }
 

@@ -94,6 +94,34 @@ defmodule Snakepit.Telemetry.GrpcStreamTest do
     end
   end
 
+  describe "protocol negotiation" do
+    # The worker's --wire option: "batches" offers StreamTelemetryBatches
+    # too, "single" only StreamTelemetry.
+    for {wire, protocol, fallbacks} <- [{"batches", :batches, 0}, {"single", :events, 1}] do
+      test "a worker with --wire #{wire} streams with #{protocol}" do
+        worker = start_worker!(args: ["--wire", unquote(wire)], env: @no_stats_reports)
+        opened = [:snakepit, :grpc, :stream, :opened]
+        forward_events([@stop, opened])
+        worker_id = register!(worker)
+        protocol = unquote(protocol)
+
+        assert_receive {:event, ^opened, _, %{worker_id: ^worker_id, protocol: ^protocol}},
+                       5_000
+
+        assert %{protocol: ^protocol, stats: %{fallbacks: unquote(fallbacks)}} = stream(worker_id)
+
+        command!(worker, %{cmd: "emit", event: "python.call.stop", count: 300})
+        for _ <- 1..300, do: assert_receive({:event, @stop, _, %{worker_id: ^worker_id}}, 5_000)
+
+        await(fn -> stream(worker_id).stats.delivered == 300 end)
+        stats = stream(worker_id).stats
+        assert stats.received == 300
+        assert stats.wire_messages >= 1 and stats.wire_messages <= 300
+        if protocol == :events, do: assert(stats.wire_messages == 300)
+      end
+    end
+  end
+
   test "drops inside Python show in list_streams" do
     worker = start_worker!(args: ["--queue-size", "10"])
     # Nothing consumes the queue yet: 10 events fit, 90 are dropped in Python.

@@ -23,8 +23,8 @@ defmodule Snakepit.Telemetry.LifecycleTest do
   end
 
   # A worker the test can kill: not restarted by the test supervisor.
-  defp start_killable!(address) do
-    {:ok, pid} = PythonWorker.start_link(listen: address)
+  defp start_killable!(address, args \\ []) do
+    {:ok, pid} = PythonWorker.start_link(listen: address, args: args)
     Process.unlink(pid)
     on_exit(fn -> if Process.alive?(pid), do: PythonWorker.stop(pid) end)
     pid
@@ -52,10 +52,12 @@ defmodule Snakepit.Telemetry.LifecycleTest do
     assert stream(worker_id).status == :connecting
 
     worker = start_killable!(address)
-    assert_receive {:event, @established, _, %{worker_id: ^worker_id}}, 10_000
+
+    assert_receive {:event, @established, _, %{worker_id: ^worker_id, protocol: :batches}},
+                   10_000
 
     assert_receive {:event, ^opened, %{system_time: _},
-                    %{worker_id: ^worker_id, address: ^address}},
+                    %{worker_id: ^worker_id, address: ^address, protocol: :batches}},
                    5_000
 
     command!(worker, %{cmd: "emit", event: "python.call.stop", measurements: %{duration: 1}})
@@ -93,6 +95,40 @@ defmodule Snakepit.Telemetry.LifecycleTest do
     assert_receive {:event, @stop, _, %{worker_id: ^worker_id}}, 5_000
     refute_received {:event, @result, _, _}
     assert Process.whereis(GrpcStream) != nil
+  end
+
+  test "the protocol is negotiated again on every reconnect", %{address: address} do
+    worker = start_killable!(address, ["--wire", "single"])
+    worker_id = register!(worker, address: address)
+    forward_events([@stop, @reconnected])
+    assert stream(worker_id).protocol == :events
+    assert stream(worker_id).stats.fallbacks == 1
+
+    # Upgraded: the next connection uses batches.
+    kill9!(worker)
+    worker = start_killable!(address, ["--wire", "batches"])
+
+    assert_receive {:event, @reconnected, _, %{worker_id: ^worker_id, protocol: :batches}},
+                   10_000
+
+    await(fn -> stream(worker_id).status == :open end)
+    assert stream(worker_id).protocol == :batches
+    command!(worker, %{cmd: "emit", event: "python.call.stop", measurements: %{duration: 1}})
+    assert_receive {:event, @stop, _, %{worker_id: ^worker_id}}, 5_000
+
+    # Downgraded again: back to one event per message.
+    kill9!(worker)
+    worker = start_killable!(address, ["--wire", "single"])
+
+    assert_receive {:event, @reconnected, _, %{worker_id: ^worker_id, protocol: :events}},
+                   10_000
+
+    await(fn -> stream(worker_id).status == :open end)
+    assert stream(worker_id).protocol == :events
+    # Counters are summed over the worker's streams.
+    assert stream(worker_id).stats.fallbacks == 2
+    command!(worker, %{cmd: "emit", event: "python.call.stop", measurements: %{duration: 1}})
+    assert_receive {:event, @stop, _, %{worker_id: ^worker_id}}, 5_000
   end
 
   test "50 kill/restart cycles leave exactly one live stream per registered worker",

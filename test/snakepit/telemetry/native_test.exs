@@ -7,6 +7,7 @@ defmodule Snakepit.Telemetry.NativeTest do
     connect_timeout_ms: 300,
     retry_interval_ms: 50,
     max_batch: 64,
+    max_pending_events: 1_024,
     max_message_bytes: 1_048_576,
     native_per_sec: 1_000_000_000,
     max_event_parts: 8,
@@ -54,7 +55,34 @@ defmodule Snakepit.Telemetry.NativeTest do
     assert {:error, {:invalid_option, _}} =
              Native.stream_open(self(), 1, "127.0.0.1:1", %{@options | max_batch: 0})
 
+    assert {:error, {:invalid_option, text}} =
+             Native.stream_open(self(), 1, "127.0.0.1:1", %{@options | max_pending_events: 0})
+
+    assert text =~ "max_pending_events"
+
+    assert_raise ArgumentError, fn ->
+      Native.stream_open(self(), 1, "127.0.0.1:1", Map.delete(@options, :max_pending_events))
+    end
+
+    # rustler names a field of the wrong type (as for every option).
+    assert_raise ErlangError, ~r/max_pending_events/, fn ->
+      Native.stream_open(self(), 1, "127.0.0.1:1", %{@options | max_pending_events: -1})
+    end
+
     assert_raise ArgumentError, fn -> Native.stream_open(self(), 1, "127.0.0.1:1", %{}) end
+  end
+
+  test "stream_ack takes a non-negative count and a stream handle" do
+    {:ok, handle} = Native.stream_open(self(), 10, "unix:/nonexistent/z.sock", @options)
+    # More than is pending is harmless: the count never goes below zero.
+    assert Native.stream_ack(handle, 0) == :ok
+    assert Native.stream_ack(handle, 5) == :ok
+    assert_raise ArgumentError, fn -> Native.stream_ack(handle, -1) end
+    assert_raise ArgumentError, fn -> Native.stream_ack(handle, "1") end
+    assert_raise ArgumentError, fn -> Native.stream_ack(make_ref(), 1) end
+    Native.stream_close(handle)
+    # Acknowledging on a closed stream is harmless too.
+    assert Native.stream_ack(handle, 1) == :ok
   end
 
   test "a sampling rate outside 0..1 is refused" do

@@ -13,7 +13,7 @@ defmodule Snakepit.Telemetry.StderrTest do
     line =
       Stderr.prefix() <>
         ~s({"event_parts":["python","call","stop"],"measurements":{"duration":1500,"bad":"NaN"},) <>
-        ~s("metadata":{"command":"predict","model":"m1"},"timestamp_ns":1,"correlation_id":"c-9"})
+        ~s("metadata":{"command":"predict","deployment_region":"eu"},"timestamp_ns":1,"correlation_id":"c-9"})
 
     before = Stderr.stats()
     assert Stderr.handle_line(line, @ctx) == :ok
@@ -22,7 +22,8 @@ defmodule Snakepit.Telemetry.StderrTest do
     assert measurements == %{duration: System.convert_time_unit(1500, :nanosecond, :native)}
 
     assert metadata == %{
-             "model" => "m1",
+             # Not a catalog key, and no test registers it as a custom one.
+             "deployment_region" => "eu",
              command: "predict",
              correlation_id: "c-9",
              node: node(),

@@ -1,0 +1,371 @@
+# The benchmark suite: one table, every row next to a baseline measured in
+# the same run, with the ratio and the target.
+#
+#   script/bench [--quick]
+#
+# --quick runs every row with fewer events (a smoke run, not for figures).
+
+alias Snakepit.Telemetry.{GrpcStream, PythonWorker}
+
+defmodule Bench do
+  @moduledoc false
+
+  @python_call_stop [:snakepit, :python, :call, :stop]
+  @python_call_start [:snakepit, :python, :call, :start]
+
+  def python_call_stop, do: @python_call_stop
+  def python_call_start, do: @python_call_start
+
+  # :telemetry handlers (module functions, so :telemetry keeps them fast).
+  def count(_event, _measurements, _metadata, counter), do: :counters.add(counter, 1, 1)
+
+  def latency(_event, %{system_time: sent}, _metadata, pid) do
+    now = System.os_time(:nanosecond)
+    send(pid, {:latency, now - System.convert_time_unit(sent, :native, :nanosecond)})
+  end
+
+  def wait(fun, timeout_ms \\ 120_000) do
+    deadline = System.monotonic_time(:millisecond) + timeout_ms
+    do_wait(fun, deadline)
+  end
+
+  defp do_wait(fun, deadline) do
+    cond do
+      fun.() ->
+        :ok
+
+      System.monotonic_time(:millisecond) > deadline ->
+        {:error, :timeout}
+
+      true ->
+        Process.sleep(2)
+        do_wait(fun, deadline)
+    end
+  end
+
+  def seconds_since(t0),
+    do: System.convert_time_unit(System.monotonic_time() - t0, :native, :microsecond) / 1.0e6
+
+  def command!(worker, command, timeout \\ 300_000) do
+    {:ok, result} = PythonWorker.command(worker, command, timeout)
+    result
+  end
+
+  @doc "Starts a worker and registers it; returns once its stream is open."
+  def start_worker!(id, args, extra \\ []) do
+    {:ok, worker} = PythonWorker.start(args: args)
+
+    :ok =
+      GrpcStream.register_worker(
+        Keyword.merge(
+          [worker_id: id, pool_name: :bench, address: PythonWorker.address(worker)],
+          extra
+        )
+      )
+
+    :ok = wait(fn -> stream(id)[:status] == :open end, 30_000)
+    worker
+  end
+
+  def stop_worker(id, worker) do
+    GrpcStream.unregister_worker(id)
+    PythonWorker.stop(worker)
+  end
+
+  def stream(id), do: Enum.find(GrpcStream.list_streams(), &(&1.worker_id == id))
+
+  @doc """
+  Floods `n` events from each worker at once and waits until the handler saw
+  them all (or the flow stopped). Returns rate, CPU and drop figures.
+  """
+  def flood(workers, n) do
+    counter = :counters.new(1, [:write_concurrency])
+    handler = "bench-count-#{System.unique_integer([:positive])}"
+    :ok = :telemetry.attach(handler, @python_call_stop, &__MODULE__.count/4, counter)
+    cpu0 = Enum.map(workers, fn {_id, w} -> command!(w, %{cmd: "rusage"})["cpu_s"] end)
+    total = n * length(workers)
+    :erlang.system_flag(:scheduler_wall_time, true)
+    wall0 = :erlang.statistics(:scheduler_wall_time)
+    t0 = System.monotonic_time()
+
+    workers
+    |> Enum.map(fn {_id, w} -> Task.async(fn -> command!(w, %{cmd: "flood", count: n}) end) end)
+    |> Task.await_many(300_000)
+
+    result = wait(fn -> :counters.get(counter, 1) >= total end)
+    seconds = seconds_since(t0)
+    wall1 = :erlang.statistics(:scheduler_wall_time)
+    delivered = :counters.get(counter, 1)
+    cpu1 = Enum.map(workers, fn {_id, w} -> command!(w, %{cmd: "rusage"})["cpu_s"] end)
+    :telemetry.detach(handler)
+
+    %{
+      rate: delivered / seconds,
+      delivered: delivered,
+      drops: total - delivered,
+      timed_out: result != :ok,
+      cpu_us_per_event:
+        Enum.sum(Enum.zip_with(cpu1, cpu0, &(&1 - &2))) * 1.0e6 / max(delivered, 1),
+      scheduler_utilisation: utilisation(wall0, wall1)
+    }
+  end
+
+  defp utilisation(before, later) do
+    normal = :erlang.system_info(:schedulers)
+
+    {active, total} =
+      Enum.zip(Enum.sort(before), Enum.sort(later))
+      |> Enum.filter(fn {{id, _, _}, _} -> id <= normal end)
+      |> Enum.reduce({0, 0}, fn {{_, a0, t0}, {_, a1, t1}}, {a, t} ->
+        {a + a1 - a0, t + t1 - t0}
+      end)
+
+    active / max(total, 1)
+  end
+
+  def latencies(worker, count, rate) do
+    handler = "bench-latency"
+    :ok = :telemetry.attach(handler, @python_call_start, &__MODULE__.latency/4, self())
+    %{"count" => ^count} = command!(worker, %{cmd: "paced", count: count, rate: rate})
+    samples = for _ <- 1..count, do: receive_latency()
+    :telemetry.detach(handler)
+    sorted = Enum.sort(samples)
+
+    %{
+      p50: percentile(sorted, 0.50),
+      p99: percentile(sorted, 0.99),
+      max: List.last(sorted)
+    }
+  end
+
+  defp receive_latency do
+    receive do
+      {:latency, ns} -> ns
+    after
+      10_000 -> raise "latency sample missing"
+    end
+  end
+
+  defp percentile(sorted, q),
+    do: Enum.at(sorted, min(length(sorted) - 1, floor(q * length(sorted))))
+
+  @doc "Process CPU of `calls` ~1 ms calls, with spans and without, alternating rounds."
+  def span_overhead(worker, calls, rounds) do
+    runs =
+      for _ <- 1..rounds, telemetry <- [false, true] do
+        result = command!(worker, %{cmd: "spanwork", calls: calls, telemetry: telemetry})
+        {telemetry, result["cpu_s"]}
+      end
+
+    off = median(for {false, cpu} <- runs, do: cpu)
+    on = median(for {true, cpu} <- runs, do: cpu)
+    %{off: off, on: on, overhead: on / off - 1, per_call_us: (on - off) * 1.0e6 / calls}
+  end
+
+  defp median(values) do
+    sorted = Enum.sort(values)
+    Enum.at(sorted, div(length(sorted), 2))
+  end
+
+  @doc "GrpcStream cost per event: synthetic batches through the real process."
+  def beam_cost(stream_id, batches, batch_size) do
+    counter = :counters.new(1, [:write_concurrency])
+    handler = "bench-beam"
+    :ok = :telemetry.attach(handler, @python_call_stop, &__MODULE__.count/4, counter)
+    event = {@python_call_stop, %{duration: 1_000}, %{command: "predict"}}
+    events = List.duplicate(event, batch_size)
+    total = batches * batch_size
+    pid = Process.whereis(GrpcStream)
+    t0 = System.monotonic_time()
+    for _ <- 1..batches, do: send(pid, {:snakepit_telemetry_events, stream_id, events})
+    :ok = wait(fn -> :counters.get(counter, 1) >= total end)
+    genserver_ns = seconds_since(t0) * 1.0e9 / total
+
+    :counters.put(counter, 1, 0)
+    metadata = %{command: "predict", node: node(), pool_name: :bench, worker_id: "beam"}
+    t1 = System.monotonic_time()
+
+    for _ <- 1..total,
+        do: :telemetry.execute(@python_call_stop, %{duration: 1_000}, metadata)
+
+    direct_ns = seconds_since(t1) * 1.0e9 / total
+    :telemetry.detach(handler)
+    %{genserver_ns: genserver_ns, direct_ns: direct_ns}
+  end
+
+  def python_json!(args) do
+    python = PythonWorker.default_python()
+    env = [{"PYTHONPATH", Path.expand("../priv/python", __DIR__)}]
+    {out, 0} = System.cmd(python, args, env: env, cd: Path.expand("..", __DIR__))
+    out |> String.split("\n", trim: true) |> List.last() |> json!()
+  end
+
+  def rust_json! do
+    {out, 0} =
+      System.cmd(
+        "cargo",
+        ~w(run --release --quiet -p snakepit_telemetry_core --example decode_bench),
+        cd: Path.expand("..", __DIR__),
+        stderr_to_stdout: false
+      )
+
+    out |> String.split("\n", trim: true) |> List.last() |> json!()
+  end
+
+  defp json!(line) do
+    {:ok, value} = Snakepit.Telemetry.JSON.decode(line)
+    value
+  end
+
+  def fmt(x) when is_float(x) and x >= 100, do: Integer.to_string(round(x))
+  def fmt(x) when is_float(x), do: :erlang.float_to_binary(x, decimals: 2)
+  def fmt(x) when is_integer(x), do: Integer.to_string(x)
+  def fmt(x), do: to_string(x)
+
+  def ratio(_a, b) when b == 0, do: "n/a"
+  def ratio(a, b), do: :erlang.float_to_binary(a / b, decimals: 2) <> "x"
+end
+
+{opts, _, _} = OptionParser.parse(System.argv(), strict: [quick: :boolean])
+quick? = Keyword.get(opts, :quick, false)
+scale = fn full, small -> if quick?, do: small, else: full end
+
+n_batched = scale.(300_000, 20_000)
+n_single = scale.(40_000, 5_000)
+n_each = scale.(50_000, 5_000)
+latency_count = scale.(5_000, 500)
+
+IO.puts(:stderr, "bench: Python hot path")
+hot = Bench.python_json!(["bench/python_hot_path.py"])
+
+IO.puts(:stderr, "bench: native decode (cargo example)")
+rust = Bench.rust_json!()
+
+IO.puts(:stderr, "bench: single-worker throughput, batches")
+queue = fn n -> ["--queue-size", Integer.to_string(n * 2)] end
+w = Bench.start_worker!("batched", queue.(n_batched))
+protocol_batched = Bench.stream("batched").protocol
+batched = Bench.flood([{"batched", w}], n_batched)
+native_stats = Bench.stream("batched").stats
+Bench.stop_worker("batched", w)
+
+IO.puts(:stderr, "bench: single-worker throughput, one message per event")
+w = Bench.start_worker!("single", queue.(n_single) ++ ["--wire", "single"])
+protocol_single = Bench.stream("single").protocol
+single = Bench.flood([{"single", w}], n_single)
+Bench.stop_worker("single", w)
+
+IO.puts(:stderr, "bench: latency at 1000 events/s")
+w = Bench.start_worker!("lat-b", [])
+lat_b = Bench.latencies(w, latency_count, 1000)
+Bench.stop_worker("lat-b", w)
+w = Bench.start_worker!("lat-s", ["--wire", "single"])
+lat_s = Bench.latencies(w, latency_count, 1000)
+Bench.stop_worker("lat-s", w)
+
+IO.puts(:stderr, "bench: CPU overhead on ~1 ms spans")
+w = Bench.start_worker!("spans", [])
+overhead = Bench.span_overhead(w, scale.(1_000, 100), scale.(5, 1))
+
+IO.puts(:stderr, "bench: BEAM cost per event")
+stream_id = :sys.get_state(GrpcStream).workers["spans"].stream_id
+beam = Bench.beam_cost(stream_id, scale.(400, 40), 500)
+Bench.stop_worker("spans", w)
+
+IO.puts(:stderr, "bench: 8 workers")
+
+workers =
+  for i <- 1..8 do
+    id = "w#{i}"
+    {id, Bench.start_worker!(id, queue.(n_each))}
+  end
+
+eight = Bench.flood(workers, n_each)
+Enum.each(workers, fn {id, w} -> Bench.stop_worker(id, w) end)
+
+deliver_ns =
+  case native_stats do
+    %{deliver_ns: ns, delivered: d} when d > 0 -> ns / d
+    _ -> nil
+  end
+
+us = fn ns -> ns / 1000 end
+pct = fn x -> "#{Bench.fmt(x * 100)}%" end
+yes = fn ok -> if ok, do: "yes", else: "**no**" end
+
+rows = [
+  {"1", "Python `emit()` (ns/op)", Bench.fmt(hot["emit_ns"]), "prometheus_client `Counter.inc()`",
+   Bench.fmt(hot["counter_inc_ns"]), Bench.ratio(hot["emit_ns"], hot["counter_inc_ns"]),
+   "<= 0.5x", yes.(hot["emit_ns"] <= 0.5 * hot["counter_inc_ns"])},
+  {"1", "Python empty `span()` (ns/op)", Bench.fmt(hot["span_ns"]), "OpenTelemetry SDK span",
+   Bench.fmt(hot["otel_span_ns"]), Bench.ratio(hot["span_ns"], hot["otel_span_ns"]), "-", "-"},
+  {"2", "Python CPU per delivered event (us), batches", Bench.fmt(batched.cpu_us_per_event),
+   "one message per event", Bench.fmt(single.cpu_us_per_event),
+   Bench.ratio(batched.cpu_us_per_event, single.cpu_us_per_event), "<= 1.5 us",
+   yes.(batched.cpu_us_per_event <= 1.5)},
+  {"3", "1 worker -> 1 handler (events/s), #{protocol_batched}", Bench.fmt(batched.rate),
+   "one message per event (#{protocol_single})", Bench.fmt(single.rate),
+   Bench.ratio(batched.rate, single.rate), ">= 5x and >= 150k",
+   yes.(batched.rate >= 5 * single.rate and batched.rate >= 150_000)},
+  {"3", "drops in that run", "#{batched.drops} of #{n_batched}", "one message per event",
+   "#{single.drops} of #{n_single}", "-", "< 0.1%", yes.(batched.drops < 0.001 * n_batched)},
+  {"4", "latency p50 at 1000 ev/s (ms), batches", Bench.fmt(lat_b.p50 / 1.0e6),
+   "one message per event", Bench.fmt(lat_s.p50 / 1.0e6), Bench.ratio(lat_b.p50, lat_s.p50), "-",
+   "-"},
+  {"4", "latency p99 (ms)", Bench.fmt(lat_b.p99 / 1.0e6), "one message per event",
+   Bench.fmt(lat_s.p99 / 1.0e6), Bench.ratio(lat_b.p99, lat_s.p99), "<= 2 ms",
+   yes.(lat_b.p99 <= 2_000_000)},
+  {"4", "latency max (ms)", Bench.fmt(lat_b.max / 1.0e6), "one message per event",
+   Bench.fmt(lat_s.max / 1.0e6), Bench.ratio(lat_b.max, lat_s.max), "-", "-"},
+  {"5", "CPU of ~1 ms calls in spans, 100% sampled (s)", Bench.fmt(overhead.on), "telemetry off",
+   Bench.fmt(overhead.off), pct.(overhead.overhead) <> " overhead", "<= 0.3%",
+   yes.(overhead.overhead <= 0.003)},
+  {"5", "telemetry CPU per call (us)", Bench.fmt(overhead.per_call_us), "-", "-", "-", "-", "-"},
+  {"6", "native decode per event (ns)", Bench.fmt(rust["decode_ns"]), "prost parse alone",
+   Bench.fmt(rust["prost_parse_ns"]), Bench.ratio(rust["decode_ns"], rust["prost_parse_ns"]), "-",
+   "-"},
+  {"6", "NIF term building + send per event (ns)",
+   if(deliver_ns, do: Bench.fmt(deliver_ns), else: "n/a"), "-", "-", "-", "-", "-"},
+  {"6", "GrpcStream + `:telemetry.execute` per event (ns)", Bench.fmt(beam.genserver_ns),
+   "`:telemetry.execute` alone", Bench.fmt(beam.direct_ns),
+   Bench.ratio(beam.genserver_ns, beam.direct_ns), "-", "-"},
+  {"7", "8 workers at once (events/s)", Bench.fmt(eight.rate), "1 worker (row 3)",
+   Bench.fmt(batched.rate), Bench.ratio(eight.rate, batched.rate), "-", "-"},
+  {"7", "BEAM scheduler utilisation, 8 workers", pct.(eight.scheduler_utilisation),
+   "1 worker (row 3)", pct.(batched.scheduler_utilisation), "-", "-", "-"},
+  {"7", "drops, 8 workers", "#{eight.drops} of #{8 * n_each}", "-", "-", "-", "-", "-"}
+]
+
+cpu =
+  case File.read("/proc/cpuinfo") do
+    {:ok, text} ->
+      case Regex.run(~r/model name\s*:\s*(.+)/, text) do
+        [_, model] -> model
+        _ -> "unknown CPU"
+      end
+
+    _ ->
+      "unknown CPU"
+  end
+
+IO.puts("""
+
+snakepit_telemetry benchmarks#{if quick?, do: " (--quick: smoke run, not figures)", else: ""}
+#{:erlang.system_info(:logical_processors)} logical CPUs (#{cpu}), OTP #{System.otp_release()}, Elixir #{System.version()}; #{n_batched} / #{n_single} events (batches / one per message), 8 x #{n_each}
+""")
+
+IO.puts("| # | measurement | value | baseline | baseline value | ratio | target | met |")
+IO.puts("|---|---|---:|---|---:|---:|---|---|")
+
+for {row, what, value, base, base_value, ratio, target, met} <- rows do
+  IO.puts(
+    "| #{row} | #{what} | #{value} | #{base} | #{base_value} | #{ratio} | #{target} | #{met} |"
+  )
+end
+
+IO.puts("""
+
+Python CPU per event covers emit, encoding and sending (process CPU over
+delivered events). Native: #{native_stats[:wire_messages]} wire messages for #{native_stats[:delivered]} events in row 3.
+Latency samples: #{latency_count} per path. Span overhead: median of #{scale.(5, 1)} alternating rounds.
+""")
