@@ -71,7 +71,9 @@ defmodule Snakepit.Telemetry.GrpcStream do
   over every stream the worker had: `received`, `delivered`, each drop
   reason, `wire_messages`, `fallbacks` (connections that fell back to
   `StreamTelemetry`), `credit_waits` (times the NIF stopped reading for
-  want of acknowledgements), ...) and `:python` (the worker's own counters,
+  want of acknowledgements), `deliver_ns` (time spent building terms and
+  sending them here; over `delivered`, the native cost per event), ...) and
+  `:python` (the worker's own counters,
   e.g. `dropped_queue_full`, from its latest
   `[:snakepit, :telemetry, :python, :stats]` report).
 

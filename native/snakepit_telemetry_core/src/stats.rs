@@ -45,6 +45,7 @@ counters! {
     wire_messages: "gRPC messages read off the stream (one event each, or one batch of events).",
     fallbacks: "Connections that fell back to StreamTelemetry because the worker does not implement StreamTelemetryBatches.",
     credit_waits: "Times the stream stopped reading because the owner had max_pending_events events unacknowledged.",
+    deliver_ns: "Nanoseconds spent turning this stream's events into terms and sending them (over delivered: the cost per event).",
 }
 
 impl StreamStats {

@@ -17,6 +17,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
+use std::time::Instant;
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use once_cell::sync::Lazy;
@@ -174,11 +175,14 @@ fn deliver(env: &mut OwnedEnv, item: Item) {
             QUEUED_EVENTS.fetch_sub(batch.len(), Ordering::AcqRel);
             let total = batch.len() as u64;
             let mut failed = 0u64;
+            let started = Instant::now();
             let sent = env.send_and_clear(&pid, |env| {
                 let (events, bad) = encode::events(env, &batch);
                 failed = bad;
                 (atoms::snakepit_telemetry_events(), stream_id, events).encode(env)
             });
+            let elapsed = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            StreamStats::add(&stats.deliver_ns, elapsed);
             StreamStats::add(&stats.dropped_encode, failed);
             // Only what reached the owner stays pending until its ack.
             let lost = match sent {

@@ -25,10 +25,12 @@ Commands (one JSON object per stdin line, ACK payload after the arrow):
 * ``paced`` {count, rate}: ``python.call.start`` events whose ``system_time`` is
   the emit time, at ``rate`` per second on a fixed schedule (for latency
   measurements) -> {"count": N, "seconds": s};
-* ``spanwork`` {calls, work_us: 1000, telemetry: true}: ``calls`` calls of about
-  ``work_us`` of CPU work, each in a ``python.call`` span unless ``telemetry`` is
-  false; waits until the events were handed to gRPC -> {"calls": N, "cpu_s":
-  process CPU (all threads) over the run, "wall_s": s};
+* ``spanwork`` {calls, work_us: 1000, telemetry: true, mode: "spin"}: ``calls``
+  calls of about ``work_us`` of CPU work (``mode: "sleep"``: one call every
+  ``work_us``, sleeping, so the process CPU is the telemetry's own), each in a
+  ``python.call`` span unless ``telemetry`` is false; waits until the events were
+  handed to gRPC -> {"calls": N, "cpu_s": process CPU (all threads) over the
+  run, "wall_s": s};
 * ``rusage`` -> {"cpu_s": process CPU time so far, "rss_kb": resident memory};
 * ``workload`` {calls, interval_ms, correlation_prefix}: runs in the background
   and prints WORKLOAD_DONE -> {"started": true};
@@ -315,17 +317,38 @@ class Worker:
         calls = _int_arg(cmd, "calls", 1000)
         work_us = max(1, _int_arg(cmd, "work_us", 1000))
         traced = cmd.get("telemetry", True) is not False
-        spins = _spins_for(work_us)
+        mode = cmd.get("mode", "spin")
+        if mode not in ("spin", "sleep"):
+            raise CommandError('\'mode\' must be "spin" or "sleep"')
+        if mode == "spin":
+            spins = _spins_for(work_us)
+
+            def work() -> None:
+                _spin(spins)
+
+        else:
+            interval = work_us / 1e6
+            started = time.perf_counter()
+            done = 0
+
+            def work() -> None:
+                # On a fixed schedule, so both runs have the same call rate.
+                nonlocal done
+                done += 1
+                delay = started + done * interval - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+
         wall = time.perf_counter()
         cpu = time.process_time()
         if traced:
             for _ in range(calls):
                 with span("python.call", {"command": "predict"}):
-                    _spin(spins)
+                    work()
             self.stream.wait_drained(30)
         else:
             for _ in range(calls):
-                _spin(spins)
+                work()
         return {
             "calls": calls,
             "cpu_s": time.process_time() - cpu,
