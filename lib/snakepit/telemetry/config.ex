@@ -27,7 +27,7 @@ defmodule Snakepit.Telemetry.Config do
           allow: [],
           deny: []
         ],
-        python: [queue_size: 1024, stats_interval_ms: 1_000],
+        python: [queue_size: 1024, stats_interval_ms: 1_000, flush_interval_ms: 10],
         pools: %{
           inference: [control: [sampling_rate: 0.1], python: [queue_size: 4096]]
         }
@@ -57,7 +57,7 @@ defmodule Snakepit.Telemetry.Config do
     max_value_bytes: 4_096
   ]
   @control [enabled: true, sampling_rate: 1.0, sampling_rules: [], allow: [], deny: []]
-  @python [queue_size: 1024, stats_interval_ms: 1_000]
+  @python [queue_size: 1024, stats_interval_ms: 1_000, flush_interval_ms: 10]
 
   @doc "Stream settings for a pool (or the global ones for `nil`)."
   @spec stream(term()) :: keyword()
@@ -96,7 +96,8 @@ defmodule Snakepit.Telemetry.Config do
       {"SNAKEPIT_TELEMETRY_ALLOW", Enum.join(control.allow, ",")},
       {"SNAKEPIT_TELEMETRY_DENY", Enum.join(control.deny, ",")},
       {"SNAKEPIT_TELEMETRY_QUEUE_SIZE", Integer.to_string(python[:queue_size])},
-      {"SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS", Integer.to_string(python[:stats_interval_ms])}
+      {"SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS", Integer.to_string(python[:stats_interval_ms])},
+      {"SNAKEPIT_TELEMETRY_FLUSH_INTERVAL_MS", Integer.to_string(python[:flush_interval_ms])}
     ]
   end
 

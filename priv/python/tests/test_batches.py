@@ -348,3 +348,32 @@ def test_both_rpcs_deliver_the_same(serve: Serve) -> None:
         seen.append((got, counters))
     assert seen[0] == seen[1]
     assert seen[0][1]["internal_errors"] > 0 and seen[0][1]["measurements_dropped"] > 0
+
+
+def test_flush_interval(monkeypatch: pytest.MonkeyPatch, serve: Serve) -> None:
+    """After a batch, small batches wait out the interval; a quiet start does not."""
+    monkeypatch.setenv(stream_module.STATS_INTERVAL_ENV, "0")
+    monkeypatch.setenv(stream_module.FLUSH_INTERVAL_ENV, "400")
+    s = telemetry.TelemetryStream(queue_size=4096)
+    telemetry.set_stream(s)
+    client = BatchClient(serve(s))
+    try:
+        assert wait_until(lambda: s._idle > 0)
+        started = time.monotonic()
+        telemetry.emit("flush.first", {"i": 0})
+        client.take(1, timeout=1.0)
+        assert time.monotonic() - started < 0.3  # nothing was sent recently: at once
+
+        telemetry.emit("flush.second", {"i": 1})
+        client.take(1, timeout=2.0)
+        waited = time.monotonic() - started
+        assert waited >= 0.3, f"the second batch went out after {waited:.3f}s"
+
+        # A burst rides in few messages (at most one per interval, plus any that
+        # the stream thread found already full).
+        for i in range(stream_module.FLUSH_EVENTS + 10):
+            telemetry.emit("flush.many", {"i": i})
+        client.take(stream_module.FLUSH_EVENTS + 10, timeout=2.0)
+        assert len(client.batches) <= 5
+    finally:
+        client.close()

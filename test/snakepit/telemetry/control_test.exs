@@ -96,7 +96,8 @@ defmodule Snakepit.Telemetry.ControlTest do
                "SNAKEPIT_TELEMETRY_ALLOW" => "",
                "SNAKEPIT_TELEMETRY_DENY" => "noisy.*",
                "SNAKEPIT_TELEMETRY_QUEUE_SIZE" => "2048",
-               "SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS" => "0"
+               "SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS" => "0",
+               "SNAKEPIT_TELEMETRY_FLUSH_INTERVAL_MS" => "10"
              }
 
       assert Config.stream(:inference)[:backoff_max_ms] == 5_000
