@@ -137,8 +137,16 @@ for {event, n} <- Enum.sort(counts) do
 end
 
 IO.puts(
-  "\nstream counters: " <>
-    inspect(Map.take(stream.stats, [:received, :delivered, :batches, :dropped_unknown_event]))
+  "\nstream (#{stream.protocol}): " <>
+    inspect(
+      Map.take(stream.stats, [
+        :received,
+        :delivered,
+        :wire_messages,
+        :batches,
+        :dropped_unknown_event
+      ])
+    )
 )
 
 :ok = GrpcStream.unregister_worker("demo_worker_1")
