@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -50,99 +51,28 @@ class Client:
     """A StreamTelemetry call made with the generated stub, read on a thread.
 
     Stats reports go to ``stats`` so tests about regular events need not skip them.
-    """
-
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.insecure_channel(address)
-        self._requests: queue.Queue[object] = queue.Queue()
-        self.events: queue.Queue[pb.TelemetryEvent] = queue.Queue()
-        self.stats: queue.Queue[tuple[float, pb.TelemetryEvent]] = queue.Queue()
-        self.error: grpc.RpcError | None = None
-        self.done = threading.Event()
-        stub = pb_grpc.BridgeServiceStub(self.channel)
-        self.call = stub.StreamTelemetry(self._request_iter())
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _request_iter(self) -> Iterator[pb.TelemetryControl]:
-        while True:
-            item = self._requests.get()
-            if item is _CLOSE:
-                return
-            assert isinstance(item, pb.TelemetryControl)
-            yield item
-
-    def _read(self) -> None:
-        try:
-            for event in self.call:
-                if list(event.event_parts) == STATS_PARTS:
-                    self.stats.put((time.monotonic(), event))
-                else:
-                    self.events.put(event)
-        except grpc.RpcError as exc:
-            self.error = exc
-        finally:
-            self.done.set()
-
-    def send(self, control: pb.TelemetryControl) -> None:
-        self._requests.put(control)
-
-    def take(self, n: int, timeout: float = 5.0) -> list[pb.TelemetryEvent]:
-        """Exactly ``n`` events (fails the test if they do not arrive in time)."""
-        deadline = time.monotonic() + timeout
-        out = []
-        for _ in range(n):
-            remaining = max(0.0, deadline - time.monotonic())
-            try:
-                out.append(self.events.get(timeout=remaining))
-            except queue.Empty:
-                pytest.fail(f"expected {n} events, got {len(out)}")
-        return out
-
-    def take_stats(self, timeout: float = 5.0) -> tuple[float, pb.TelemetryEvent]:
-        """The next stats report with its arrival time (monotonic)."""
-        try:
-            return self.stats.get(timeout=timeout)
-        except queue.Empty:
-            pytest.fail("no stats report in time")
-
-    def assert_quiet(self, wait: float = 0.2) -> None:
-        time.sleep(wait)
-        assert self.events.empty(), "unexpected extra event"
-
-    def close(self) -> None:
-        self._requests.put(_CLOSE)
-        self.call.cancel()
-        self.done.wait(2)
-        self.channel.close()
-
-
-BATCHES_METHOD = "/snakepit.bridge.BridgeService/StreamTelemetryBatches"
-
-
-class BatchClient:
-    """A StreamTelemetryBatches call (generic stub), read on a thread.
-
-    Keeps every batch message as received; ``events`` holds the regular events
-    with absolute timestamps (base + offset), stats reports go to ``stats``.
+    Subclasses open another method (``_open``) and read its messages (``_consume``).
     """
 
     def __init__(self, address: str, **channel_options: object) -> None:
         self.channel = grpc.insecure_channel(address, options=list(channel_options.items()))
         self._requests: queue.Queue[object] = queue.Queue()
-        self.batches: list[pb.TelemetryEventBatch] = []  # regular events only
-        self.stats_batches: list[pb.TelemetryEventBatch] = []
         self.events: queue.Queue[pb.TelemetryEvent] = queue.Queue()
+        self.stats: queue.Queue[tuple[float, pb.TelemetryEvent]] = queue.Queue()
         self.error: grpc.RpcError | None = None
         self.done = threading.Event()
-        method = self.channel.stream_stream(
-            BATCHES_METHOD,
-            request_serializer=pb.TelemetryControl.SerializeToString,
-            response_deserializer=pb.TelemetryEventBatch.FromString,
-        )
-        self.call = method(self._request_iter())
+        self.call = self._open(self._request_iter())
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+
+    def _open(self, requests: Iterator[pb.TelemetryControl]) -> Any:
+        return pb_grpc.BridgeServiceStub(self.channel).StreamTelemetry(requests)
+
+    def _consume(self, event: pb.TelemetryEvent) -> None:
+        if list(event.event_parts) == STATS_PARTS:
+            self.stats.put((time.monotonic(), event))
+        else:
+            self.events.put(event)
 
     def _request_iter(self) -> Iterator[pb.TelemetryControl]:
         while True:
@@ -154,14 +84,8 @@ class BatchClient:
 
     def _read(self) -> None:
         try:
-            for batch in self.call:
-                if any(list(e.event_parts) == STATS_PARTS for e in batch.events):
-                    self.stats_batches.append(batch)  # tests check it holds nothing else
-                    continue
-                self.batches.append(batch)
-                for event in batch.events:
-                    event.timestamp_ns += batch.base_timestamp_ns
-                    self.events.put(event)
+            for message in self.call:
+                self._consume(message)
         except grpc.RpcError as exc:
             self.error = exc
         finally:
@@ -191,11 +115,55 @@ class BatchClient:
             except queue.Empty:
                 return out
 
+    def take_stats(self, timeout: float = 5.0) -> tuple[float, pb.TelemetryEvent]:
+        """The next stats report with its arrival time (monotonic)."""
+        try:
+            return self.stats.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail("no stats report in time")
+
+    def assert_quiet(self, wait: float = 0.2) -> None:
+        time.sleep(wait)
+        assert self.events.empty(), "unexpected extra event"
+
     def close(self) -> None:
         self._requests.put(_CLOSE)
         self.call.cancel()
         self.done.wait(2)
         self.channel.close()
+
+
+BATCHES_METHOD = "/snakepit.bridge.BridgeService/StreamTelemetryBatches"
+
+
+class BatchClient(Client):
+    """A StreamTelemetryBatches call (generic stub), read on a thread.
+
+    Keeps every batch message as received; ``events`` holds the regular events
+    with absolute timestamps (base + offset), stats reports go to ``stats_batches``.
+    """
+
+    def __init__(self, address: str, **channel_options: object) -> None:
+        self.batches: list[pb.TelemetryEventBatch] = []  # regular events only
+        self.stats_batches: list[pb.TelemetryEventBatch] = []
+        super().__init__(address, **channel_options)
+
+    def _open(self, requests: Iterator[pb.TelemetryControl]) -> Any:
+        method = self.channel.stream_stream(
+            BATCHES_METHOD,
+            request_serializer=pb.TelemetryControl.SerializeToString,
+            response_deserializer=pb.TelemetryEventBatch.FromString,
+        )
+        return method(requests)
+
+    def _consume(self, batch: pb.TelemetryEventBatch) -> None:  # type: ignore[override]
+        if any(list(e.event_parts) == STATS_PARTS for e in batch.events):
+            self.stats_batches.append(batch)  # tests check it holds nothing else
+            return
+        self.batches.append(batch)
+        for event in batch.events:
+            event.timestamp_ns += batch.base_timestamp_ns
+            self.events.put(event)
 
 
 @pytest.fixture(autouse=True)

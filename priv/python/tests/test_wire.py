@@ -20,7 +20,6 @@ import pytest
 
 from snakepit_bridge import snakepit_bridge_pb2 as pb
 from snakepit_bridge.telemetry._internal import convert, wire
-from snakepit_bridge.telemetry._internal.convert import QueuedEvent
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -39,26 +38,13 @@ class Ref:
     """The reference result of one raw event: message (or None) and counts."""
 
     def __init__(self, raw: wire.RawEvent) -> None:
-        parts, measurements, metadata, correlation_id, timestamp_ns = raw
         self.message: pb.TelemetryEvent | None = None
-        self.dropped = 0
-        self.errors = 0
-        # Mirrors TelemetryStream._convert and _build (the single-event RPC).
-        try:
-            values, dropped = convert.measurements(measurements)
-            meta, errors = convert.metadata(metadata)
-            if correlation_id is None:
-                cid = ""
-            elif type(correlation_id) is str:
-                cid = correlation_id
-            else:
-                cid = str(correlation_id)
-        except Exception:
-            self.errors = 1
+        # The single-event RPC's path (TelemetryStream._convert, then _build).
+        converted, self.dropped, self.errors = convert.from_raw(raw)
+        if converted is None:
             return
-        self.dropped, self.errors = dropped, errors
         try:
-            self.message = convert.to_proto(QueuedEvent(parts, values, meta, timestamp_ns, cid))
+            self.message = convert.to_proto(converted)
         except Exception:
             self.errors += 1
 

@@ -643,24 +643,12 @@ class TelemetryStream:
 
     def _convert(self, item: RawEvent) -> convert.QueuedEvent | None:
         """Apply the conversion rules to a raw queued event, counting what they drop."""
-        parts, raw_measurements, raw_metadata, correlation_id, timestamp_ns = item
-        try:
-            values, dropped = convert.measurements(raw_measurements)
-            meta, errors = convert.metadata(raw_metadata)
-            if correlation_id is None:
-                cid = ""
-            elif type(correlation_id) is str:
-                cid = correlation_id
-            else:
-                cid = str(correlation_id)
-        except Exception:
-            self._bump("internal_errors")
-            return None
+        converted, dropped, errors = convert.from_raw(item)
         if dropped or errors:
             with self._cond:
                 self._counts["measurements_dropped"] += dropped
                 self._counts["internal_errors"] += errors
-        return convert.QueuedEvent(parts, values, meta, timestamp_ns, cid)
+        return converted
 
     def _build(self, item: RawEvent) -> tuple[pb.TelemetryEvent | None, int]:
         """One event as a protobuf message, and 1 (or ``(None, 0)``, counted, on failure)."""

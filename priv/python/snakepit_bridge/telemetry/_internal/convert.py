@@ -130,6 +130,29 @@ def metadata(raw: object) -> tuple[dict[str, str], int]:
     return out, errors
 
 
+def from_raw(
+    raw: tuple[tuple[str, ...], Any, Any, Any, int],
+) -> tuple[QueuedEvent | None, int, int]:
+    """Convert an event as emit queued it: ``(event, measurements_dropped, errors)``.
+
+    The event is ``None`` (and ``errors`` 1) when the correlation id cannot be
+    made a string; the counts are those of :func:`measurements` and :func:`metadata`.
+    """
+    parts, raw_measurements, raw_metadata, correlation_id, timestamp_ns = raw
+    try:
+        values, dropped = measurements(raw_measurements)
+        meta, errors = metadata(raw_metadata)
+        if correlation_id is None:
+            cid = ""
+        elif type(correlation_id) is str:
+            cid = correlation_id
+        else:
+            cid = str(correlation_id)
+    except Exception:
+        return None, 0, 1
+    return QueuedEvent(parts, values, meta, timestamp_ns, cid), dropped, errors
+
+
 def to_proto(event: QueuedEvent) -> pb.TelemetryEvent:
     """Build the wire message; runs on the stream thread, never in emit."""
     msg = pb.TelemetryEvent(
