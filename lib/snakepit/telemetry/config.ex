@@ -12,7 +12,8 @@ defmodule Snakepit.Telemetry.Config do
           max_pending_events: 8_192,    # unacknowledged events on their way to
                                         # GrpcStream, per stream; beyond, the NIF
                                         # stops reading and the worker sheds load
-          max_message_bytes: 4_194_304, # largest gRPC message accepted
+          max_message_bytes: 4_194_304, # largest gRPC message accepted; Python's
+                                        # batches stay near 1 MiB, so keep >= 2 MiB
           health_interval_ms: 1_000,    # drop reports ([:snakepit, :telemetry, :events, :dropped]); 0: off
           # Limits on each event from Python: over them, events are dropped
           # (parts), entries dropped (keys, counts) or values truncated, and

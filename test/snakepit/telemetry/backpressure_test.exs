@@ -10,6 +10,7 @@ defmodule Snakepit.Telemetry.BackpressureTest do
   @moduletag timeout: 60_000
 
   @stop [:snakepit, :python, :call, :stop]
+  @dropped [:snakepit, :telemetry, :events, :dropped]
   @max_pending 256
   # Handler: 100 µs per event, so at most ~10 000 events/s.
   @busy_us 100
@@ -41,7 +42,9 @@ defmodule Snakepit.Telemetry.BackpressureTest do
     worker =
       start_worker!(
         args: ["--queue-size", "1024", "--wire", @wires[context[:protocol] || :batches]],
-        env: [{"SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS", "0"}]
+        # Stats reports (how Python's drops reach Elixir) only where a test
+        # asks: they are events too, and would blur the exact counts.
+        env: [{"SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS", context[:stats_interval] || "0"}]
       )
 
     %{worker: worker}
@@ -133,6 +136,37 @@ defmodule Snakepit.Telemetry.BackpressureTest do
         "RSS +#{div(rss_growth, 1024)} KiB, #{native.wire_messages} wire messages, " <>
         "#{native.credit_waits} credit waits, #{elapsed} ms"
     )
+  end
+
+  @tag stats_interval: "100"
+  test "load shed in Python is reported as health events, to the exact count", %{worker: worker} do
+    worker_id = register!(worker)
+    forward_events([@dropped])
+    SlowHandler.attach!(@stop, worker_id, @busy_us)
+    started = System.monotonic_time(:millisecond)
+    {_asked, _seconds} = produce(worker, started + 2_000)
+    await(fn -> command!(worker, %{cmd: "wait_drained", timeout_ms: 200})["drained"] end, 15_000)
+    shed = command!(worker, %{cmd: "stats"})["dropped_queue_full"]
+    assert shed > 0
+
+    deadline = System.monotonic_time(:millisecond) + 15_000
+    assert reported_drops(worker_id, shed, 0, deadline) == shed
+    # Nothing more is reported afterwards.
+    assert reported_drops(worker_id, 1, 0, System.monotonic_time(:millisecond) + 1_500) == 0
+  end
+
+  # Sums the health events for Python's queue-full drops until `want` is
+  # reached (or the deadline passes); more than `want` would be over-reporting.
+  defp reported_drops(worker_id, want, acc, deadline) do
+    wait = max(deadline - System.monotonic_time(:millisecond), 0)
+
+    receive do
+      {:event, @dropped, %{count: n},
+       %{worker_id: ^worker_id, reason: :dropped_queue_full, hop: :python}} ->
+        if acc + n >= want, do: acc + n, else: reported_drops(worker_id, want, acc + n, deadline)
+    after
+      wait -> acc
+    end
   end
 
   defp never_acks(worker, expected) do
