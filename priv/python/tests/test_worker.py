@@ -224,10 +224,8 @@ def test_spans_whole_under_sampling(worker: WorkerProc) -> None:
     client = Client(worker.address)
     try:
         client.send(sampling(0.5, "python.call.*"))
-        for _ in range(100):
-            _, st = worker.command({"cmd": "stats"})
-            if st["control"]["rules"]:
-                break
+        assert wait_until(lambda: worker.command({"cmd": "stats"})[1]["control"]["rules"])
+        _, st = worker.command({"cmd": "stats"})
         assert st["control"]["rules"] == [{"rate": 0.5, "patterns": ["python.call.*"]}]
         for batch in range(4):  # 4 x 100 spans fits the 256-event queue
             cmd = {"cmd": "spans", "count": 100, "correlation_prefix": f"b{batch}"}

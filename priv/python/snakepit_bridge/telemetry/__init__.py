@@ -4,7 +4,10 @@
 ``SNAKEPIT_TELEMETRY_BACKEND``; see :mod:`.backends`). The ``grpc`` backend, the
 default once :func:`add_to_server` or :func:`set_stream` was called, queues them on
 a process-wide :class:`TelemetryStream` that Elixir pulls over the
-``BridgeService/StreamTelemetry`` call; before that the default is ``stderr``.
+``BridgeService/StreamTelemetryBatches`` call (or ``StreamTelemetry``, one event
+per message); before that the default is ``stderr``. The grpc path queues the
+caller's measurements and metadata as they are and reads them later, on the
+stream thread: do not change them after the call.
 Instrumentation must never break the instrumented code, so nothing here raises.
 
 Also here: correlation IDs (:mod:`.correlation`, picked up by ``emit``/``span``),

@@ -241,14 +241,15 @@ _span_name_cache: dict[object, _SpanNames | None] = {}
 _SPAN_NAME_CACHE_LIMIT = 4096
 # Marks a span started by span._enter_fast (in place of a backend).
 _FAST_SPAN: Any = object()
+_MISSING: Any = object()
 
 
 def _span_names(name: object) -> _SpanNames | None:
     """Event parts of a dotted span name's three events (cached); ``None`` if not dotted-valid."""
     if type(name) is not str:
         return None
-    names = _span_name_cache.get(name, _FAST_SPAN)
-    if names is not _FAST_SPAN:
+    names = _span_name_cache.get(name, _MISSING)
+    if names is not _MISSING:
         return names
     parts = NAME_CACHE.get(name) or convert_event_parts(name)
     names = None if parts is None else ((*parts, "start"), (*parts, "stop"), (*parts, "exception"))
