@@ -21,6 +21,9 @@
 
 -behaviour(gen_server).
 
+%% prefix_pattern/1 builds an ETS match pattern whose tail is '_' on purpose.
+-dialyzer({no_improper_lists, prefix_pattern/1}).
+
 -export([start_link/0,
          insert/4,
          delete/1,

@@ -27,7 +27,8 @@ defmodule Mix.Tasks.SnakepitTelemetry.Catalog do
         Mix.raise("README.md catalog is stale: run mix snakepit_telemetry.catalog")
 
       true ->
-        File.write!(path, updated) && Mix.shell().info("README.md catalog updated")
+        File.write!(path, updated)
+        Mix.shell().info("README.md catalog updated")
     end
   end
 
