@@ -861,6 +861,14 @@ mod tests {
         path
     }
 
+    /// The dotted Python names of decoded catalog events, in order.
+    fn python_names(events: &[Decoded]) -> Vec<&'static str> {
+        events
+            .iter()
+            .filter_map(|e| e.event.spec().and_then(|s| s.python))
+            .collect()
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn tcp_stream_delivers_decoded_events_and_ends() {
         let events = vec![
@@ -877,11 +885,10 @@ mod tests {
         let (events, reason) = collect_until_closed(&mut h).await;
         assert_eq!(reason, CloseReason::EndOfStream);
 
-        let names: Vec<_> = events
-            .iter()
-            .filter_map(|e| e.event.spec().and_then(|s| s.python))
-            .collect();
-        assert_eq!(names, ["python.call.start", "python.call.stop"]);
+        assert_eq!(
+            python_names(&events),
+            ["python.call.start", "python.call.stop"]
+        );
         assert_eq!(events[0].correlation_id.as_deref(), Some("c1"));
         assert_eq!(
             events[0].metadata,
@@ -1116,11 +1123,10 @@ mod tests {
         expect_status(&mut h, Status::Open(Protocol::Batches)).await;
         let (events, reason) = collect_until_closed(&mut h).await;
         assert_eq!(reason, CloseReason::EndOfStream);
-        let names: Vec<_> = events
-            .iter()
-            .filter_map(|e| e.event.spec().and_then(|s| s.python))
-            .collect();
-        assert_eq!(names, ["python.call.start", "python.call.stop"]);
+        assert_eq!(
+            python_names(&events),
+            ["python.call.start", "python.call.stop"]
+        );
         let s = &h.stats;
         assert_eq!(StreamStats::get(&s.wire_messages), 4);
         assert_eq!(StreamStats::get(&s.received), 3);
