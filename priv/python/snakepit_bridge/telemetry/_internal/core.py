@@ -39,9 +39,17 @@ _current_correlation_id = _correlation_var.get  # get_correlation_id minus one c
 
 
 def _refresh_fast() -> None:
+    """Recompute ``_fast_stream``; called under the backends' selection lock.
+
+    Never creates the default stream: until one exists, emits take the full path
+    (which creates it, and so comes back here).
+    """
     global _fast_stream
     backend = backends.current()
-    _fast_stream = backend.stream if type(backend) is backends.GrpcBackend else None
+    if type(backend) is backends.GrpcBackend:
+        _fast_stream = backend.fixed_stream or _default_stream
+    else:
+        _fast_stream = None
 
 
 backends.on_change(_refresh_fast)
@@ -61,7 +69,7 @@ def get_stream() -> TelemetryStream:
 def _set_default(stream: TelemetryStream) -> TelemetryStream:
     global _default_stream
     _default_stream = stream
-    _refresh_fast()
+    backends.notify_change()
     return stream
 
 

@@ -101,6 +101,13 @@ def on_change(listener: Callable[[], None]) -> None:
     _listeners.append(listener)
 
 
+def notify_change() -> None:
+    """Run the change listeners (under the selection lock), e.g. when the stream
+    that a default ``grpc`` backend writes to was replaced."""
+    with _lock:
+        _changed()
+
+
 def current() -> Backend | None:
     """The current backend without resolving one (``None`` until first needed)."""
     return _current

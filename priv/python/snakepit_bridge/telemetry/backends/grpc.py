@@ -40,6 +40,11 @@ class GrpcBackend(Backend):
             self._get_default = get_stream
 
     @property
+    def fixed_stream(self) -> TelemetryStream | None:
+        """The stream given at construction; ``None`` means the process default."""
+        return self._fixed
+
+    @property
     def stream(self) -> TelemetryStream:
         """The stream events go to right now."""
         if self._fixed is not None:
