@@ -508,7 +508,9 @@ class TelemetryStream:
             daemon=True,
         ).start()
 
-        batch: deque[RawEvent] = deque()
+        # Events taken for this call; batch[done:] are not handed to gRPC yet.
+        batch: list[RawEvent] = []
+        done = 0
         in_doubt = 0  # events of the message suspended in a yield, if any
         clock = _StatsClock(self._stats_interval)
         encoder = BatchEncoder() if batched else None
@@ -546,12 +548,12 @@ class TelemetryStream:
                             if self._generation != generation or finished.is_set():
                                 return
                     report = self._stats_report_locked(clock, encoder)
-                    taken = self._take_locked()
-                    batch.extend(taken)
-                    self._in_flight += len(taken)
+                    batch = self._take_locked()
+                    done = 0
+                    self._in_flight += len(batch)
                 if report is not None:
                     yield report
-                while batch:
+                while done < len(batch):
                     if self._generation != generation or finished.is_set():
                         return  # superseded: the finally block hands the rest back
                     if clock.due(time.monotonic()):
@@ -562,16 +564,15 @@ class TelemetryStream:
                             continue  # re-check the generation before sending more
                     if encoder is None:
                         count = 1
-                        msg, sent = self._build(batch[0])
+                        msg, sent = self._build(batch[done])
                     else:
-                        msg, count, sent = self._encode(encoder, batch)
+                        msg, count, sent = self._encode(encoder, batch, done)
                     if sent:
                         in_doubt = count
                         yield msg  # resumes only once gRPC has taken the message
                         in_doubt = 0
                         next_flush = time.monotonic() + self._flush_interval
-                    for _ in range(count):
-                        batch.popleft()
+                    done += count
                     with self._cond:
                         self._in_flight -= count
                         self._counts["sent"] += sent
@@ -580,7 +581,7 @@ class TelemetryStream:
                         if not self._in_flight:
                             self._cond.notify_all()
         finally:
-            self._finish_call(generation, batch, in_doubt)
+            self._finish_call(generation, deque(batch[done:]), in_doubt)
 
     def _take_locked(self) -> list[RawEvent]:
         """Take everything queued right now; caller holds the lock.
@@ -661,9 +662,11 @@ class TelemetryStream:
             self._bump("internal_errors")
             return None, 0
 
-    def _encode(self, encoder: BatchEncoder, batch: deque[RawEvent]) -> tuple[bytes, int, int]:
-        """A batch message from the front of ``batch``: payload, events used, events in it."""
-        items = [batch[i] for i in range(min(len(batch), MAX_BATCH_EVENTS))]
+    def _encode(
+        self, encoder: BatchEncoder, batch: list[RawEvent], start: int
+    ) -> tuple[bytes, int, int]:
+        """A batch message from ``batch[start:]``: payload, events used, events in it."""
+        items = batch[start : start + MAX_BATCH_EVENTS]
         try:
             payload, consumed, encoded, dropped, errors = encoder.encode(items)
         except Exception:
