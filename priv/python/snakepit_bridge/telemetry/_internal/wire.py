@@ -49,6 +49,7 @@ def _varint_loop(value: int) -> bytes:
 # Varints of 0..16383, and the two leading bytes (continuation bits set) of the
 # low 14 bits of a larger number: together they cover values below 2**28 (event
 # lengths, timestamp offsets, typical durations) with two table lookups.
+# The two tables take about 1.4 MB per process.
 _V14 = [_varint_loop(i) for i in range(16384)]
 _LO14 = [bytes(((i & 0x7F) | 0x80, (i >> 7) | 0x80)) for i in range(16384)]
 _LIMIT28 = 1 << 28
