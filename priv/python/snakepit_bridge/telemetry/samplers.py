@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 
+from ._internal import env
 from ._internal.core import emit
 
 __all__ = [
@@ -59,17 +60,7 @@ _sampler: _Sampler | None = None
 
 def sampler_interval_from_env() -> float:
     """Seconds between samples from the environment; 0 means off."""
-    raw = os.environ.get(SAMPLER_INTERVAL_ENV)
-    if raw is None or not raw.strip():
-        return DEFAULT_SAMPLER_INTERVAL_MS / 1000
-    try:
-        ms = int(raw)
-    except ValueError:
-        ms = -1
-    if ms < 0:
-        log.debug("ignoring %s=%r: expected a non-negative integer", SAMPLER_INTERVAL_ENV, raw)
-        ms = DEFAULT_SAMPLER_INTERVAL_MS
-    return ms / 1000
+    return env.seconds_from_ms(SAMPLER_INTERVAL_ENV, DEFAULT_SAMPLER_INTERVAL_MS)
 
 
 def _rss_bytes() -> int | None:

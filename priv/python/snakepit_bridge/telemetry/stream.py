@@ -42,7 +42,7 @@ from typing import Any
 import grpc
 
 from .. import snakepit_bridge_pb2 as pb
-from ._internal import convert
+from ._internal import convert, env
 from ._internal.control import ControlState
 from ._internal.wire import BatchEncoder, RawEvent
 
@@ -124,31 +124,6 @@ _COUNTERS = (
 )
 
 
-def _queue_size_from_env() -> int:
-    """Read the queue bound from the environment, falling back on bad values."""
-    raw = os.environ.get(QUEUE_SIZE_ENV, "")
-    try:
-        size = int(raw)
-    except ValueError:
-        return DEFAULT_QUEUE_SIZE
-    return size if size > 0 else DEFAULT_QUEUE_SIZE
-
-
-def _seconds_from_env(name: str, default_ms: int) -> float:
-    """A millisecond setting as seconds; unset or bad values give ``default_ms``."""
-    raw = os.environ.get(name)
-    if raw is None or not raw.strip():
-        return default_ms / 1000
-    try:
-        ms = int(raw)
-    except ValueError:
-        ms = -1
-    if ms < 0:
-        log.debug("ignoring %s=%r: expected a non-negative integer", name, raw)
-        ms = default_ms
-    return ms / 1000
-
-
 class _StatsClock:
     """When the next stats report of one call may go out, and what was last sent."""
 
@@ -170,7 +145,10 @@ class TelemetryStream:
     """Bounded, thread-safe telemetry queue plus the StreamTelemetry gRPC handler."""
 
     def __init__(self, queue_size: int | None = None) -> None:
-        size = _queue_size_from_env() if queue_size is None else int(queue_size)
+        if queue_size is None:
+            size = env.positive_int(QUEUE_SIZE_ENV, DEFAULT_QUEUE_SIZE)
+        else:
+            size = int(queue_size)
         if size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size!r}")
         self._queue_size = size
@@ -190,8 +168,8 @@ class TelemetryStream:
         # Read once: every new call starts again from these defaults.
         self._default_control = ControlState.from_env(os.environ)
         self._set_control(self._default_control)
-        self._stats_interval = _seconds_from_env(STATS_INTERVAL_ENV, DEFAULT_STATS_INTERVAL_MS)
-        self._flush_interval = _seconds_from_env(FLUSH_INTERVAL_ENV, DEFAULT_FLUSH_INTERVAL_MS)
+        self._stats_interval = env.seconds_from_ms(STATS_INTERVAL_ENV, DEFAULT_STATS_INTERVAL_MS)
+        self._flush_interval = env.seconds_from_ms(FLUSH_INTERVAL_ENV, DEFAULT_FLUSH_INTERVAL_MS)
         self._counts = dict.fromkeys(_COUNTERS, 0)
         # Events taken off the queue by the active call but not yet handed to gRPC.
         self._in_flight = 0

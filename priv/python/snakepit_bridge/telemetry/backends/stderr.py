@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import threading
 import time
 from collections import deque
 from typing import Any, TextIO
 
+from .._internal import env
 from .._internal.convert import Scalar
 from .base import Backend
 
@@ -65,19 +65,6 @@ def format_line(
     return LINE_PREFIX + json.dumps(obj, separators=(",", ":"), allow_nan=False)
 
 
-def _queue_size_from_env() -> int:
-    raw = os.environ.get(STDERR_QUEUE_ENV, "")
-    try:
-        size = int(raw)
-    except ValueError:
-        size = 0
-    if size < 1:
-        if raw.strip():
-            log.debug("ignoring %s=%r: expected a positive integer", STDERR_QUEUE_ENV, raw)
-        return DEFAULT_STDERR_QUEUE
-    return size
-
-
 class StderrBackend(Backend):
     """JSON lines on stderr (or ``out``), written by a daemon thread from a bounded queue."""
 
@@ -86,7 +73,10 @@ class StderrBackend(Backend):
     def __init__(self, out: TextIO | None = None, queue_size: int | None = None) -> None:
         super().__init__()
         self._out = out  # None: whatever sys.stderr is at write time
-        self._queue_size = _queue_size_from_env() if queue_size is None else max(1, queue_size)
+        if queue_size is None:
+            self._queue_size = env.positive_int(STDERR_QUEUE_ENV, DEFAULT_STDERR_QUEUE)
+        else:
+            self._queue_size = max(1, queue_size)
         self._queue: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._writing = 0  # lines taken off the queue, not yet written
