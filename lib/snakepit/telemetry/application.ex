@@ -5,6 +5,7 @@ defmodule Snakepit.Telemetry.Application do
   @impl Application
   def start(_type, _args) do
     with :ok <- Snakepit.Telemetry.Native.status(),
+         :ok <- validate_config(),
          :ok <- register_custom() do
       # Registrations first and rest_for_one: the table of registered workers
       # outlives GrpcStream restarts (see Snakepit.Telemetry.GrpcStream).
@@ -17,6 +18,20 @@ defmodule Snakepit.Telemetry.Application do
       ]
 
       Supervisor.start_link(children, strategy: :rest_for_one, name: Snakepit.Telemetry.Supervisor)
+    end
+  end
+
+  # An invalid configuration stops the start with a message naming the key
+  # (see Snakepit.Telemetry.Config, "Validation").
+  defp validate_config do
+    case Snakepit.Telemetry.Config.validate() do
+      {:ok, _} ->
+        :ok
+
+      {:error, message} ->
+        require Logger
+        Logger.error(message)
+        {:error, {:invalid_config, message}}
     end
   end
 

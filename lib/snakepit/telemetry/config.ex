@@ -8,6 +8,9 @@ defmodule Snakepit.Telemetry.Config do
           retry_interval_ms: 100,       # ... this often
           backoff_initial_ms: 100,      # reconnect after a lost stream: first delay
           backoff_max_ms: 5_000,        # ... doubling up to this cap
+          healthy_after_ms: 10_000,     # the backoff starts again from
+                                        # backoff_initial_ms only after a stream
+                                        # stayed open this long (0: after any open)
           max_batch: 512,               # events per batch from the NIF
           max_pending_events: 8_192,    # unacknowledged events on their way to
                                         # GrpcStream, per stream; beyond, the NIF
@@ -37,6 +40,27 @@ defmodule Snakepit.Telemetry.Config do
   `worker_env/1` gives the environment variables to start a pool's Python
   workers with, so that Python begins with the same defaults that Elixir
   applies when the stream opens.
+
+  ## Validation
+
+  `validate/0` checks the `:stream`, `:control`, `:python` and `:pools`
+  settings against a schema: each section is a keyword list of known keys,
+  each value of the expected type (millisecond and size settings are
+  integers in `0..4_294_967_295`, some of them positive; `backoff_max_ms`
+  is at least `backoff_initial_ms`; `:pools` is a map of pool name to a
+  keyword list with `:stream`, `:control` and `:python` sections). An error
+  names the key and the expected type:
+
+      invalid :snakepit_telemetry config: pools[:inference].python.queue_size:
+      expected a positive integer, got: 0
+
+  The application does not start with an invalid configuration (the error
+  is its start failure). Settings changed at run time are checked where
+  they are read: `Snakepit.Telemetry.GrpcStream.register_worker/2` answers
+  `{:error, {:invalid_config, message}}`, and a restarted GrpcStream logs
+  the error and uses the built-in defaults of the invalid section rather
+  than crash. `stream/1`, `control/1`, `python/1` and `worker_env/1` raise
+  `ArgumentError` with the same message; `fetch/2` returns it.
   """
 
   alias Snakepit.Telemetry.Control
@@ -46,6 +70,7 @@ defmodule Snakepit.Telemetry.Config do
     retry_interval_ms: 100,
     backoff_initial_ms: 100,
     backoff_max_ms: 5_000,
+    healthy_after_ms: 10_000,
     max_batch: 512,
     max_pending_events: 8_192,
     max_message_bytes: 4 * 1024 * 1024,
@@ -60,25 +85,112 @@ defmodule Snakepit.Telemetry.Config do
   @control [enabled: true, sampling_rate: 1.0, sampling_rules: [], allow: [], deny: []]
   @python [queue_size: 1024, stats_interval_ms: 1_000, flush_interval_ms: 10]
 
-  @doc "Stream settings for a pool (or the global ones for `nil`)."
-  @spec stream(term()) :: keyword()
-  def stream(pool \\ nil), do: section(:stream, @stream, pool)
+  @defaults %{stream: @stream, control: @control, python: @python}
 
-  @doc "The initial control state of a pool's workers."
-  @spec control(term()) :: Control.t()
-  def control(pool \\ nil) do
-    case Control.new(section(:control, @control, pool)) do
-      {:ok, control} ->
-        control
+  # The type of every key each section accepts.
+  @schema %{
+    stream: [
+      connect_timeout_ms: :non_neg_integer,
+      retry_interval_ms: :pos_integer,
+      backoff_initial_ms: :pos_integer,
+      backoff_max_ms: :pos_integer,
+      healthy_after_ms: :non_neg_integer,
+      # Bounds on opening a stream and on a hung open stream (the NIF's).
+      open_timeout_ms: :non_neg_integer,
+      keepalive_interval_ms: :non_neg_integer,
+      keepalive_timeout_ms: :non_neg_integer,
+      max_batch: :pos_integer,
+      max_pending_events: :pos_integer,
+      max_message_bytes: :pos_integer,
+      health_interval_ms: :non_neg_integer,
+      max_event_parts: :pos_integer,
+      max_part_bytes: :pos_integer,
+      max_measurements: :non_neg_integer,
+      max_metadata: :non_neg_integer,
+      max_key_bytes: :pos_integer,
+      max_value_bytes: :non_neg_integer
+    ],
+    control: [
+      enabled: :boolean,
+      sampling_rate: :rate,
+      sampling_rules: :sampling_rules,
+      allow: :patterns,
+      deny: :patterns
+    ],
+    python: [
+      queue_size: :pos_integer,
+      stats_interval_ms: :non_neg_integer,
+      flush_interval_ms: :non_neg_integer
+    ]
+  }
+  @sections [:stream, :control, :python]
+  @max_integer 4_294_967_295
 
-      {:error, reason} ->
-        raise ArgumentError, "invalid :snakepit_telemetry control config: #{inspect(reason)}"
+  @type section :: :stream | :control | :python
+
+  @doc """
+  Checks every section (see "Validation"): `{:ok, sections}` with the
+  global settings of each section, defaults included, or
+  `{:error, message}` naming the first bad key.
+  """
+  @spec validate() :: {:ok, %{section() => keyword()}} | {:error, String.t()}
+  def validate do
+    with {:ok, pools} <- pools(),
+         :ok <- each(@sections, &check_global/1),
+         :ok <- each(pools, &check_pool/1),
+         :ok <- check_backoff(nil),
+         :ok <- each(Map.keys(pools), &check_backoff/1) do
+      {:ok, Map.new(@sections, &{&1, merged(&1, nil)})}
     end
   end
 
-  @doc "Python-side settings for a pool."
+  @doc """
+  A section's settings for a pool (`nil`: the global ones), defaults
+  included: `{:ok, keyword}` or `{:error, message}` when the global or the
+  pool's settings are invalid.
+  """
+  @spec fetch(section(), term()) :: {:ok, keyword()} | {:error, String.t()}
+  def fetch(section, pool \\ nil) when section in @sections do
+    with {:ok, pools} <- pools(),
+         :ok <- check_global(section),
+         :ok <- check_pool_section(pools, pool, section),
+         :ok <- if(section == :stream, do: check_backoff(pool), else: :ok) do
+      {:ok, merged(section, pool)}
+    end
+  end
+
+  @doc "The built-in defaults of a section (what `fetch/2` fills in)."
+  @spec defaults(section()) :: keyword()
+  def defaults(section) when section in @sections, do: Map.fetch!(@defaults, section)
+
+  @doc "Stream settings for a pool (or the global ones for `nil`); raises on invalid settings."
+  @spec stream(term()) :: keyword()
+  def stream(pool \\ nil), do: fetch!(:stream, pool)
+
+  @doc "The initial control state of a pool's workers; raises on invalid settings."
+  @spec control(term()) :: Control.t()
+  def control(pool \\ nil) do
+    case fetch_control(pool) do
+      {:ok, control} -> control
+      {:error, message} -> raise ArgumentError, message
+    end
+  end
+
+  @doc "The initial control state of a pool's workers, or `{:error, message}`."
+  @spec fetch_control(term()) :: {:ok, Control.t()} | {:error, String.t()}
+  def fetch_control(pool \\ nil) do
+    with {:ok, opts} <- fetch(:control, pool) do
+      case Control.new(opts) do
+        {:ok, control} -> {:ok, control}
+        # The schema checks each value; Control.new may still refuse (e.g. too many patterns).
+        {:error, reason} -> {:error, message("control", "a valid control state", reason)}
+      end
+    end
+  end
+
+  @doc "Python-side settings for a pool; raises on invalid settings."
   @spec python(term()) :: keyword()
-  def python(pool \\ nil), do: section(:python, @python, pool)
+  def python(pool \\ nil), do: fetch!(:python, pool)
 
   @doc """
   Environment variables for a pool's Python workers:
@@ -102,10 +214,152 @@ defmodule Snakepit.Telemetry.Config do
     ]
   end
 
-  defp section(key, defaults, pool) do
-    global = Application.get_env(:snakepit_telemetry, key, [])
-    pools = Application.get_env(:snakepit_telemetry, :pools, %{})
-    per_pool = pools |> Map.get(pool, []) |> Keyword.get(key, [])
-    defaults |> Keyword.merge(global) |> Keyword.merge(per_pool)
+  defp fetch!(section, pool) do
+    case fetch(section, pool) do
+      {:ok, opts} -> opts
+      {:error, message} -> raise ArgumentError, message
+    end
+  end
+
+  defp merged(section, pool) do
+    global = Application.get_env(:snakepit_telemetry, section, [])
+    per_pool = pool_section(Application.get_env(:snakepit_telemetry, :pools, %{}), pool, section)
+    defaults(section) |> Keyword.merge(global) |> Keyword.merge(per_pool)
+  end
+
+  defp pool_section(pools, pool, section) when is_map(pools) do
+    pools |> Map.get(pool, []) |> Keyword.get(section, [])
+  end
+
+  ## Checks
+
+  defp pools do
+    case Application.get_env(:snakepit_telemetry, :pools, %{}) do
+      pools when is_map(pools) -> {:ok, pools}
+      other -> {:error, message("pools", "a map of pool name to keyword list", other)}
+    end
+  end
+
+  defp check_global(section) do
+    check_section(
+      Atom.to_string(section),
+      section,
+      Application.get_env(:snakepit_telemetry, section, [])
+    )
+  end
+
+  defp check_pool({pool, settings}) do
+    path = "pools[#{inspect(pool)}]"
+
+    if keyword?(settings) do
+      each(settings, fn
+        {section, opts} when section in @sections ->
+          check_section("#{path}.#{section}", section, opts)
+
+        {key, _} ->
+          {:error,
+           error_prefix() <>
+             "unknown key #{inspect(key)} in #{path} (known keys: :stream, :control, :python)"}
+      end)
+    else
+      {:error, message(path, "a keyword list with :stream, :control and :python", settings)}
+    end
+  end
+
+  defp check_pool_section(_pools, nil, _section), do: :ok
+
+  defp check_pool_section(pools, pool, section) do
+    case Map.fetch(pools, pool) do
+      :error ->
+        :ok
+
+      {:ok, settings} ->
+        if keyword?(settings) do
+          check_section("pools[#{inspect(pool)}].#{section}", section, settings[section] || [])
+        else
+          check_pool({pool, settings})
+        end
+    end
+  end
+
+  # A rule over two keys, on the merged stream settings.
+  defp check_backoff(pool) do
+    stream = merged(:stream, pool)
+
+    if stream[:backoff_max_ms] >= stream[:backoff_initial_ms] do
+      :ok
+    else
+      path = if pool, do: "pools[#{inspect(pool)}].stream", else: "stream"
+
+      {:error,
+       message(
+         "#{path}.backoff_max_ms",
+         "an integer >= backoff_initial_ms (#{stream[:backoff_initial_ms]})",
+         stream[:backoff_max_ms]
+       )}
+    end
+  end
+
+  defp check_section(path, section, opts) do
+    schema = Map.fetch!(@schema, section)
+
+    if keyword?(opts) do
+      each(opts, fn {key, value} ->
+        case Keyword.fetch(schema, key) do
+          {:ok, type} ->
+            if valid?(type, value),
+              do: :ok,
+              else: {:error, message("#{path}.#{key}", describe(type), value)}
+
+          :error ->
+            known = schema |> Keyword.keys() |> Enum.map_join(", ", &inspect/1)
+
+            {:error,
+             error_prefix() <> "unknown key #{inspect(key)} in #{path} (known keys: #{known})"}
+        end
+      end)
+    else
+      {:error, message(path, "a keyword list", opts)}
+    end
+  end
+
+  defp each(items, check) do
+    Enum.reduce_while(items, :ok, fn item, :ok ->
+      case check.(item) do
+        :ok -> {:cont, :ok}
+        error -> {:halt, error}
+      end
+    end)
+  end
+
+  defp keyword?(value), do: is_list(value) and Keyword.keyword?(value)
+
+  defp valid?(:boolean, v), do: is_boolean(v)
+  defp valid?(:pos_integer, v), do: is_integer(v) and v > 0 and v <= @max_integer
+  defp valid?(:non_neg_integer, v), do: is_integer(v) and v >= 0 and v <= @max_integer
+  defp valid?(:rate, v), do: Control.validate_rate(v) == :ok
+  defp valid?(:patterns, v), do: Control.validate_patterns(v) == :ok
+
+  defp valid?(:sampling_rules, v) do
+    is_list(v) and
+      Enum.all?(v, fn
+        {patterns, rate} -> patterns != [] and valid?(:patterns, patterns) and valid?(:rate, rate)
+        _ -> false
+      end)
+  end
+
+  defp describe(:boolean), do: "a boolean"
+  defp describe(:pos_integer), do: "a positive integer (at most #{@max_integer})"
+  defp describe(:non_neg_integer), do: "a non-negative integer (at most #{@max_integer})"
+  defp describe(:rate), do: "a number in 0..1"
+  defp describe(:patterns), do: "a list of glob patterns (see Snakepit.Telemetry.Control)"
+
+  defp describe(:sampling_rules),
+    do: "a list of {patterns, rate} with a non-empty pattern list and a rate in 0..1"
+
+  defp error_prefix, do: "invalid :snakepit_telemetry config: "
+
+  defp message(path, expected, got) do
+    error_prefix() <> "#{path}: expected #{expected}, got: #{inspect(got, limit: 20)}"
   end
 end

@@ -35,8 +35,14 @@ defmodule Snakepit.Telemetry.GrpcStream do
   opens).
 
   A worker id registered on another node of the cluster is controlled on
-  that node (see `Snakepit.Telemetry.Cluster`); an unreachable node gives
-  `{:error, {:node_unreachable, node}}`.
+  that node (see `Snakepit.Telemetry.Cluster`). The change travels as data
+  (`t:change/0`), never as a function, so nodes running different code can
+  control each other; a change or request the server does not know is
+  answered with `{:error, {:invalid_control, change}}` or
+  `{:error, {:invalid_request, request}}`, never a crash. An unreachable
+  node gives `{:error, {:node_unreachable, node}}`; a node that does not
+  answer within 5 s `{:error, {:timeout, node}}` (the change may still be
+  applied there later).
 
   ## Lifecycle
 
@@ -52,15 +58,31 @@ defmodule Snakepit.Telemetry.GrpcStream do
     * **When an open stream ends** (worker crash, `kill -9`, network error,
       worker shutdown): `[:snakepit, :grpc, :connection, :lost]` and
       `[:snakepit, :grpc, :stream, :closed]` are emitted and the stream is
-      reopened with capped exponential backoff (`backoff_initial_ms`, doubling
-      to `backoff_max_ms`) for as long as the worker is registered. Success
-      emits `[:snakepit, :grpc, :connection, :reconnected]`.
+      reopened with capped exponential backoff for as long as the worker is
+      registered: attempt `n` waits `backoff_initial_ms * 2^(n - 1)`, at most
+      `backoff_max_ms`. Success emits
+      `[:snakepit, :grpc, :connection, :reconnected]`, whose `attempts`
+      counts the attempts since the worker last had a healthy stream.
+    * **Backoff reset**: the attempt count starts over (from
+      `backoff_initial_ms`) only when the stream that ended had stayed open
+      at least `healthy_after_ms` (default 10 s). A stream lost sooner
+      continues the progression, so a worker that accepts each call and ends
+      it at once is retried ever more slowly, up to one attempt per
+      `backoff_max_ms`, instead of in a tight loop.
+    * **Logging**: the first loss of a worker's stream is logged as a
+      warning, then at most one warning per minute per worker, which says
+      how many losses were not logged since the previous one. Every loss is
+      still a `[:snakepit, :grpc, :connection, :lost]` event.
     * **`unregister_worker/1`** closes the stream at once; nothing reconnects.
     * **If this process crashes**, the stream handles it held are garbage
       collected, which stops their native tasks and closes their connections
       (no leak). Registrations and control states live in an ETS table owned
       by `Snakepit.Telemetry.Registrations`, so the restarted process reopens
       every registered worker's stream and re-applies its control state.
+    * **Configuration**: `register_worker/2` reads the pool's settings and
+      answers `{:error, {:invalid_config, message}}` when they are invalid
+      (see `Snakepit.Telemetry.Config`). A restarting process never raises on
+      configuration: it logs the error and uses the built-in stream defaults.
 
   ## Status and counters
 
@@ -73,9 +95,15 @@ defmodule Snakepit.Telemetry.GrpcStream do
   `StreamTelemetry`), `credit_waits` (times the NIF stopped reading for
   want of acknowledgements), `deliver_ns` (time spent building terms and
   sending them here; over `delivered`, the native cost per event), ...) and
-  `:python` (the worker's own counters,
-  e.g. `dropped_queue_full`, from its latest
-  `[:snakepit, :telemetry, :python, :stats]` report).
+  `:python` (the worker's own counters, e.g. `dropped_queue_full`, from the
+  `[:snakepit, :telemetry, :python, :stats]` reports, summed over the
+  worker's Python processes; `queue_len` is the latest).
+
+  Python's counters start at 0 in each process. Each report names its
+  instance (`:instance_id` metadata); a report from a new instance, or a
+  counter lower than before (an older Python without ids), starts a new
+  instance: the previous one's last counters are kept in the sums, so a
+  restarted worker's drops are reported from its own 0, none twice.
 
   ## Messages from the NIF
 
@@ -122,7 +150,22 @@ defmodule Snakepit.Telemetry.GrpcStream do
           python: %{atom() => non_neg_integer()}
         }
 
+  @typedoc """
+  A control change, as the server takes it (also from other nodes): plain
+  data, applied with `Snakepit.Telemetry.Control`. Anything else is
+  answered with `{:error, {:invalid_control, change}}`.
+  """
+  @type change ::
+          {:toggle, boolean()} | {:sampling, number(), [String.t()]} | {:filter, keyword()}
+
   @python_stats [:snakepit, :telemetry, :python, :stats]
+  # Python stats measurements that are levels, not cumulative counters.
+  @python_gauges [:queue_len]
+  # How long a control call to a worker's GrpcStream (maybe on another node)
+  # may take.
+  @control_timeout_ms 5_000
+  # At most one "stream lost" warning per worker per this interval.
+  @lost_log_interval_ms 60_000
 
   # Stream settings the NIF takes (see Snakepit.Telemetry.Config).
   @native_options [
@@ -166,11 +209,15 @@ defmodule Snakepit.Telemetry.GrpcStream do
   Starts streaming telemetry from a worker.
 
   Returns `:ok` once the stream is being opened (its progress shows in
-  `list_streams/0`), `{:error, :already_registered}`, or
-  `{:error, {:invalid_worker_ctx, reason}}` for bad input.
+  `list_streams/0`), `{:error, :already_registered}`,
+  `{:error, {:invalid_worker_ctx, reason}}` for bad input, or
+  `{:error, {:invalid_config, message}}` when the pool's settings are
+  invalid (see `Snakepit.Telemetry.Config`).
   """
   @spec register_worker(worker_ctx(), GenServer.server()) ::
-          :ok | {:error, :already_registered | {:invalid_worker_ctx, term()}}
+          :ok
+          | {:error,
+             :already_registered | {:invalid_worker_ctx, term()} | {:invalid_config, String.t()}}
   def register_worker(worker_ctx, server \\ __MODULE__) do
     with {:ok, ctx} <- validate_ctx(worker_ctx) do
       GenServer.call(server, {:register, ctx})
@@ -194,7 +241,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
   def toggle(target, enabled, server \\ __MODULE__)
 
   def toggle(target, enabled, server) when is_boolean(enabled) do
-    control(target, &{:ok, Control.toggle(&1, enabled)}, server)
+    control(target, {:toggle, enabled}, server)
   end
 
   def toggle(_target, enabled, _server), do: {:error, {:invalid_enabled, enabled}}
@@ -212,7 +259,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
   def update_sampling(target, rate, patterns \\ [], server \\ __MODULE__) do
     with :ok <- Control.validate_rate(rate),
          :ok <- Control.validate_patterns(patterns) do
-      control(target, &Control.put_sampling(&1, rate, patterns), server)
+      control(target, {:sampling, rate, patterns}, server)
     end
   end
 
@@ -223,11 +270,13 @@ defmodule Snakepit.Telemetry.GrpcStream do
   @spec update_filter(target(), keyword(), GenServer.server()) :: :ok | {:error, term()}
   def update_filter(target, filter, server \\ __MODULE__) do
     with {:ok, _} <- Control.put_filter(%Control{}, filter) do
-      control(target, &Control.put_filter(&1, filter), server)
+      control(target, {:filter, filter}, server)
     end
   end
 
-  # A worker id registered on another node is controlled there.
+  # A worker id registered on another node is controlled there. The change
+  # travels as data (a `t:change/0`), never as a function: a node running
+  # other code could not call a function defined here.
   defp control(worker_id, change, __MODULE__ = server) when is_binary(worker_id) do
     destination =
       case :pg.get_members(Cluster.scope(), {:worker, worker_id}) do
@@ -236,9 +285,13 @@ defmodule Snakepit.Telemetry.GrpcStream do
       end
 
     try do
-      GenServer.call(destination, {:control, worker_id, change})
+      GenServer.call(destination, {:control, worker_id, change}, @control_timeout_ms)
     catch
-      :exit, _reason when is_pid(destination) -> {:error, {:node_unreachable, node(destination)}}
+      :exit, {:timeout, _} when is_pid(destination) ->
+        {:error, {:timeout, node(destination)}}
+
+      :exit, _reason when is_pid(destination) ->
+        {:error, {:node_unreachable, node(destination)}}
     end
   end
 
@@ -248,7 +301,8 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
   @impl GenServer
   def init(_opts) do
-    health_ms = Config.stream()[:health_interval_ms]
+    # Never raise on configuration here: a crash would only repeat on restart.
+    health_ms = stream_config(nil)[:health_interval_ms]
 
     state = %{
       workers: %{},
@@ -262,7 +316,8 @@ defmodule Snakepit.Telemetry.GrpcStream do
     state =
       Enum.reduce(Registrations.all(), state, fn {worker_id, registration}, acc ->
         Logger.info("telemetry: reopening the stream of registered worker #{worker_id}")
-        worker = new_worker(registration.ctx, registration.control, true)
+        stream_opts = stream_config(registration.ctx.pool_name)
+        worker = new_worker(registration.ctx, stream_opts, registration.control, true)
         :pg.join(Cluster.scope(), {:worker, worker_id}, self())
         connect(acc, worker, worker.stream_opts[:connect_timeout_ms])
       end)
@@ -275,17 +330,20 @@ defmodule Snakepit.Telemetry.GrpcStream do
     if Map.has_key?(state.workers, ctx.worker_id) do
       {:reply, {:error, :already_registered}, state}
     else
-      worker = new_worker(ctx, Config.control(ctx.pool_name), false)
-      timeout = ctx[:connect_timeout_ms] || worker.stream_opts[:connect_timeout_ms]
-
-      case open(worker, timeout, state) do
-        {:ok, worker} ->
-          Registrations.put(ctx.worker_id, %{ctx: ctx, control: worker.control})
-          :pg.join(Cluster.scope(), {:worker, ctx.worker_id}, self())
-          {:reply, :ok, put_worker(state, worker)}
-
+      with {:ok, stream_opts} <- Config.fetch(:stream, ctx.pool_name),
+           {:ok, control} <- Config.fetch_control(ctx.pool_name),
+           worker = new_worker(ctx, stream_opts, control, false),
+           timeout = ctx[:connect_timeout_ms] || stream_opts[:connect_timeout_ms],
+           {:ok, worker} <- open(worker, timeout, state) do
+        Registrations.put(ctx.worker_id, %{ctx: ctx, control: worker.control})
+        :pg.join(Cluster.scope(), {:worker, ctx.worker_id}, self())
+        {:reply, :ok, put_worker(state, worker)}
+      else
         {:error, {:invalid_address, text}} ->
           {:reply, {:error, {:invalid_worker_ctx, {:address, text}}}, state}
+
+        {:error, message} when is_binary(message) ->
+          {:reply, {:error, {:invalid_config, message}}, state}
 
         {:error, reason} ->
           {:reply, {:error, reason}, state}
@@ -315,14 +373,19 @@ defmodule Snakepit.Telemetry.GrpcStream do
   end
 
   def handle_call({:control, target, change}, _from, state) do
-    case targets(state, target) do
-      {:ok, ids} ->
-        {reply, state} = Enum.reduce(ids, {:ok, state}, &apply_control(&1, change, &2))
-        {:reply, reply, state}
-
-      error ->
-        {:reply, error, state}
+    with :ok <- check_change(change),
+         {:ok, ids} <- targets(state, target) do
+      {reply, state} = Enum.reduce(ids, {:ok, state}, &apply_control(&1, change, &2))
+      {:reply, reply, state}
+    else
+      error -> {:reply, error, state}
     end
+  end
+
+  # A request from a node running other code, or a bad caller: answered,
+  # never a crash.
+  def handle_call(request, _from, state) do
+    {:reply, {:error, {:invalid_request, request}}, state}
   end
 
   @impl GenServer
@@ -372,14 +435,14 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
   ## Streams
 
-  defp new_worker(ctx, control, reopened?) do
+  defp new_worker(ctx, stream_opts, control, reopened?) do
     %{
       worker_id: ctx.worker_id,
       pool_name: ctx.pool_name,
       address: ctx.address,
       python_pid: ctx[:python_pid],
       metadata: %{node: node(), pool_name: ctx.pool_name, worker_id: ctx.worker_id},
-      stream_opts: Config.stream(ctx.pool_name),
+      stream_opts: stream_opts,
       control: control,
       stream_id: nil,
       handle: nil,
@@ -390,11 +453,27 @@ defmodule Snakepit.Telemetry.GrpcStream do
       ever_open?: reopened?,
       lost_at: nil,
       opened_at: nil,
+      lost_log: %{at: nil, suppressed: 0},
       reconnects: 0,
       totals: %{},
       python: %{},
+      python_instance: nil,
+      python_base: %{},
       reported: %{}
     }
+  end
+
+  # A pool's stream settings; on an invalid configuration (changed since the
+  # application started) the built-in defaults, logged.
+  defp stream_config(pool) do
+    case Config.fetch(:stream, pool) do
+      {:ok, opts} ->
+        opts
+
+      {:error, message} ->
+        Logger.error("telemetry: #{message}; using the default stream settings")
+        Config.defaults(:stream)
+    end
   end
 
   defp put_worker(state, worker) do
@@ -468,12 +547,13 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
     reconnects = if worker.ever_open?, do: worker.reconnects + 1, else: 0
 
+    # `attempt` is kept: only a stream that stays open `healthy_after_ms`
+    # starts the backoff again from its first delay (see "Lifecycle").
     worker = %{
       worker
       | status: :open,
         protocol: protocol,
         ever_open?: true,
-        attempt: 0,
         lost_at: nil,
         opened_at: now,
         reconnects: reconnects
@@ -489,12 +569,20 @@ defmodule Snakepit.Telemetry.GrpcStream do
     cond do
       worker.status == :open ->
         now = System.monotonic_time()
-        Logger.warning("telemetry stream of worker #{worker.worker_id} lost: #{inspect(reason)}")
+        worker = log_lost(worker, reason)
 
         emit(worker, [:connection, :lost], %{system_time: System.system_time()}, %{reason: reason})
 
-        emit(worker, [:stream, :closed], %{duration: now - worker.opened_at}, %{reason: reason})
-        backoff(state, %{worker | lost_at: now, attempt: 1})
+        open_for = now - worker.opened_at
+        emit(worker, [:stream, :closed], %{duration: open_for}, %{reason: reason})
+
+        healthy? =
+          System.convert_time_unit(open_for, :native, :millisecond) >=
+            worker.stream_opts[:healthy_after_ms]
+
+        # A stream lost before it was healthy continues the backoff.
+        attempt = if healthy?, do: 1, else: worker.attempt + 1
+        backoff(state, %{worker | lost_at: now, attempt: attempt})
 
       worker.ever_open? ->
         backoff(state, %{worker | attempt: worker.attempt + 1})
@@ -505,6 +593,29 @@ defmodule Snakepit.Telemetry.GrpcStream do
         )
 
         put_in(state.workers[worker.worker_id], %{worker | status: {:failed, reason}})
+    end
+  end
+
+  # The first loss is logged, then at most one warning per
+  # `@lost_log_interval_ms`, saying how many losses went unlogged in between
+  # (every loss is a `[:snakepit, :grpc, :connection, :lost]` event).
+  defp log_lost(worker, reason) do
+    now = System.monotonic_time(:millisecond)
+    %{at: at, suppressed: suppressed} = worker.lost_log
+
+    if at == nil or now - at >= @lost_log_interval_ms do
+      unlogged =
+        if suppressed > 0,
+          do: " (#{suppressed} more losses since the previous warning were not logged)",
+          else: ""
+
+      Logger.warning(
+        "telemetry stream of worker #{worker.worker_id} lost: #{inspect(reason)}#{unlogged}"
+      )
+
+      %{worker | lost_log: %{at: now, suppressed: 0}}
+    else
+      %{worker | lost_log: %{at: at, suppressed: suppressed + 1}}
     end
   end
 
@@ -528,7 +639,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
   defp execute({@python_stats, measurements, metadata}, worker) do
     :telemetry.execute(@python_stats, measurements, Map.merge(metadata, worker.metadata))
-    %{worker | python: measurements}
+    python_report(worker, measurements, Map.get(metadata, :instance_id))
   end
 
   defp execute({event, measurements, metadata}, worker) do
@@ -549,6 +660,34 @@ defmodule Snakepit.Telemetry.GrpcStream do
     )
   end
 
+  # Python's counters start at 0 in each process (and each TelemetryStream).
+  # A report from another instance, or a counter that went down, means a new
+  # one: the previous instance's last counters are kept in `python_base`, so
+  # the worker's figures (and the drops reported from them) stay cumulative
+  # and nothing is counted twice or lost.
+  defp python_report(worker, measurements, instance) do
+    restarted? =
+      worker.python_instance != instance or
+        Enum.any?(python_counters(worker.python), fn {key, old} ->
+          Map.get(measurements, key, 0) < old
+        end)
+
+    base =
+      if restarted?,
+        do: add_counters(worker.python_base, python_counters(worker.python)),
+        else: worker.python_base
+
+    %{worker | python: measurements, python_instance: instance, python_base: base}
+  end
+
+  defp python_counters(python), do: Map.drop(python, @python_gauges)
+
+  defp add_counters(a, b), do: Map.merge(a, b, fn _k, x, y -> x + y end)
+
+  # The worker's Python counters over all its Python instances, and the
+  # latest levels.
+  defp python_totals(worker), do: add_counters(worker.python, worker.python_base)
+
   # Emits one `@dropped` event per counter that grew since the last report.
   defp report_drops(worker) do
     current = if worker.handle, do: Native.stream_stats(worker.handle), else: %{}
@@ -556,7 +695,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
     counts =
       for(
-        {reason, hop, source} <- drop_counters(native, worker.python),
+        {reason, hop, source} <- drop_counters(native, python_totals(worker)),
         into: %{},
         do: {{hop, reason}, source}
       )
@@ -600,10 +739,28 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
   defp targets(_state, target), do: {:error, {:invalid_target, target}}
 
+  # `:ok` when `change` is well-formed and valid (checked on the default
+  # state, before any worker's state changes).
+  defp check_change(change) do
+    case change(%Control{}, change) do
+      {:ok, _} -> :ok
+      {:error, _} = error -> error
+    end
+  end
+
+  defp change(control, {:toggle, enabled}) when is_boolean(enabled),
+    do: {:ok, Control.toggle(control, enabled)}
+
+  defp change(control, {:sampling, rate, patterns}),
+    do: Control.put_sampling(control, rate, patterns)
+
+  defp change(control, {:filter, filter}), do: Control.put_filter(control, filter)
+  defp change(_control, other), do: {:error, {:invalid_control, other}}
+
   defp apply_control(worker_id, change, {reply, state}) do
     worker = state.workers[worker_id]
 
-    case change.(worker.control) do
+    case change(worker.control, change) do
       {:ok, control} ->
         Registrations.put(worker_id, %{ctx: ctx(worker), control: control})
 
@@ -653,7 +810,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
       control: Control.to_map(worker.control),
       reconnects: worker.reconnects,
       stats: Map.merge(worker.totals, current, fn _k, a, b -> a + b end),
-      python: worker.python
+      python: python_totals(worker)
     }
   end
 

@@ -109,6 +109,7 @@ def test_batches_end_to_end(
         assert list(report.event_parts) == STATS_PARTS
         assert set(report.measurements) == set(stream_module.STATS_MEASUREMENTS)
         assert all(v.WhichOneof("value") == "int_value" for v in report.measurements.values())
+        assert dict(report.metadata) == {"instance_id": big.instance_id}
         assert report.timestamp_ns + batch.base_timestamp_ns >= before - 10**10
 
 

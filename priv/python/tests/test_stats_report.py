@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable
 
@@ -37,7 +39,7 @@ def values(event: pb.TelemetryEvent) -> dict[str, int]:
     assert list(event.event_parts) == ["telemetry", "python", "stats"]
     assert set(event.measurements) == KEYS
     assert all(v.WhichOneof("value") == "int_value" for v in event.measurements.values())
-    assert not event.metadata and event.correlation_id == ""
+    assert set(event.metadata) == {"instance_id"} and event.correlation_id == ""
     assert event.timestamp_ns > 1_600_000_000 * 10**9
     return {k: v.int_value for k, v in event.measurements.items()}
 
@@ -166,3 +168,49 @@ def test_each_call_reports_at_start(monkeypatch: pytest.MonkeyPatch, serve: Serv
             client.close()
         assert wait_until(lambda: not s.stats()["active_stream"])
     assert s.stats()["stats_reports"] == 2
+
+
+def test_reports_name_their_instance(monkeypatch: pytest.MonkeyPatch, serve: Serve) -> None:
+    s = make_stream(monkeypatch, "5000")
+    other = telemetry.TelemetryStream(queue_size=4)
+    assert len(s.instance_id) == 16 and s.instance_id != other.instance_id
+    address = serve(s)
+    for _ in (1, 2):  # the same instance on every call
+        client = Client(address)
+        try:
+            _, report = client.take_stats()
+            assert dict(report.metadata) == {"instance_id": s.instance_id}
+        finally:
+            client.close()
+        assert wait_until(lambda: not s.stats()["active_stream"])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_starts_over_as_a_new_instance(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = make_stream(monkeypatch, "0", queue_size=2)
+    for _ in range(5):
+        telemetry.emit("before.fork", {"x": 1})  # 2 queued, 3 dropped: queue full
+    parent_id = s.instance_id
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave without running pytest's teardown
+        try:
+            os.close(read_end)
+            s.emit_event("in.child", {"x": 1})
+            out = {"id": s.instance_id, "stats": s.stats()}
+            os.write(write_end, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        child = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+
+    assert child["id"] != parent_id
+    stats = child["stats"]
+    assert stats["emitted"] == 1 and stats["queue_len"] == 1
+    assert stats["dropped_queue_full"] == 0 and stats["sent"] == 0
+    # The parent is unchanged.
+    assert s.instance_id == parent_id
+    parent = s.stats()
+    assert parent["emitted"] == 5 and parent["dropped_queue_full"] == 3 and parent["queue_len"] == 2

@@ -135,6 +135,52 @@ defmodule Snakepit.Telemetry.ClusterTest do
     assert GrpcStream.update_sampling("nobody-anywhere", 0.5) == {:error, :unknown_worker}
   end
 
+  test "control reaches another node as data; a malformed control gets an error reply" do
+    {_peer, d, worker_d} = start_node!("d")
+    remote = :erpc.call(d, Process, :whereis, [GrpcStream])
+    await(fn -> :pg.get_members(Cluster.scope(), {:worker, worker_d}) != [] end)
+
+    assert GrpcStream.toggle(worker_d, false) == :ok
+    assert GrpcStream.update_filter(worker_d, deny: ["tool.*"]) == :ok
+
+    await(fn ->
+      match?(
+        {:ok, %{"control" => %{"enabled" => false, "deny" => ["tool.*"]}}},
+        remote_command(d, %{cmd: "stats"})
+      )
+    end)
+
+    # What an older node sent: a function. This module is not loaded on node
+    # D, so calling it there would raise; it must be refused, not called.
+    closure = fn control -> {:ok, control} end
+
+    assert {:error, {:invalid_control, _}} =
+             GenServer.call({GrpcStream, d}, {:control, worker_d, closure})
+
+    assert GenServer.call({GrpcStream, d}, {:control, worker_d, {:toggle, :maybe}}) ==
+             {:error, {:invalid_control, {:toggle, :maybe}}}
+
+    assert GenServer.call({GrpcStream, d}, {:control, worker_d, {:sampling, 2.0, []}}) ==
+             {:error, {:invalid_rate, 2.0}}
+
+    assert GenServer.call({GrpcStream, d}, {:control, worker_d, {:future_control, 1, 2}}) ==
+             {:error, {:invalid_control, {:future_control, 1, 2}}}
+
+    assert {:error, {:invalid_request, {:something_newer, _}}} =
+             GenServer.call({GrpcStream, d}, {:something_newer, worker_d})
+
+    assert :erpc.call(d, Process, :whereis, [GrpcStream]) == remote
+    [info] = :erpc.call(d, GrpcStream, :list_streams, [])
+    assert info.control.enabled == false
+    assert info.control.deny == ["tool.*"]
+
+    # A node that does not answer in time is a timeout, not an unreachable node.
+    :ok = :erpc.call(d, :sys, :suspend, [remote])
+    assert GrpcStream.toggle(worker_d, true) == {:error, {:timeout, d}}
+    :ok = :erpc.call(d, :sys, :resume, [remote])
+    assert :erpc.call(d, Process, :whereis, [GrpcStream]) == remote
+  end
+
   test "a correlation ID survives a call that crosses nodes" do
     {_peer, b, worker_b} = start_node!("b")
     :ok = Cluster.subscribe([@stop])

@@ -105,7 +105,10 @@ defmodule Snakepit.Telemetry.ControlTest do
 
     test "an invalid control config raises a clear error" do
       Application.put_env(:snakepit_telemetry, :control, sampling_rate: 2)
-      assert_raise ArgumentError, ~r/invalid_rate/, fn -> Config.control() end
+
+      assert_raise ArgumentError,
+                   ~r/control.sampling_rate: expected a number in 0..1, got: 2/,
+                   fn -> Config.control() end
     end
   end
 end

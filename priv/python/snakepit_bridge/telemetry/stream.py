@@ -25,6 +25,12 @@ Environment, read once when a stream is created:
 * ``SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS`` (default 1000, 0 disables): minimum gap
   between ``telemetry.python.stats`` events, which carry this stream's counters.
 
+Each stream has a random ``instance_id``, sent as the metadata of its stats
+events: counters start at 0 with each instance, so Elixir knows from a new
+``instance_id`` (a restarted worker) that the counters started over. A forked
+child starts over as a new instance: new id, counters at 0, empty queue (the
+queued events are the parent's to send), fresh locks.
+
 Bad values fall back to the defaults (logged at debug level), never raise.
 """
 
@@ -35,6 +41,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -124,6 +131,28 @@ _COUNTERS = (
 )
 
 
+# Key of the stats events' metadata that names the stream instance.
+INSTANCE_ID_KEY = "instance_id"
+
+
+def _new_instance_id() -> str:
+    """A random id for one stream instance (unique across processes and forks)."""
+    return os.urandom(8).hex()
+
+
+# Every stream of this process, so that a forked child can renew them.
+_streams: weakref.WeakSet[TelemetryStream] = weakref.WeakSet()
+
+
+def _renew_after_fork() -> None:
+    for stream in list(_streams):
+        stream._start_over_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_after_fork)
+
+
 class _StatsClock:
     """When the next stats report of one call may go out, and what was last sent."""
 
@@ -179,6 +208,27 @@ class TelemetryStream:
         # Calls whose handler has not returned yet, by generation.
         self._running: dict[int, grpc.ServicerContext] = {}
         self._random = random.Random()
+        self._instance_id = _new_instance_id()
+        _streams.add(self)
+
+    def _start_over_after_fork(self) -> None:
+        """In a forked child: become a new instance (see the module docstring).
+
+        Only the forking thread exists in the child; a lock that another thread
+        held at the fork would never be released, so every lock is new.
+        """
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._queue = deque()
+        self._idle = 0
+        self._taken = 0
+        self._refused = 0
+        self._in_flight = 0
+        self._counts = dict.fromkeys(_COUNTERS, 0)
+        self._active = None
+        self._running = {}
+        self._random = random.Random()
+        self._instance_id = _new_instance_id()
 
     # ------------------------------------------------------------------ emit path
 
@@ -304,6 +354,11 @@ class TelemetryStream:
     def queue_size(self) -> int:
         """The queue bound."""
         return self._queue_size
+
+    @property
+    def instance_id(self) -> str:
+        """This stream instance's id, sent with its stats events (see the module docstring)."""
+        return self._instance_id
 
     def _set_control(self, control: ControlState) -> None:
         """Swap the control state; caller holds the lock (or is the constructor)."""
@@ -611,9 +666,11 @@ class TelemetryStream:
                 msg = pb.TelemetryEvent(event_parts=STATS_EVENT, timestamp_ns=time.time_ns())
                 for key, value in zip(STATS_MEASUREMENTS, values, strict=True):
                     msg.measurements[key].int_value = value
+                msg.metadata[INSTANCE_ID_KEY] = self._instance_id
             else:
                 report = dict(zip(STATS_MEASUREMENTS, values, strict=True))
-                msg = encoder.encode([(STATS_EVENT, report, None, None, time.time_ns())])[0]
+                metadata = {INSTANCE_ID_KEY: self._instance_id}
+                msg = encoder.encode([(STATS_EVENT, report, metadata, None, time.time_ns())])[0]
         except Exception:
             self._counts["internal_errors"] += 1
             return None
