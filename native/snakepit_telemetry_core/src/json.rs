@@ -197,7 +197,8 @@ mod tests {
         // In a string value, in a key, and outside any string.
         for bad in [
             &b"{\"event_parts\":[\"python\",\"call\",\"stop\"],\"metadata\":{\"k\":\"\xff\"}}"[..],
-            &b"{\"event_parts\":[\"python\",\"call\",\"stop\"],\"metadata\":{\"\xc3\x28\":\"v\"}}"[..],
+            &b"{\"event_parts\":[\"python\",\"call\",\"stop\"],\"metadata\":{\"\xc3\x28\":\"v\"}}"
+                [..],
             &b"\xed\xa0\x80{}"[..],
         ] {
             let line = [PREFIX.as_bytes(), bad].concat();
@@ -220,6 +221,8 @@ mod tests {
         let line = r#"SNAKEPIT_TELEMETRY_EVENT {"event_parts":["python","call","stop"],"measurements":{"duration":1},"metadata":{"k":"\u00e9t\u00e9"}}"#;
         let (result, _) = decode_bytes(line.as_bytes());
         let d = result.unwrap();
-        assert!(d.metadata.contains(&(Key::Unknown("k".into()), "été".to_string())));
+        assert!(d
+            .metadata
+            .contains(&(Key::Unknown("k".into()), "été".to_string())));
     }
 }
