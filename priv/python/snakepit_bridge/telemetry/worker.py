@@ -371,7 +371,9 @@ class Worker:
         parts = cmd.get("parts")
         if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
             raise CommandError("'parts' must be a list of objects")
-        data = b"".join(bytes.fromhex(str(p.get("hex", ""))) * _int_arg(p, "repeat", 1) for p in parts)
+        data = b"".join(
+            bytes.fromhex(str(p.get("hex", ""))) * _int_arg(p, "repeat", 1) for p in parts
+        )
         sys.stderr.flush()
         sys.stderr.buffer.write(data)
         sys.stderr.buffer.flush()
