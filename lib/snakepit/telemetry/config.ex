@@ -101,7 +101,8 @@ defmodule Snakepit.Telemetry.Config do
       {"SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS", Integer.to_string(python[:stats_interval_ms])},
       {"SNAKEPIT_TELEMETRY_FLUSH_INTERVAL_MS", Integer.to_string(python[:flush_interval_ms])},
       # Python never sends a message the stream would refuse.
-      {"SNAKEPIT_TELEMETRY_MAX_MESSAGE_BYTES", Integer.to_string(stream(pool)[:max_message_bytes])}
+      {"SNAKEPIT_TELEMETRY_MAX_MESSAGE_BYTES",
+       Integer.to_string(stream(pool)[:max_message_bytes])}
     ]
   end
 
