@@ -58,37 +58,41 @@ defmodule Snakepit.Telemetry.SchedulerProbe do
   def watch_other_nifs(options, rounds) do
     huge = String.duplicate("a", 4 * 1024 * 1024)
     patterns = for i <- 1..100_000, do: "python.call.pattern_number_#{i}.*"
-    watch({__MODULE__, :other_nifs, [options, huge, patterns]}, rounds)
+    name = List.duplicate(:a, 100_000)
+    watch({__MODULE__, :other_nifs, [options, huge, patterns, name]}, rounds)
   end
 
   @doc false
-  def other_nifs(options, huge, patterns) do
+  # Everything is built beforehand: the watched process only calls NIFs.
+  def other_nifs(options, huge, patterns, name) do
     alias Snakepit.Telemetry.Native
     {:ok, handle} = Native.stream_open(self(), 1, "127.0.0.1:1", options)
 
-    results = [
-      Native.stream_open(self(), 2, huge, options),
-      Native.stream_filter(handle, patterns, patterns),
-      Native.stream_sampling(handle, 0.5, patterns),
-      Native.stream_close(handle),
-      Native.register_custom_event(huge, [:a]),
-      Native.register_custom_event("probe.event", List.duplicate(:a, 100_000)),
-      Native.custom_events(),
-      Native.catalog_events(),
-      Native.catalog_metadata_keys(),
-      Native.json_stats(),
-      Native.runtime_info()
+    # Each result is summarised at once, so the process's heap stays small
+    # (a garbage collection of a large heap would hold the scheduler too).
+    calls = [
+      fn -> Native.stream_open(self(), 2, huge, options) end,
+      fn -> Native.stream_filter(handle, patterns, patterns) end,
+      fn -> Native.stream_sampling(handle, 0.5, patterns) end,
+      fn -> Native.stream_close(handle) end,
+      fn -> Native.register_custom_event(huge, [:a]) end,
+      fn -> Native.register_custom_event("probe.event", name) end,
+      fn -> Native.custom_events() end,
+      fn -> Native.catalog_events() end,
+      fn -> Native.catalog_metadata_keys() end,
+      fn -> Native.json_stats() end,
+      fn -> Native.runtime_info() end
     ]
 
-    Enum.map(results, fn
-      {:error, {reason, _text}} -> {:error, reason}
-      {:ok, _} -> :ok
-      # A control on a stream whose connection failed already.
-      {:error, :closed} -> :ok
-      other when is_list(other) or is_map(other) -> :data
-      other -> other
-    end)
+    for call <- calls, do: summarise(call.())
   end
+
+  defp summarise({:error, {reason, _text}}), do: {:error, reason}
+  defp summarise({:ok, _}), do: :ok
+  # A control on a stream whose connection failed already.
+  defp summarise({:error, :closed}), do: :ok
+  defp summarise(other) when is_list(other) or is_map(other), do: :data
+  defp summarise(other), do: other
 
   defp restore(:undefined), do: :erlang.system_monitor(:undefined)
   defp restore({pid, options}), do: :erlang.system_monitor(pid, options)
