@@ -26,11 +26,13 @@ use crate::atoms;
 use crate::encode;
 use crate::stream::{stats_map, OpenOptions};
 
-/// Longest line decoded on a normal scheduler. Measured on a 2-core VM with
-/// the other core busy: a 16 KiB line of real events (many metadata
-/// entries, long values) decodes and encodes in about 40-90 us, far below
-/// the 1 ms budget even on a slower or loaded machine; the dirty variant
-/// costs a few microseconds more per call, which short lines do not pay.
+/// Longest line decoded on a normal scheduler. Measured on a 2-core VM
+/// under heavy load (load average 10-14): an 8 KiB line decodes and encodes
+/// in a median 22 us (metadata entries) to 63 us (float measurements); the
+/// costliest content tried (duplicate keys) takes about 11 ns a byte, 90 us
+/// for 8 KiB: a tenth of the 1 ms budget. A 4 MiB line takes about 100 ms.
+/// The dirty variant costs about 1 us more per call (median, 1 KiB line),
+/// which short lines, the common case, do not pay.
 pub const SMALL_LINE_BYTES: usize = 8 * 1024;
 
 /// Counters of every line decoded in this VM.
