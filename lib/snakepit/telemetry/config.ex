@@ -16,7 +16,8 @@ defmodule Snakepit.Telemetry.Config do
                                         # GrpcStream, per stream; beyond, the NIF
                                         # stops reading and the worker sheds load
           max_message_bytes: 4_194_304, # largest gRPC message accepted; Python's
-                                        # batches stay near 1 MiB, so keep >= 2 MiB
+                                        # batches stay within 1 MiB and this
+                                        # (worker_env/1 passes it to Python)
           health_interval_ms: 1_000,    # drop reports ([:snakepit, :telemetry, :events, :dropped]); 0: off
           # Limits on each event from Python: over them, events are dropped
           # (parts), entries dropped (keys, counts) or values truncated, and
@@ -210,7 +211,10 @@ defmodule Snakepit.Telemetry.Config do
       {"SNAKEPIT_TELEMETRY_DENY", Enum.join(control.deny, ",")},
       {"SNAKEPIT_TELEMETRY_QUEUE_SIZE", Integer.to_string(python[:queue_size])},
       {"SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS", Integer.to_string(python[:stats_interval_ms])},
-      {"SNAKEPIT_TELEMETRY_FLUSH_INTERVAL_MS", Integer.to_string(python[:flush_interval_ms])}
+      {"SNAKEPIT_TELEMETRY_FLUSH_INTERVAL_MS", Integer.to_string(python[:flush_interval_ms])},
+      # Python never sends a message the stream would refuse.
+      {"SNAKEPIT_TELEMETRY_MAX_MESSAGE_BYTES",
+       Integer.to_string(stream(pool)[:max_message_bytes])}
     ]
   end
 

@@ -197,6 +197,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
     :dropped_disabled,
     :dropped_sampled,
     :dropped_filtered,
+    :dropped_oversized,
     :interrupted_sends
   ]
 

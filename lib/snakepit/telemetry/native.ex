@@ -76,6 +76,24 @@ defmodule Snakepit.Telemetry.Native do
   def register_custom_event(_python_name, _event_name), do: not_loaded()
   def register_custom_key(_key), do: not_loaded()
   def custom_events, do: not_loaded()
-  def decode_json_line(_line, _options), do: not_loaded()
+
+  @doc """
+  Decodes one stderr telemetry line: `{:ok, {event, measurements, metadata}}`
+  or `{:error, reason}`; never raises, whatever `line` and `options` are.
+  Lines up to 16 KiB are decoded on the calling scheduler, longer ones on a
+  dirty CPU scheduler (see native/snakepit_telemetry_nif/src/json.rs).
+  """
+  def decode_json_line(line, options) do
+    case decode_json_line_nif(line, options) do
+      :dirty -> decode_json_line_dirty(line, options)
+      result -> result
+    end
+  end
+
+  # decode_json_line_nif runs on the calling scheduler and returns :dirty for
+  # a line it leaves to decode_json_line_dirty.
+  def decode_json_line_nif(_line, _options), do: not_loaded()
+  def decode_json_line_dirty(_line, _options), do: not_loaded()
+  def json_count_invalid_input, do: not_loaded()
   def json_stats, do: not_loaded()
 end

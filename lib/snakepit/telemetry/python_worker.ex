@@ -22,13 +22,22 @@ defmodule Snakepit.Telemetry.PythonWorker do
     * `:stderr_telemetry` - `%{worker_id: ..., pool_name: ...}`: read the
       worker's stderr too and fold its telemetry lines (the Python `stderr`
       backend) into `:telemetry` with `Snakepit.Telemetry.Stderr`.
+
+  Output is read in pieces of at most 1 MiB; a longer line is put back
+  together before it is handled, but only its first `max_message_bytes + 1`
+  bytes are kept (the pool's `:stream` setting), so a telemetry line over
+  the limit is refused (and counted) as `:too_large` and a flood of output
+  never costs more memory than that. `lines/1` keeps the last
+  10 000 other lines (the most recent).
   """
   use GenServer
 
-  alias Snakepit.Telemetry.JSON
+  alias Snakepit.Telemetry.{Config, JSON}
 
   @ready "SNAKEPIT_TELEMETRY_READY "
   @ack "SNAKEPIT_TELEMETRY_ACK "
+  # Output lines remembered for lines/1.
+  @max_lines 10_000
 
   @type t :: GenServer.server()
 
@@ -134,6 +143,10 @@ defmodule Snakepit.Telemetry.PythonWorker do
            address: address,
            waiting: :queue.new(),
            lines: [],
+           line_count: 0,
+           partial: [],
+           partial_size: 0,
+           line_limit: line_limit(opts[:stderr_telemetry]),
            stderr_telemetry: opts[:stderr_telemetry]
          }}
 
@@ -164,19 +177,14 @@ defmodule Snakepit.Telemetry.PythonWorker do
   end
 
   @impl GenServer
-  def handle_info({port, {:data, {:eol, @ack <> ack}}}, %{port: port} = state) do
-    {{:value, from}, waiting} = :queue.out(state.waiting)
-    GenServer.reply(from, parse_ack(ack))
-    {:noreply, %{state | waiting: waiting}}
+  def handle_info({port, {:data, {:noeol, chunk}}}, %{port: port} = state) do
+    {:noreply, keep(state, chunk)}
   end
 
-  def handle_info({port, {:data, {_, line}}}, %{port: port} = state) do
-    with ctx when ctx != nil <- state.stderr_telemetry,
-         result when result != :ignored <- Snakepit.Telemetry.Stderr.handle_line(line, ctx) do
-      {:noreply, state}
-    else
-      _ -> {:noreply, %{state | lines: [line | state.lines]}}
-    end
+  def handle_info({port, {:data, {:eol, chunk}}}, %{port: port} = state) do
+    %{partial: partial} = state = keep(state, chunk)
+    line = partial |> Enum.reverse() |> IO.iodata_to_binary()
+    {:noreply, handle_output(line, %{state | partial: [], partial_size: 0})}
   end
 
   def handle_info({port, {:exit_status, status}}, %{port: port} = state) do
@@ -197,6 +205,54 @@ defmodule Snakepit.Telemetry.PythonWorker do
     end
 
     :ok
+  end
+
+  # Appends a piece of the current line, keeping at most line_limit bytes.
+  defp keep(%{partial_size: size, line_limit: limit} = state, _chunk) when size >= limit,
+    do: state
+
+  defp keep(%{partial_size: size, line_limit: limit} = state, chunk) do
+    piece = binary_part(chunk, 0, min(byte_size(chunk), limit - size))
+    %{state | partial: [piece | state.partial], partial_size: size + byte_size(piece)}
+  end
+
+  defp handle_output(@ack <> ack = line, state) do
+    case :queue.out(state.waiting) do
+      {{:value, from}, waiting} ->
+        GenServer.reply(from, parse_ack(ack))
+        %{state | waiting: waiting}
+
+      {:empty, _} ->
+        remember(line, state)
+    end
+  end
+
+  defp handle_output(line, %{stderr_telemetry: nil} = state), do: remember(line, state)
+
+  defp handle_output(line, state) do
+    case Snakepit.Telemetry.Stderr.handle_line(line, state.stderr_telemetry) do
+      :ignored -> remember(line, state)
+      _handled -> state
+    end
+  end
+
+  defp remember(line, %{line_count: count} = state) when count >= @max_lines,
+    do: %{
+      state
+      | lines: [line | Enum.take(state.lines, div(@max_lines, 2) - 1)],
+        line_count: div(@max_lines, 2)
+    }
+
+  defp remember(line, state),
+    do: %{state | lines: [line | state.lines], line_count: state.line_count + 1}
+
+  # One byte over the limit, so that a longer telemetry line is refused and
+  # counted as :too_large.
+  defp line_limit(ctx) do
+    pool = if is_map(ctx) or Keyword.keyword?(ctx || []), do: ctx[:pool_name]
+    Keyword.fetch!(Config.stream(pool), :max_message_bytes) + 1
+  rescue
+    _ -> Keyword.fetch!(Config.stream(), :max_message_bytes) + 1
   end
 
   defp exited(reason, state) do

@@ -23,43 +23,88 @@ defmodule Snakepit.Telemetry.Stderr do
 
   @doc """
   Executes the event on a telemetry line. `worker_ctx` names the worker
-  (`:worker_id`, `:pool_name`). Returns `:ok`, `:ignored` for any other line,
-  or `{:error, reason}` (`:invalid_json`, `:unknown_event`, `:malformed`,
-  `:too_large`), each counted in `stats/0`.
+  (a map or keyword list with `:worker_id` and `:pool_name`).
+
+  Never raises, whatever the arguments. Returns `:ok`, `:ignored` for any
+  other line (whatever its bytes), or `{:error, reason}`, each counted in
+  `stats/0`:
+
+    * `:too_large` (over the pool's `max_message_bytes`), `:invalid_utf8`,
+      `:invalid_json` - counted under that name and as `dropped_malformed`;
+    * `:unknown_event`, `:malformed` - `dropped_unknown_event`,
+      `dropped_malformed`; `:encode_failed` - `dropped_encode`;
+    * `:invalid_line` (not a binary), `:invalid_worker_ctx`,
+      `:invalid_config` (the pool's `:stream` settings cannot be used) -
+      `invalid_input`: caller errors, not worker lines, so not in `received`.
+
+  A line over 16 KiB is decoded on a dirty scheduler, so even a line of
+  `max_message_bytes` never holds a normal scheduler for long.
   """
-  @spec handle_line(String.t(), map() | keyword()) :: :ok | :ignored | {:error, atom()}
+  @spec handle_line(term(), term()) :: :ok | :ignored | {:error, atom()}
   def handle_line(@prefix <> _ = line, worker_ctx) do
-    ctx = Map.new(worker_ctx)
-    pool = Map.fetch!(ctx, :pool_name)
-
-    case Native.decode_json_line(line, options(pool)) do
-      {:ok, {event, measurements, metadata}} ->
-        base = %{node: node(), pool_name: pool, worker_id: Map.fetch!(ctx, :worker_id)}
-
-        :telemetry.execute(
-          event,
-          Events.from_python(event, measurements),
-          Map.merge(metadata, base)
-        )
-
-      {:error, reason} ->
-        {:error, reason}
+    case context(worker_ctx) do
+      {:ok, pool, worker_id} -> decode(line, pool, worker_id)
+      :error -> invalid_input(:invalid_worker_ctx)
     end
   end
 
   def handle_line(line, _worker_ctx) when is_binary(line), do: :ignored
+  def handle_line(_line, _worker_ctx), do: invalid_input(:invalid_line)
 
-  @doc "Counters of every line decoded in this VM (the keys of a stream's)."
+  defp decode(line, pool, worker_id) do
+    with {:ok, options} <- options(pool),
+         {:ok, {event, measurements, metadata}} <- Native.decode_json_line(line, options) do
+      base = %{node: node(), pool_name: pool, worker_id: worker_id}
+
+      :telemetry.execute(
+        event,
+        Events.from_python(event, measurements),
+        Map.merge(metadata, base)
+      )
+    end
+  end
+
+  defp context(ctx) when is_map(ctx) do
+    case ctx do
+      %{pool_name: pool, worker_id: worker_id} -> {:ok, pool, worker_id}
+      _ -> :error
+    end
+  end
+
+  defp context(ctx) when is_list(ctx) do
+    if Keyword.keyword?(ctx), do: context(Map.new(ctx)), else: :error
+  end
+
+  defp context(_ctx), do: :error
+
+  defp invalid_input(reason) do
+    Native.json_count_invalid_input()
+    {:error, reason}
+  end
+
+  @doc """
+  Counters of every line decoded in this VM: the keys of a stream's
+  (`received == delivered + dropped_*` for telemetry lines), plus
+  `too_large`, `invalid_utf8`, `invalid_json` (lines, also in
+  `dropped_malformed`) and `invalid_input` (calls refused before decoding).
+  """
   @spec stats() :: %{atom() => non_neg_integer()}
   def stats, do: Native.json_stats()
 
+  # The NIF checks the options too (a bad value is :invalid_options); a
+  # config that cannot even be read must not take the caller down either.
   defp options(pool) do
-    pool
-    |> Config.stream()
-    |> Map.new()
-    |> Map.merge(%{
-      connect_timeout_ms: 0,
-      native_per_sec: System.convert_time_unit(1, :second, :native)
-    })
+    options =
+      pool
+      |> Config.stream()
+      |> Map.new()
+      |> Map.merge(%{
+        connect_timeout_ms: 0,
+        native_per_sec: System.convert_time_unit(1, :second, :native)
+      })
+
+    {:ok, options}
+  rescue
+    _ -> invalid_input(:invalid_config)
   end
 end

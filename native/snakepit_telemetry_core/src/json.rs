@@ -39,6 +39,10 @@ pub enum LineError {
     NotTelemetry,
     /// Longer than the limit; not parsed.
     TooLarge,
+    /// A telemetry line that is not valid UTF-8 (a torn or corrupted
+    /// write): dropped whole, as an event with invalid UTF-8 is on the gRPC
+    /// path, rather than decoded lossily into text nobody wrote.
+    InvalidUtf8,
     /// A telemetry line whose JSON does not have the expected shape.
     InvalidJson,
     /// Parsed, then dropped by the decoder.
@@ -52,19 +56,39 @@ pub fn decode_line(
     decoder: &mut Decoder,
     stats: &StreamStats,
 ) -> Result<Decoded, LineError> {
-    let json = line.strip_prefix(PREFIX).ok_or(LineError::NotTelemetry)?;
-    if line.len() > max_bytes {
+    decode_line_bytes(line.as_bytes(), max_bytes, decoder, stats)
+}
+
+/// Decodes one output line as the bytes a worker wrote, which need not be
+/// UTF-8. In order: a line without the prefix is [`LineError::NotTelemetry`]
+/// (not counted); then the size is checked (so an oversized line costs
+/// nothing more), then UTF-8, then the JSON. Every telemetry line counts in
+/// `received` and in exactly one of `delivered` (by the caller) or a
+/// `dropped_*` counter: too large, invalid UTF-8 and invalid JSON count as
+/// `dropped_malformed`.
+pub fn decode_line_bytes(
+    line: &[u8],
+    max_bytes: usize,
+    decoder: &mut Decoder,
+    stats: &StreamStats,
+) -> Result<Decoded, LineError> {
+    let json = line
+        .strip_prefix(PREFIX.as_bytes())
+        .ok_or(LineError::NotTelemetry)?;
+    let malformed = |error| {
         StreamStats::add(&stats.received, 1);
         StreamStats::add(&stats.dropped_malformed, 1);
-        return Err(LineError::TooLarge);
+        Err(error)
+    };
+    if line.len() > max_bytes {
+        return malformed(LineError::TooLarge);
     }
+    let Ok(json) = std::str::from_utf8(json) else {
+        return malformed(LineError::InvalidUtf8);
+    };
     let parsed: Line = match serde_json::from_str(json.trim_end()) {
         Ok(parsed) => parsed,
-        Err(_) => {
-            StreamStats::add(&stats.received, 1);
-            StreamStats::add(&stats.dropped_malformed, 1);
-            return Err(LineError::InvalidJson);
-        }
+        Err(_) => return malformed(LineError::InvalidJson),
     };
     decoder
         .decode(to_event(parsed), stats)
@@ -159,5 +183,46 @@ mod tests {
         assert_eq!(StreamStats::get(&stats.dropped_unknown_event), 1);
         let long = format!("{PREFIX}{}", "x".repeat(70_000));
         assert_eq!(decode(&long).0.unwrap_err(), LineError::TooLarge);
+    }
+
+    fn decode_bytes(line: &[u8]) -> (Result<Decoded, LineError>, StreamStats) {
+        let stats = StreamStats::default();
+        let mut decoder = Decoder::new(DecodeConfig::default());
+        let result = decode_line_bytes(line, 65_536, &mut decoder, &stats);
+        (result, stats)
+    }
+
+    #[test]
+    fn invalid_utf8_drops_the_line_and_counts_it() {
+        // In a string value, in a key, and outside any string.
+        for bad in [
+            &b"{\"event_parts\":[\"python\",\"call\",\"stop\"],\"metadata\":{\"k\":\"\xff\"}}"[..],
+            &b"{\"event_parts\":[\"python\",\"call\",\"stop\"],\"metadata\":{\"\xc3\x28\":\"v\"}}"
+                [..],
+            &b"\xed\xa0\x80{}"[..],
+        ] {
+            let line = [PREFIX.as_bytes(), bad].concat();
+            let (result, stats) = decode_bytes(&line);
+            assert_eq!(result.unwrap_err(), LineError::InvalidUtf8);
+            assert_eq!(StreamStats::get(&stats.received), 1);
+            assert_eq!(StreamStats::get(&stats.dropped_malformed), 1);
+        }
+        // Not a telemetry line: ignored whatever its bytes, and not counted.
+        let (result, stats) = decode_bytes(b"\xff\xfe worker noise");
+        assert_eq!(result.unwrap_err(), LineError::NotTelemetry);
+        assert_eq!(StreamStats::get(&stats.received), 0);
+        // Oversized is refused before the bytes are looked at.
+        let long = [PREFIX.as_bytes(), &[0xff; 70_000][..]].concat();
+        assert_eq!(decode_bytes(&long).0.unwrap_err(), LineError::TooLarge);
+    }
+
+    #[test]
+    fn a_valid_line_decodes_the_same_from_bytes() {
+        let line = r#"SNAKEPIT_TELEMETRY_EVENT {"event_parts":["python","call","stop"],"measurements":{"duration":1},"metadata":{"k":"\u00e9t\u00e9"}}"#;
+        let (result, _) = decode_bytes(line.as_bytes());
+        let d = result.unwrap();
+        assert!(d
+            .metadata
+            .contains(&(Key::Unknown("k".into()), "été".to_string())));
     }
 }

@@ -41,6 +41,11 @@ rustler::atoms! {
     unknown_event,
     malformed,
     encode_failed,
+    invalid_utf8,
+    invalid_input,
+    invalid_line,
+    invalid_options,
+    dirty,
     // runtime_info keys.
     live_streams,
     delivery_queue,

@@ -24,8 +24,9 @@ fn set<T: Clone>(table: &RwLock<Vec<T>>, id: u32, value: T, filler: T) {
 }
 
 /// Maps a dotted Python event name to an event name made of existing atoms.
-/// Registering a name again replaces its event name.
-#[rustler::nif]
+/// Registering a name again replaces its event name. Dirty: the name and
+/// its atom list come from the caller with no size bound.
+#[rustler::nif(schedule = "DirtyCpu")]
 fn register_custom_event(python_name: String, name: Vec<Atom>) -> Result<Atom, (Atom, String)> {
     if name.is_empty() {
         return Err((atoms::invalid_option(), "the event name is empty".into()));
@@ -53,8 +54,9 @@ fn register_custom_key<'a>(env: Env<'a>, key: Atom) -> Result<Atom, (Atom, Strin
     Ok(atoms::ok())
 }
 
-/// `[{python_name, event_name}]` for every registered custom event.
-#[rustler::nif]
+/// `[{python_name, event_name}]` for every registered custom event. Dirty:
+/// up to `MAX_EVENTS` entries whose names have no length bound.
+#[rustler::nif(schedule = "DirtyCpu")]
 fn custom_events<'a>(env: Env<'a>) -> Term<'a> {
     let table = EVENTS.read().unwrap_or_else(|e| e.into_inner());
     let list: Vec<(&str, &Vec<Atom>)> = table

@@ -100,7 +100,11 @@ impl Sink for NifSink {
     }
 }
 
-#[rustler::nif]
+// Dirty: the address and options are decoded from whatever the caller
+// passes (an address string has no size bound), so the call's cost is not
+// bounded by anything this NIF controls. Opening is rare; the dirty hop
+// costs microseconds.
+#[rustler::nif(schedule = "DirtyCpu")]
 fn stream_open(
     owner: LocalPid,
     stream_id: u64,
@@ -170,7 +174,8 @@ fn stream_toggle<'a>(env: Env<'a>, handle: ResourceArc<StreamHandle>, enabled: b
     send_control(env, &handle, Control::Toggle(TelemetryToggle { enabled }))
 }
 
-#[rustler::nif]
+// Dirty, like stream_filter: the pattern lists have no size bound.
+#[rustler::nif(schedule = "DirtyCpu")]
 fn stream_sampling<'a>(
     env: Env<'a>,
     handle: ResourceArc<StreamHandle>,
@@ -190,7 +195,7 @@ fn stream_sampling<'a>(
     )
 }
 
-#[rustler::nif]
+#[rustler::nif(schedule = "DirtyCpu")]
 fn stream_filter<'a>(
     env: Env<'a>,
     handle: ResourceArc<StreamHandle>,

@@ -27,6 +27,7 @@ KEYS = {
     "dropped_disabled",
     "dropped_sampled",
     "dropped_filtered",
+    "dropped_oversized",
     "measurements_dropped",
     "internal_errors",
     "interrupted_sends",

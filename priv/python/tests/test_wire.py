@@ -78,11 +78,11 @@ def decode(payload: bytes) -> list[tuple[Any, ...]]:
 
 def check(
     encoder: wire.BatchEncoder, events: list[wire.RawEvent], **kw: Any
-) -> tuple[bytes, int, int, int, int]:
+) -> tuple[bytes, int, int, int, int, int]:
     """Encode all of ``events`` and compare with the reference, counts included."""
     result = encoder.encode(events, **kw)
-    payload, consumed, encoded, dropped, errors = result
-    assert consumed == len(events)
+    payload, consumed, encoded, dropped, errors, oversized = result
+    assert consumed == len(events) and oversized == 0
     refs = [Ref(raw) for raw in events]
     want = [normal(r.message) for r in refs if r.message is not None]
     assert decode(payload) == want
@@ -257,13 +257,13 @@ def test_warm_cache_does_not_leak_into_lookalikes() -> None:
 
 def test_counts_of_known_drops() -> None:
     encoder = wire.BatchEncoder()
-    _, _, encoded, dropped, errors = check(encoder, [ev([("x", 1)])])
+    _, _, encoded, dropped, errors, _ = check(encoder, [ev([("x", 1)])])
     assert (encoded, dropped, errors) == (1, 1, 0)
-    _, _, encoded, dropped, errors = check(encoder, [ev({"a": 2**63, 1: 1, Plain("k"): 1})])
+    _, _, encoded, dropped, errors, _ = check(encoder, [ev({"a": 2**63, 1: 1, Plain("k"): 1})])
     assert (encoded, dropped, errors) == (1, 3, 0)
-    _, _, encoded, dropped, errors = check(encoder, [ev({}, {"a": Unprintable(), "b": None})])
+    _, _, encoded, dropped, errors, _ = check(encoder, [ev({}, {"a": Unprintable(), "b": None})])
     assert (encoded, dropped, errors) == (1, 0, 1)
-    _, _, encoded, dropped, errors = check(encoder, [ev({}, correlation_id=Unprintable())])
+    _, _, encoded, dropped, errors, _ = check(encoder, [ev({}, correlation_id=Unprintable())])
     assert (encoded, dropped, errors) == (0, 0, 1)
 
 
@@ -287,7 +287,7 @@ def test_lone_surrogates_never_reach_the_wire() -> None:
     for encoder in (wire.BatchEncoder(), wire.BatchEncoder()):
         check(encoder, [good])  # warm caches for the second round
         for raw, kept, want_errors in cases:
-            payload, consumed, encoded, _, errors = encoder.encode([good, raw, good])
+            payload, consumed, encoded, _, errors, _ = encoder.encode([good, raw, good])
             batch = pb.TelemetryEventBatch.FromString(payload)
             assert consumed == 3 and encoded == 2 + kept and errors == want_errors
             assert [list(e.event_parts) for e in batch.events][0] == ["python", "call", "stop"]
@@ -440,10 +440,13 @@ def test_max_bytes_splits_batches() -> None:
     rest = events
     batches = 0
     while rest:
-        payload, consumed, encoded, dropped, errors = encoder.encode(rest, max_bytes)
-        assert 0 < consumed <= len(rest) and encoded == consumed and not dropped and not errors
+        payload, consumed, encoded, dropped, errors, oversized = encoder.encode(rest, max_bytes)
+        assert 0 < consumed <= len(rest) and encoded == consumed
+        assert not dropped and not errors and not oversized
+        # Never over the bound, and full but for less than one more event.
+        assert len(payload) <= max_bytes
         if consumed < len(rest):
-            assert max_bytes <= len(payload) <= max_bytes + largest
+            assert len(payload) > max_bytes - largest
         got += decode(payload)
         rest = rest[consumed:]
         batches += 1
@@ -455,16 +458,35 @@ def test_event_larger_than_max_bytes_dropped() -> None:
     big = ev({"x": 1}, {"blob": "b" * 5000})
     small = ev({"x": 2})
     encoder = wire.BatchEncoder()
-    payload, consumed, encoded, dropped, errors = encoder.encode([big], 1000)
-    assert (consumed, encoded, dropped, errors) == (1, 0, 0, 1)
+    payload, consumed, encoded, dropped, errors, oversized = encoder.encode([big], 1000)
+    assert (consumed, encoded, dropped, errors, oversized) == (1, 0, 0, 0, 1)
     assert list(pb.TelemetryEventBatch.FromString(payload).events) == []
-    payload, consumed, encoded, dropped, errors = encoder.encode([small, big, small], 1000)
-    assert (consumed, encoded, dropped, errors) == (3, 2, 0, 1)
-    assert [e[1]["x"][1] for e in decode(payload)] == [2, 2]
+    # After another event, the big one waits for the next batch, where it is
+    # alone and dropped; the batches never exceed the bound.
+    rest = [small, big, small]
+    got: list[int] = []
+    counts = [0, 0]
+    while rest:
+        payload, consumed, encoded, _, errors, oversized = encoder.encode(rest, 1000)
+        assert consumed > 0 and len(payload) <= 1000 and not errors
+        counts[0] += encoded
+        counts[1] += oversized
+        got += [e[1]["x"][1] for e in decode(payload)]
+        rest = rest[consumed:]
+    assert counts == [2, 1] and got == [2, 2]
+
+
+def test_an_event_exactly_filling_the_bound_is_sent() -> None:
+    event = ev({"x": 1}, {"blob": "b" * 900})
+    size = len(wire.BatchEncoder().encode([event], 10_000)[0])
+    payload, consumed, encoded, _, _, oversized = wire.BatchEncoder().encode([event], size)
+    assert (len(payload), consumed, encoded, oversized) == (size, 1, 1, 0)
+    payload, consumed, encoded, _, _, oversized = wire.BatchEncoder().encode([event], size - 1)
+    assert (consumed, encoded, oversized) == (1, 0, 1)
 
 
 def test_empty_input() -> None:
-    assert wire.BatchEncoder().encode([]) == (b"", 0, 0, 0, 0)
+    assert wire.BatchEncoder().encode([]) == (b"", 0, 0, 0, 0, 0)
 
 
 @pytest.mark.parametrize("value", [*VARINT_EDGES, INT64_MIN, -(2**31), -128])

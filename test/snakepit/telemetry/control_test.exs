@@ -80,7 +80,8 @@ defmodule Snakepit.Telemetry.ControlTest do
       Application.put_env(:snakepit_telemetry, :pools, %{
         inference: [
           control: [sampling_rate: 0.1, sampling_rules: [{["tool.*"], 1.0}]],
-          python: [stats_interval_ms: 0]
+          python: [stats_interval_ms: 0],
+          stream: [max_message_bytes: 1_000_000]
         ]
       })
 
@@ -97,7 +98,8 @@ defmodule Snakepit.Telemetry.ControlTest do
                "SNAKEPIT_TELEMETRY_DENY" => "noisy.*",
                "SNAKEPIT_TELEMETRY_QUEUE_SIZE" => "2048",
                "SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS" => "0",
-               "SNAKEPIT_TELEMETRY_FLUSH_INTERVAL_MS" => "10"
+               "SNAKEPIT_TELEMETRY_FLUSH_INTERVAL_MS" => "10",
+               "SNAKEPIT_TELEMETRY_MAX_MESSAGE_BYTES" => "1000000"
              }
 
       assert Config.stream(:inference)[:backoff_max_ms] == 5_000

@@ -111,4 +111,101 @@ defmodule Snakepit.Telemetry.StderrTest do
 
     refute_receive {:event, _, _, _}, 200
   end
+
+  defp delta(before, after_, keys), do: Map.new(keys, &{&1, after_[&1] - before[&1]})
+
+  test "no input raises: bad bytes, non-binaries and bad worker contexts are errors, counted" do
+    forward_events([@stop])
+    good = ~s({"event_parts":["python","call","stop"],"correlation_id":"kw-1"})
+    before = Stderr.stats()
+
+    # Invalid UTF-8 outside and inside a JSON string; other output is still
+    # ignored whatever its bytes.
+    assert Stderr.handle_line(Stderr.prefix() <> <<0xFF, 0xFE>> <> "{}", @ctx) ==
+             {:error, :invalid_utf8}
+
+    bad_string =
+      ~s({"event_parts":["python","call","stop"],"metadata":{"k":") <> <<0xC3, 0x28>> <> ~s("}})
+
+    assert Stderr.handle_line(Stderr.prefix() <> bad_string, @ctx) == {:error, :invalid_utf8}
+    assert Stderr.handle_line(<<0xFF, 0xFE, 0xFD>>, @ctx) == :ignored
+
+    for line <- [nil, 42, :line, ~c"SNAKEPIT_TELEMETRY_EVENT {}", [Stderr.prefix(), good], %{}] do
+      assert Stderr.handle_line(line, @ctx) == {:error, :invalid_line}
+    end
+
+    for ctx <- [%{}, %{pool_name: :p}, %{worker_id: "w"}, nil, "ctx", [1, 2], [pool_name: :p]] do
+      assert Stderr.handle_line(Stderr.prefix() <> good, ctx) == {:error, :invalid_worker_ctx}
+      # A bad context does not matter for other output.
+      assert Stderr.handle_line("hello", ctx) == :ignored
+    end
+
+    # A keyword list is a context too; a line over 8 KiB (decoded on a dirty
+    # scheduler) gives the same result as a short one.
+    assert Stderr.handle_line(Stderr.prefix() <> good, worker_id: "kw", pool_name: :kw_pool) ==
+             :ok
+
+    assert_receive {:event, @stop, _, %{worker_id: "kw", correlation_id: "kw-1"}}
+    long = String.replace(good, "}", ~s(,"metadata":{"big":"#{String.duplicate("b", 20_000)}"}}))
+    assert Stderr.handle_line(Stderr.prefix() <> long, @ctx) == :ok
+    assert_receive {:event, @stop, _, %{worker_id: "stderr-worker", correlation_id: "kw-1"}}
+
+    assert Stderr.handle_line(Stderr.prefix() <> "[1,", @ctx) == {:error, :invalid_json}
+
+    assert delta(before, Stderr.stats(), [
+             :received,
+             :delivered,
+             :dropped_malformed,
+             :invalid_utf8,
+             :invalid_json,
+             :invalid_input,
+             :truncated_metadata
+           ]) == %{
+             received: 5,
+             delivered: 2,
+             dropped_malformed: 3,
+             invalid_utf8: 2,
+             invalid_json: 1,
+             invalid_input: 13,
+             truncated_metadata: 1
+           }
+  end
+
+  test "a worker's stderr cannot take PythonWorker down: torn, long and oversized lines" do
+    forward_events([@stop])
+    worker = start_worker!(stderr_telemetry: @ctx)
+
+    # Each call writes whole lines: stdout (the ACKs) shares the pipe.
+    write = fn parts ->
+      parts = for {bytes, repeat} <- parts, do: %{hex: Base.encode16(bytes), repeat: repeat}
+      command!(worker, %{cmd: "write_stderr", parts: parts})
+    end
+
+    head = Stderr.prefix() <> ~s({"event_parts":["python","call","stop"],"metadata":{"big":")
+    mib = String.duplicate("a", 1024 * 1024)
+    before = Stderr.stats()
+
+    # Invalid UTF-8, then a 2 MiB line (more than one read of the port).
+    write.([{Stderr.prefix() <> ~s({"event_parts":[") <> <<0xFF>> <> ~s("]}\n), 1}])
+    write.([{head, 1}, {mib, 2}, {~s("},"correlation_id":"long-1"}\n), 1}])
+
+    assert_receive {:event, @stop, _,
+                    %{correlation_id: "long-1", worker_id: "stderr-worker"} = md},
+                   10_000
+
+    assert byte_size(md["big"]) == 4_096
+
+    # A 5 MiB line is refused as too large, without keeping it whole.
+    write.([{head, 1}, {mib, 5}, {~s("},"correlation_id":"huge-1"}\n), 1}])
+    after_line = ~s({"event_parts":["python","call","stop"],"correlation_id":"after-1"}\n)
+    write.([{Stderr.prefix() <> after_line, 1}])
+    assert_receive {:event, @stop, _, %{correlation_id: "after-1"}}, 10_000
+    refute_received {:event, @stop, _, %{correlation_id: "huge-1"}}
+
+    assert delta(before, Stderr.stats(), [:invalid_utf8, :too_large, :delivered]) ==
+             %{invalid_utf8: 1, too_large: 1, delivered: 2}
+
+    assert Process.alive?(worker)
+    assert {:ok, _} = PythonWorker.command(worker, %{cmd: "rusage"})
+  end
 end

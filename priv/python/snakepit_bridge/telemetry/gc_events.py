@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any
 
+from ._internal import errors
 from ._internal.core import emit
 
 __all__ = [
@@ -59,7 +60,8 @@ def _on_gc(phase: str, info: dict[str, Any]) -> None:
                 (duration, info.get("generation"), info.get("collected"), info.get("uncollectable"))
             )
     except Exception:
-        pass  # an exception here would be reported as unraisable on every collection
+        # An exception here would be reported as unraisable on every collection.
+        errors.count()
 
 
 def _drain(pending: queue.SimpleQueue[Any]) -> None:
@@ -82,7 +84,7 @@ def _drain(pending: queue.SimpleQueue[Any]) -> None:
                 {"generation": str(generation)},
             )
         except Exception:
-            pass
+            errors.count()
 
 
 def install_gc_hook() -> None:

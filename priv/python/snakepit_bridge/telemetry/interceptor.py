@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 
+from ._internal import errors
 from ._internal.core import safe_str, span
 from .correlation import CORRELATION_HEADER, set_correlation_id
 
@@ -55,6 +56,7 @@ def _status(context: grpc.ServicerContext) -> tuple[grpc.StatusCode | None, str]
         code = context.code()
         details = context.details()
     except Exception:
+        errors.count()
         return None, ""
     if isinstance(details, bytes):
         details = details.decode("utf-8", "replace")
@@ -82,6 +84,7 @@ class _Call:
             self._ctx.run(self._span.__enter__)  # inside ctx so the span picks up the ID
         except Exception:
             self._span = None  # no telemetry for this call, but the handler still runs
+            errors.count()
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self._ctx.run(fn, *args)
@@ -98,7 +101,7 @@ class _Call:
             else:
                 self._span.stop({"result": "success"})
         except Exception:
-            pass
+            errors.count()
 
     def failed(self, exc: BaseException, context: grpc.ServicerContext) -> None:
         """The handler raised; ``context.abort`` raises a bare ``Exception()``."""
@@ -116,7 +119,7 @@ class _Call:
             else:
                 self._span.fail(type(exc).__name__, safe_str(exc))
         except Exception:
-            pass
+            errors.count()
 
 
 class TelemetryInterceptor(grpc.ServerInterceptor):
@@ -151,6 +154,7 @@ class TelemetryInterceptor(grpc.ServerInterceptor):
                 method = method.decode("utf-8", "replace")
             return self._wrap(handler, str(method), correlation_id)
         except Exception:
+            errors.count()
             return handler  # an unusual handler we cannot wrap still gets served
 
     def _wrap(

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-from ._internal import env
+from ._internal import env, errors
 from ._internal.core import emit
 
 __all__ = [
@@ -117,7 +117,7 @@ class _Sampler(threading.Thread):
             percent = 100.0 * cpu_time / elapsed if elapsed > 0 else 0.0
             emit(CPU_EVENT, {"cpu_percent": percent, "cpu_time": cpu_time})
         except Exception:
-            pass  # a sampler must never take the worker down
+            errors.count()  # a sampler must never take the worker down
 
 
 def start_samplers(interval_s: float | None = None) -> bool:

@@ -23,7 +23,16 @@ Environment, read once when a stream is created:
   waiting. An event after a quiet spell goes out at once; under load events
   wait at most this long, and each message carries more of them;
 * ``SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS`` (default 1000, 0 disables): minimum gap
-  between ``telemetry.python.stats`` events, which carry this stream's counters.
+  between ``telemetry.python.stats`` events, which carry this stream's counters;
+* ``SNAKEPIT_TELEMETRY_MAX_MESSAGE_BYTES`` (default 4 MiB, Elixir's default
+  ``max_message_bytes``; ``Config.worker_env/1`` passes the pool's): no message
+  is ever larger. On either RPC an event that would not fit in a message on its
+  own is dropped and counted as ``dropped_oversized``; batches stay within
+  ``min(wire.MAX_BATCH_BYTES, this)``.
+
+Failures are never raised into the caller; they are counted, and every stats
+report's ``internal_errors`` adds the failures counted outside any stream (see
+:mod:`._internal.errors`).
 
 Each stream has a random ``instance_id``, sent as the metadata of its stats
 events: counters start at 0 with each instance, so Elixir knows from a new
@@ -49,7 +58,7 @@ from typing import Any
 import grpc
 
 from .. import snakepit_bridge_pb2 as pb
-from ._internal import convert, env
+from ._internal import convert, env, errors, wire
 from ._internal.control import ControlState
 from ._internal.wire import BatchEncoder, RawEvent
 
@@ -79,6 +88,8 @@ TAKEOVER_GRACE_S = 1.0
 # Most events in one StreamTelemetryBatches message (bytes: wire.MAX_BATCH_BYTES).
 MAX_BATCH_EVENTS = 2048
 
+MAX_MESSAGE_BYTES_ENV = "SNAKEPIT_TELEMETRY_MAX_MESSAGE_BYTES"
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 STATS_INTERVAL_ENV = "SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS"
 FLUSH_INTERVAL_ENV = "SNAKEPIT_TELEMETRY_FLUSH_INTERVAL_MS"
 # Each gRPC message costs the worker far more CPU than an event (about 100 us
@@ -99,6 +110,7 @@ STATS_MEASUREMENTS = (
     "dropped_disabled",
     "dropped_sampled",
     "dropped_filtered",
+    "dropped_oversized",
     "measurements_dropped",
     "internal_errors",
     "interrupted_sends",
@@ -114,6 +126,8 @@ _COUNTERS = (
     "dropped_disabled",
     "dropped_sampled",
     "dropped_filtered",
+    # Events too large for one message (max_message_bytes) on their own.
+    "dropped_oversized",
     "measurements_dropped",
     # Events whose send was interrupted when their call ended: they may or may
     # not have reached that call's client, and are not sent again.
@@ -199,6 +213,8 @@ class TelemetryStream:
         self._set_control(self._default_control)
         self._stats_interval = env.seconds_from_ms(STATS_INTERVAL_ENV, DEFAULT_STATS_INTERVAL_MS)
         self._flush_interval = env.seconds_from_ms(FLUSH_INTERVAL_ENV, DEFAULT_FLUSH_INTERVAL_MS)
+        self._max_message_bytes = env.positive_int(MAX_MESSAGE_BYTES_ENV, DEFAULT_MAX_MESSAGE_BYTES)
+        self._batch_bytes = min(wire.MAX_BATCH_BYTES, self._max_message_bytes)
         self._counts = dict.fromkeys(_COUNTERS, 0)
         # Events taken off the queue by the active call but not yet handed to gRPC.
         self._in_flight = 0
@@ -388,6 +404,9 @@ class TelemetryStream:
             out["queue_size"] = self._queue_size
             out["active_stream"] = self._active is not None
             out["enabled"] = self._control.enabled
+            out["max_message_bytes"] = self._max_message_bytes
+        # Failures outside any stream; the reported internal_errors include them.
+        out["process_internal_errors"] = errors.total()
         return out
 
     def control_state(self) -> dict[str, Any]:
@@ -395,8 +414,13 @@ class TelemetryStream:
         return self._control.to_dict()
 
     def _stats_values(self) -> tuple[int, ...]:
-        """The reported counters, in ``STATS_MEASUREMENTS`` order; caller holds the lock."""
+        """The reported counters, in ``STATS_MEASUREMENTS`` order; caller holds the lock.
+
+        ``internal_errors`` is this stream's plus the process-wide count of
+        failures outside any stream (:mod:`._internal.errors`).
+        """
         counts = self._snapshot_locked()
+        counts["internal_errors"] += errors.total()
         return tuple(
             len(self._queue) if key == "queue_len" else counts[key] for key in STATS_MEASUREMENTS
         )
@@ -679,23 +703,32 @@ class TelemetryStream:
 
     def _convert(self, item: RawEvent) -> convert.QueuedEvent | None:
         """Apply the conversion rules to a raw queued event, counting what they drop."""
-        converted, dropped, errors = convert.from_raw(item)
-        if dropped or errors:
+        converted, dropped, failed = convert.from_raw(item)
+        if dropped or failed:
             with self._cond:
                 self._counts["measurements_dropped"] += dropped
-                self._counts["internal_errors"] += errors
+                self._counts["internal_errors"] += failed
         return converted
 
     def _build(self, item: RawEvent) -> tuple[pb.TelemetryEvent | None, int]:
-        """One event as a protobuf message, and 1 (or ``(None, 0)``, counted, on failure)."""
+        """One event as a protobuf message, and 1 (or ``(None, 0)``, counted, on failure).
+
+        A message over ``max_message_bytes`` is never sent: it is dropped and
+        counted as ``dropped_oversized``.
+        """
         converted = self._convert(item)
         if converted is None:
             return None, 0
         try:
-            return convert.to_proto(converted), 1
+            msg = convert.to_proto(converted)
+            oversized = msg.ByteSize() > self._max_message_bytes
         except Exception:
             self._bump("internal_errors")
             return None, 0
+        if oversized:
+            self._bump("dropped_oversized")
+            return None, 0
+        return msg, 1
 
     def _encode(
         self, encoder: BatchEncoder, batch: list[RawEvent], start: int
@@ -703,14 +736,17 @@ class TelemetryStream:
         """A batch message from ``batch[start:]``: payload, events used, events in it."""
         items = batch[start : start + MAX_BATCH_EVENTS]
         try:
-            payload, consumed, encoded, dropped, errors = encoder.encode(items)
+            payload, consumed, encoded, dropped, failed, oversized = encoder.encode(
+                items, self._batch_bytes
+            )
         except Exception:
             self._bump("internal_errors", len(items))
             return b"", len(items), 0
-        if dropped or errors:
+        if dropped or failed or oversized:
             with self._cond:
                 self._counts["measurements_dropped"] += dropped
-                self._counts["internal_errors"] += errors
+                self._counts["internal_errors"] += failed
+                self._counts["dropped_oversized"] += oversized
         return payload, consumed, encoded
 
     def _finish_call(self, generation: int, unsent: deque[RawEvent], in_doubt: int) -> None:

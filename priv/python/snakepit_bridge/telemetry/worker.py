@@ -32,6 +32,9 @@ Commands (one JSON object per stdin line, ACK payload after the arrow):
   handed to gRPC -> {"calls": N, "cpu_s": process CPU (all threads) over the
   run, "wall_s": s};
 * ``rusage`` -> {"cpu_s": process CPU time so far, "rss_kb": resident memory};
+* ``write_stderr`` {parts: [{hex, repeat: 1}, ...]} writes to stderr, in one
+  write, the bytes each ``hex`` encodes ``repeat`` times over (any bytes, e.g.
+  invalid UTF-8 or an over-long telemetry line) -> {"bytes": n};
 * ``workload`` {calls, interval_ms, correlation_prefix}: runs in the background
   and prints WORKLOAD_DONE -> {"started": true};
 * ``call`` {payload: "hello", correlation_id} makes a real Ping RPC to the worker's
@@ -197,6 +200,7 @@ class Worker:
             "paced": self.cmd_paced,
             "spanwork": self.cmd_spanwork,
             "rusage": self.cmd_rusage,
+            "write_stderr": self.cmd_write_stderr,
             "stats": self.cmd_stats,
             "backend_stats": self.cmd_backend_stats,
             "wait_drained": self.cmd_wait_drained,
@@ -362,6 +366,18 @@ class Worker:
             "cpu_s": time.process_time(),
             "rss_kb": resident_pages * os.sysconf("SC_PAGE_SIZE") // 1024,
         }
+
+    def cmd_write_stderr(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        parts = cmd.get("parts")
+        if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
+            raise CommandError("'parts' must be a list of objects")
+        data = b"".join(
+            bytes.fromhex(str(p.get("hex", ""))) * _int_arg(p, "repeat", 1) for p in parts
+        )
+        sys.stderr.flush()
+        sys.stderr.buffer.write(data)
+        sys.stderr.buffer.flush()
+        return {"bytes": len(data)}
 
     def cmd_stats(self, _cmd: dict[str, Any]) -> dict[str, Any]:
         return {**self.stream.stats(), "control": self.stream.control_state()}

@@ -7,7 +7,6 @@ code, so nothing here raises into the caller (except the caller's own exceptions
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import threading
@@ -20,6 +19,7 @@ from .. import backends
 from ..correlation import _current as _correlation_var
 from ..correlation import get_correlation_id
 from ..stream import TelemetryStream
+from . import errors
 from .convert import ERROR_MESSAGE_LIMIT as ERROR_MESSAGE_LIMIT
 from .convert import NAME_CACHE, safe_str, suffixed
 from .convert import event_parts as convert_event_parts
@@ -121,8 +121,8 @@ def emit(
         backends.get_backend().handle_emit(event, measurements, metadata, correlation_id)
     except Exception:
         # Only reachable if the backend cannot even be created; the caller
-        # must still not see it.
-        pass
+        # must still not see it, and the failure is counted.
+        errors.count()
 
 
 _suffixed = suffixed
@@ -157,6 +157,7 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
             self._metadata: dict[Any, Any] = dict(metadata) if metadata else {}
         except Exception:
             self._metadata = {}
+            errors.count()
 
     def __enter__(self) -> span:
         try:
@@ -174,7 +175,7 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
                 self._name, self._metadata, self._correlation_id
             )
         except Exception:
-            pass
+            errors.count()
         self._started = time.monotonic_ns()
         return self
 
@@ -222,11 +223,13 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
         backend = self._backend
         if backend is None:
             return  # enter failed before it could start anything
-        with contextlib.suppress(Exception):
+        try:
             if backend is _FAST_SPAN:
                 self._end_fast(duration, error, extra)
             else:
                 backend.handle_span_end(self._token, duration, error, extra)
+        except Exception:
+            errors.count()
 
     def _end_fast(
         self, duration: int, error: BaseException | None, extra: Mapping[str, Any] | None
@@ -295,6 +298,7 @@ def report_error(
         meta["error_message"] = safe_str(exc)
     except Exception:
         meta = {"error_type": type(exc).__name__, "error_message": ""}
+        errors.count()
     emit(ERROR_EVENT, {"system_time": time.time_ns()}, meta, correlation_id)
 
 

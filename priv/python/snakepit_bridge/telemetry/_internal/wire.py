@@ -23,7 +23,8 @@ from .convert import INT64_MAX, INT64_MIN, coerce_measurement
 RawEvent = tuple[tuple[str, ...], Any, Any, Any, int]
 
 _CACHE_LIMIT = 4096
-# Default size bound of one batch; the Elixir side accepts messages up to 4 MiB.
+# Default size bound of one batch (the stream also keeps it within the
+# receiver's max_message_bytes, SNAKEPIT_TELEMETRY_MAX_MESSAGE_BYTES).
 MAX_BATCH_BYTES = 1 << 20
 # Metadata values longer than this are not worth caching (and could flood it).
 _CACHED_VALUE_BYTES = 64
@@ -126,51 +127,57 @@ class BatchEncoder:
 
     def encode(
         self, events: list[RawEvent], max_bytes: int = MAX_BATCH_BYTES
-    ) -> tuple[bytes, int, int, int, int]:
-        """Encode a prefix of ``events`` as one batch of about ``max_bytes`` at most.
+    ) -> tuple[bytes, int, int, int, int, int]:
+        """Encode a prefix of ``events`` as one batch of at most ``max_bytes``.
 
-        Events are added while the payload is below ``max_bytes``, so it exceeds
-        that by less than the last event's encoded size.
+        Events are added while the payload stays within ``max_bytes``: the
+        payload never exceeds it. An event that does not fit after others is
+        left for the next batch; one that does not fit even alone is left out
+        and counted as oversized.
 
-        Returns ``(payload, consumed, encoded, measurements_dropped, errors)``:
-        the first ``consumed`` events were handled, ``encoded`` of them are in the
-        payload. An event that fails to convert (e.g. a correlation id whose
-        ``str`` raises) or is larger than ``max_bytes`` on its own is left out
-        and counted in ``errors``, as are metadata entries that fail.
+        Returns ``(payload, consumed, encoded, measurements_dropped, errors,
+        oversized)``: the first ``consumed`` events were handled, ``encoded`` of
+        them are in the payload, ``oversized`` were too large for any batch. An
+        event that fails to convert (e.g. a correlation id whose ``str`` raises)
+        is left out and counted in ``errors``, as are metadata entries that fail.
         """
         base = events[0][4] if events else 0
         out = [_TAG_BATCH_BASE, varint(base)] if base > 0 else []
         if base < 0:
             base = 0
         append = out.append
-        encoded = dropped = errors = consumed = 0
+        encoded = dropped = errors = consumed = oversized = 0
         total = len(out[1]) + 1 if out else 0  # bytes in out so far
         v14 = _V14
         for event in events:
-            if total >= max_bytes:
-                break
-            consumed += 1
+            event_dropped = event_errors = 0
             try:
                 body = self._common(event, base)
             except Exception:
                 try:
                     body, event_dropped, event_errors = self._general(event, base)
                 except Exception:
+                    consumed += 1
                     errors += 1
                     continue
-                dropped += event_dropped
-                errors += event_errors
             size = len(body)
-            if size > max_bytes:
-                errors += 1
-                continue
             length = v14[size] if size < 16384 else varint(size)
+            framed = 1 + len(length) + size
+            if total + framed > max_bytes:
+                if encoded:
+                    break  # the next batch starts with it
+                consumed += 1
+                oversized += 1
+                continue
+            consumed += 1
+            dropped += event_dropped
+            errors += event_errors
             append(_TAG_BATCH_EVENT)
             append(length)
             append(body)
-            total += 1 + len(length) + size
+            total += framed
             encoded += 1
-        return b"".join(out), consumed, encoded, dropped, errors
+        return b"".join(out), consumed, encoded, dropped, errors, oversized
 
     def _common(self, event: RawEvent, base: int) -> bytes:
         """The usual event: dicts of str keys, int/float measurements, str metadata.

@@ -52,6 +52,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .._internal import errors
 from .base import NO_SPAN, Backend, CompositeBackend, NoneBackend, SpanFailure, error_fields
 from .grpc import GrpcBackend
 from .statsd import StatsdBackend
@@ -118,6 +119,7 @@ def _changed() -> None:
         try:
             listener()
         except Exception:
+            errors.count()
             log.debug("telemetry backend listener failed", exc_info=True)
 
 
@@ -285,3 +287,4 @@ def _reset_for_tests() -> None:
         _changed()
     if old is not None:
         _close_quietly(old)
+    errors._reset_for_tests()

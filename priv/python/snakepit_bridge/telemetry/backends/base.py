@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, NamedTuple
 
-from .._internal import convert
+from .._internal import convert, errors
 from .._internal.convert import Scalar, safe_str
 
 __all__ = ["NO_SPAN", "Backend", "CompositeBackend", "NoneBackend", "SpanFailure", "error_fields"]
@@ -136,9 +136,15 @@ class Backend:
     # ------------------------------------------------- entry points used by core
 
     def count(self, key: str, amount: int = 1) -> None:
-        """Thread-safe counter increment (unknown keys start at zero)."""
+        """Thread-safe counter increment (unknown keys start at zero).
+
+        ``errors`` also counts in the process-wide internal errors (see
+        :mod:`.._internal.errors`), which stats reports carry to Elixir.
+        """
         with self._counts_lock:
             self._counts[key] = self._counts.get(key, 0) + amount
+        if key == "errors":
+            errors.count(amount)
 
     def handle_emit(
         self, event: object, measurements: object, metadata: object, correlation_id: object

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from typing import Any, TextIO
 
-from .._internal import env
+from .._internal import env, errors
 from .._internal.convert import Scalar
 from .base import Backend
 
@@ -120,12 +120,12 @@ class StderrBackend(Backend):
                 self._queue.clear()
                 self._writing = len(batch)
             lines: list[str] = []
-            errors = 0
+            failed = 0
             for item in batch:
                 try:
                     lines.append(format_line(*item) + "\n")
                 except Exception:
-                    errors += 1
+                    failed += 1
             written = 0
             if lines:
                 try:
@@ -134,10 +134,12 @@ class StderrBackend(Backend):
                     out.flush()
                     written = len(lines)
                 except Exception:
-                    errors += len(lines)
+                    failed += len(lines)
             with self._counts_lock:
                 self._counts["written"] += written
-                self._counts["errors"] += errors
+                self._counts["errors"] += failed
+            if failed:
+                errors.count(failed)
             with self._cond:
                 self._writing = 0
                 self._cond.notify_all()

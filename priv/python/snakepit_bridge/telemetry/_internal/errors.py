@@ -1,0 +1,36 @@
+"""Process-wide count of internal failures that no stream counted.
+
+Telemetry never raises into the instrumented code, so every failure it
+swallows is counted instead. A failure inside a stream (converting, encoding,
+sending) is counted in that stream's ``internal_errors``; the ones here happen
+where no stream is involved, or before one exists: ``emit`` or ``span`` failing
+to reach a backend, a backend's own failures (counted as its ``errors`` too),
+the interceptor, the samplers and the GC hook. Every stream adds this count to
+the ``internal_errors`` of its ``telemetry.python.stats`` reports, so it reaches
+Elixir with the stream's own.
+"""
+
+from __future__ import annotations
+
+import threading
+
+_lock = threading.Lock()
+_count = 0
+
+
+def count(amount: int = 1) -> None:
+    """Count ``amount`` swallowed failures. Never raises."""
+    global _count
+    with _lock:
+        _count += amount
+
+
+def total() -> int:
+    """Failures counted so far in this process."""
+    return _count
+
+
+def _reset_for_tests() -> None:
+    global _count
+    with _lock:
+        _count = 0
