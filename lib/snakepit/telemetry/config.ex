@@ -6,6 +6,13 @@ defmodule Snakepit.Telemetry.Config do
         stream: [
           connect_timeout_ms: 10_000,   # first connection: keep trying this long
           retry_interval_ms: 100,       # ... this often
+          open_timeout_ms: 5_000,       # bound on one attempt: connect, HTTP/2
+                                        # handshake, response headers (a reconnect
+                                        # is one such attempt)
+          keepalive_interval_ms: 10_000, # HTTP/2 PING this often on every
+                                        # stream; 0: off
+          keepalive_timeout_ms: 5_000,  # unanswered this long: the stream closes
+                                        # (:keepalive_timeout) and reconnects
           backoff_initial_ms: 100,      # reconnect after a lost stream: first delay
           backoff_max_ms: 5_000,        # ... doubling up to this cap
           max_batch: 512,               # events per batch from the NIF
@@ -44,6 +51,9 @@ defmodule Snakepit.Telemetry.Config do
   @stream [
     connect_timeout_ms: 10_000,
     retry_interval_ms: 100,
+    open_timeout_ms: 5_000,
+    keepalive_interval_ms: 10_000,
+    keepalive_timeout_ms: 5_000,
     backoff_initial_ms: 100,
     backoff_max_ms: 5_000,
     max_batch: 512,
