@@ -1762,4 +1762,105 @@ mod tests {
             .map(|e| e.correlation_id.as_deref().unwrap_or(""))
             .collect()
     }
+
+    /// Bytes that mark a correlation id for [`corrupting_proxy`] to turn
+    /// into invalid UTF-8 (same length, so all framing stays valid).
+    const MARKER: &[u8] = b"CORRUPT-ME-PLEASE";
+
+    /// A TCP proxy in front of `upstream` that replaces every [`MARKER`] in
+    /// what the worker sends with 0xFF bytes.
+    async fn corrupting_proxy(upstream: Address) -> Address {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Address::Tcp(upstream) = upstream else {
+            unreachable!()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = Address::Tcp(listener.local_addr().unwrap().to_string());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                });
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let mut pending: Vec<u8> = Vec::new();
+                    loop {
+                        let n = match server_read.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        pending.extend_from_slice(&buf[..n]);
+                        let mut i = 0;
+                        while i + MARKER.len() <= pending.len() {
+                            if &pending[i..i + MARKER.len()] == MARKER {
+                                pending[i..i + MARKER.len()].fill(0xff);
+                                i += MARKER.len();
+                            } else {
+                                i += 1;
+                            }
+                        }
+                        // Hold back a tail that may be the start of a
+                        // marker split across reads.
+                        let keep = (1..MARKER.len())
+                            .rev()
+                            .find(|k| pending.ends_with(&MARKER[..*k]))
+                            .unwrap_or(0);
+                        let send = pending.len() - keep;
+                        if client_write.write_all(&pending[..send]).await.is_err() {
+                            return;
+                        }
+                        pending.drain(..send);
+                    }
+                });
+            }
+        });
+        address
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_with_invalid_utf8_is_dropped_alone_over_the_wire() {
+        let marker = std::str::from_utf8(MARKER).unwrap();
+        // Batches: the bad event's neighbours in its message are delivered.
+        let batches = vec![
+            vec![
+                event("python.call.start", "a"),
+                event("python.call.stop", marker),
+                event("python.call.stop", "b"),
+            ],
+            vec![event("python.call.stop", "c")],
+        ];
+        let (batched, _controls) = batch_worker(batches, false);
+        let address = corrupting_proxy(serve_tcp(batched).await).await;
+        let mut h = start(address, StreamConfig::default());
+        expect_status(&mut h, Status::Connecting).await;
+        expect_status(&mut h, Status::Open(Protocol::Batches)).await;
+        let (events, reason) = collect_until_closed(&mut h).await;
+        assert_eq!(reason, CloseReason::EndOfStream);
+        assert_eq!(positions_or_ids(&events), ["a", "b", "c"]);
+        let s = &h.stats;
+        assert_eq!(StreamStats::get(&s.received), 4);
+        assert_eq!(StreamStats::get(&s.dropped_malformed), 1);
+        assert_eq!(StreamStats::get(&s.malformed_messages), 0);
+        assert_eq!(StreamStats::get(&s.wire_messages), 2);
+
+        // Single events: the bad message is one malformed event.
+        let events = vec![
+            event("python.call.start", "a"),
+            event("python.call.stop", marker),
+            event("python.call.stop", "b"),
+        ];
+        let (single, _controls) = worker(events, false);
+        let address = corrupting_proxy(serve_tcp(single).await).await;
+        let mut h = start(address, StreamConfig::default());
+        expect_status(&mut h, Status::Connecting).await;
+        expect_status(&mut h, Status::Open(Protocol::Events)).await;
+        let (events, reason) = collect_until_closed(&mut h).await;
+        assert_eq!(reason, CloseReason::EndOfStream);
+        assert_eq!(positions_or_ids(&events), ["a", "b"]);
+        assert_eq!(StreamStats::get(&h.stats.received), 3);
+        assert_eq!(StreamStats::get(&h.stats.dropped_malformed), 1);
+    }
 }
