@@ -9,8 +9,12 @@ defmodule Snakepit.Telemetry.Config do
           open_timeout_ms: 5_000,       # bound on one attempt: connect, HTTP/2
                                         # handshake, response headers (a reconnect
                                         # is one such attempt)
-          keepalive_interval_ms: 10_000, # HTTP/2 PING this often on every
-                                        # stream; 0: off
+          keepalive_interval_ms: 300_000, # HTTP/2 PING after this long without
+                                        # a byte from the worker; 0: off. gRPC
+                                        # servers refuse pings more often than
+                                        # every 5 min by default (GOAWAY "too
+                                        # many pings"): lower it only for workers
+                                        # whose server allows it (see README)
           keepalive_timeout_ms: 5_000,  # unanswered this long: the stream closes
                                         # (:keepalive_timeout) and reconnects
           backoff_initial_ms: 100,      # reconnect after a lost stream: first delay
@@ -52,7 +56,7 @@ defmodule Snakepit.Telemetry.Config do
     connect_timeout_ms: 10_000,
     retry_interval_ms: 100,
     open_timeout_ms: 5_000,
-    keepalive_interval_ms: 10_000,
+    keepalive_interval_ms: 300_000,
     keepalive_timeout_ms: 5_000,
     backoff_initial_ms: 100,
     backoff_max_ms: 5_000,

@@ -104,7 +104,12 @@ pub struct StreamConfig {
     /// fallback included). Also bounded by what is left of
     /// `connect_timeout`.
     pub open_timeout: Duration,
-    /// HTTP/2 PING interval on every connection; `None`: no keepalive.
+    /// HTTP/2 PING after this long without a byte from the worker;
+    /// `None`: no keepalive. gRPC servers (grpc-core: grpcio) answer a
+    /// client that pings an idle call more often than every 5 minutes with
+    /// GOAWAY `too_many_pings` unless configured otherwise
+    /// (`grpc.http2.min_recv_ping_interval_without_data_ms`,
+    /// `grpc.http2.max_ping_strikes`), hence the default.
     pub keepalive_interval: Option<Duration>,
     /// How long a PING may go unanswered before the connection is closed
     /// (the stream ends with [`CloseReason::KeepaliveTimeout`]).
@@ -135,7 +140,7 @@ impl Default for StreamConfig {
         StreamConfig {
             connect_timeout: Duration::from_secs(10),
             open_timeout: Duration::from_secs(5),
-            keepalive_interval: Some(Duration::from_secs(10)),
+            keepalive_interval: Some(Duration::from_secs(300)),
             keepalive_timeout: Duration::from_secs(5),
             retry_interval: Duration::from_millis(100),
             max_batch: 512,
