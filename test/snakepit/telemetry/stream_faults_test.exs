@@ -142,4 +142,86 @@ defmodule Snakepit.Telemetry.StreamFaultsTest do
     command!(worker, %{cmd: "emit", event: "python.call.stop", measurements: %{duration: 1}})
     assert_receive {:event, ^stop, _, %{worker_id: ^worker_id}}, 10_000
   end
+
+  # A TCP proxy to `upstream` ("host:port") that forwards both ways until
+  # `freeze/1`, then stops forwarding and holds its sockets open: a network
+  # black hole. Connections made after `thaw/1` are forwarded again.
+  defp proxy!(upstream) do
+    [host, port] = String.split(upstream, ":")
+    flag = :atomics.new(1, [])
+    parent = self()
+
+    pid =
+      spawn_link(fn ->
+        {:ok, listen} =
+          :gen_tcp.listen(0, [:binary, active: false, reuseaddr: true, ip: {127, 0, 0, 1}])
+
+        send(parent, {:proxy, self(), listen})
+        proxy_accept(listen, String.to_charlist(host), String.to_integer(port), flag)
+      end)
+
+    assert_receive {:proxy, ^pid, listen}, 5_000
+    {:ok, port} = :inet.port(listen)
+    {"127.0.0.1:#{port}", flag}
+  end
+
+  defp proxy_accept(listen, host, port, flag) do
+    {:ok, client} = :gen_tcp.accept(listen)
+    {:ok, server} = :gen_tcp.connect(host, port, [:binary, active: false])
+    pipe(client, server, flag)
+    pipe(server, client, flag)
+    proxy_accept(listen, host, port, flag)
+  end
+
+  defp pipe(from, to, flag) do
+    pid =
+      spawn_link(fn ->
+        receive do
+          :go -> forward(from, to, flag)
+        end
+      end)
+
+    :ok = :gen_tcp.controlling_process(from, pid)
+    send(pid, :go)
+  end
+
+  defp forward(from, to, flag) do
+    with {:ok, data} <- :gen_tcp.recv(from, 0),
+         0 <- :atomics.get(flag, 1),
+         :ok <- :gen_tcp.send(to, data) do
+      forward(from, to, flag)
+    else
+      # Frozen: hold the sockets, say nothing.
+      1 -> Process.sleep(:infinity)
+      _closed -> :ok
+    end
+  end
+
+  defp freeze(flag), do: :atomics.put(flag, 1, 1)
+  defp thaw(flag), do: :atomics.put(flag, 1, 0)
+
+  test "a stream to a worker behind a black hole ends on its keepalive and reconnects" do
+    Application.put_env(:snakepit_telemetry, :stream,
+      backoff_initial_ms: 20,
+      backoff_max_ms: 100,
+      open_timeout_ms: 500,
+      keepalive_interval_ms: 300,
+      keepalive_timeout_ms: 500
+    )
+
+    lost = [:snakepit, :grpc, :connection, :lost]
+    forward_events([lost])
+    worker = start_worker!()
+    {address, flag} = proxy!(PythonWorker.address(worker))
+    worker_id = register!(worker, address: address)
+
+    freeze(flag)
+
+    assert_receive {:event, ^lost, _, %{worker_id: ^worker_id, reason: :keepalive_timeout}},
+                   10_000
+
+    assert stream(worker_id).stats.keepalive_timeouts == 1
+    thaw(flag)
+    await(fn -> stream(worker_id).status == :open and stream(worker_id).reconnects >= 1 end)
+  end
 end
