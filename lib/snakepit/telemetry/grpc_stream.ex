@@ -54,8 +54,9 @@ defmodule Snakepit.Telemetry.GrpcStream do
       `[:snakepit, :grpc, :connection, :reconnected]` event.
     * **When an open stream ends** (worker crash, `kill -9`, network error,
       worker shutdown, a message over `max_message_bytes`, or a worker that
-      stops answering HTTP/2 PINGs (`keepalive_interval_ms`,
-      `keepalive_timeout_ms`): reason `:keepalive_timeout`): `[:snakepit, :grpc, :connection, :lost]` and
+      stops answering HTTP/2 PINGs, see `keepalive_interval_ms` and
+      `keepalive_timeout_ms`, with reason `:keepalive_timeout`):
+      `[:snakepit, :grpc, :connection, :lost]` and
       `[:snakepit, :grpc, :stream, :closed]` are emitted and the stream is
       reopened with capped exponential backoff (`backoff_initial_ms`, doubling
       to `backoff_max_ms`) for as long as the worker is registered; each

@@ -3,7 +3,7 @@ defmodule Snakepit.Telemetry.StreamFaultsTest do
   # answers must not keep a stream :connecting (every open attempt is
   # bounded by open_timeout_ms, and connect_timeout_ms on a first open); a
   # message over max_message_bytes is counted and reported, and the stream
-  # recovers.
+  # recovers; a worker behind a black hole is noticed by the keepalive.
   use Snakepit.Telemetry.Case, async: false
 
   alias Snakepit.Telemetry.{GrpcStream, PythonWorker}
