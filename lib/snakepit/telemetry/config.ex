@@ -6,6 +6,17 @@ defmodule Snakepit.Telemetry.Config do
         stream: [
           connect_timeout_ms: 10_000,   # first connection: keep trying this long
           retry_interval_ms: 100,       # ... this often
+          open_timeout_ms: 5_000,       # bound on one attempt: connect, HTTP/2
+                                        # handshake, response headers (a reconnect
+                                        # is one such attempt)
+          keepalive_interval_ms: 300_000, # HTTP/2 PING after this long without
+                                        # a byte from the worker; 0: off. gRPC
+                                        # servers refuse pings more often than
+                                        # every 5 min by default (GOAWAY "too
+                                        # many pings"): lower it only for workers
+                                        # whose server allows it (see README)
+          keepalive_timeout_ms: 5_000,  # unanswered this long: the stream closes
+                                        # (:keepalive_timeout) and reconnects
           backoff_initial_ms: 100,      # reconnect after a lost stream: first delay
           backoff_max_ms: 5_000,        # ... doubling up to this cap
           healthy_after_ms: 10_000,     # the backoff starts again from
@@ -69,6 +80,9 @@ defmodule Snakepit.Telemetry.Config do
   @stream [
     connect_timeout_ms: 10_000,
     retry_interval_ms: 100,
+    open_timeout_ms: 5_000,
+    keepalive_interval_ms: 300_000,
+    keepalive_timeout_ms: 5_000,
     backoff_initial_ms: 100,
     backoff_max_ms: 5_000,
     healthy_after_ms: 10_000,

@@ -49,18 +49,25 @@ defmodule Snakepit.Telemetry.GrpcStream do
     * **Registration before the worker listens**: the first connection is
       retried every `retry_interval_ms` until `connect_timeout_ms` passes; then
       the status becomes `{:failed, reason}` (unregister and register again to
-      retry).
+      retry). Each attempt (connect, HTTP/2 handshake, response headers) is
+      bounded by `open_timeout_ms`, so a worker that accepts the connection
+      and never answers cannot keep the stream `:connecting`: the attempt
+      fails with "open timed out after N ms" (counted in `open_timeouts`).
     * **On open**: Python gets `toggle(true)` and then the worker's whole
       control state. The first open emits `[:snakepit, :grpc, :connection,
       :established]`, and every open `[:snakepit, :grpc, :stream, :opened]`;
       their metadata hold `:protocol` (`:batches` or `:events`), as does the
       `[:snakepit, :grpc, :connection, :reconnected]` event.
     * **When an open stream ends** (worker crash, `kill -9`, network error,
-      worker shutdown): `[:snakepit, :grpc, :connection, :lost]` and
+      worker shutdown, a message over `max_message_bytes`, or a worker that
+      stops answering HTTP/2 PINGs, see `keepalive_interval_ms` and
+      `keepalive_timeout_ms`, with reason `:keepalive_timeout`):
+      `[:snakepit, :grpc, :connection, :lost]` and
       `[:snakepit, :grpc, :stream, :closed]` are emitted and the stream is
       reopened with capped exponential backoff for as long as the worker is
       registered: attempt `n` waits `backoff_initial_ms * 2^(n - 1)`, at most
-      `backoff_max_ms`. Success emits
+      `backoff_max_ms`, and each reopen is one attempt bounded by
+      `open_timeout_ms`. Success emits
       `[:snakepit, :grpc, :connection, :reconnected]`, whose `attempts`
       counts the attempts since the worker last had a healthy stream.
     * **Backoff reset**: the attempt count starts over (from
@@ -94,8 +101,13 @@ defmodule Snakepit.Telemetry.GrpcStream do
   reason, `wire_messages`, `fallbacks` (connections that fell back to
   `StreamTelemetry`), `credit_waits` (times the NIF stopped reading for
   want of acknowledgements), `deliver_ns` (time spent building terms and
-  sending them here; over `delivered`, the native cost per event), ...) and
-  `:python` (the worker's own counters, e.g. `dropped_queue_full`, from the
+  sending them here; over `delivered`, the native cost per event),
+  `malformed_messages` (batches that could not be parsed at all; a single
+  event that does not decode counts in `dropped_malformed` and the rest of
+  its batch is delivered), `oversized_messages` and `oversized_bytes_max`
+  (messages refused for exceeding `max_message_bytes`, and the largest such
+  size), `open_timeouts`, `keepalive_timeouts`, ...) and `:python` (the
+  worker's own counters, e.g. `dropped_queue_full`, from the
   `[:snakepit, :telemetry, :python, :stats]` reports, summed over the
   worker's Python processes; `queue_len` is the latest).
 
@@ -109,8 +121,8 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
     * `{:snakepit_telemetry, stream_id, status}`: `:connecting`,
       `{:open, protocol}` (`:batches` or `:events`) or `{:closed, reason}`
-      with reason `:stopped`, `:end_of_stream`, `{:error, text}` or
-      `{:connect_failed, text}`.
+      with reason `:stopped`, `:end_of_stream`, `:keepalive_timeout`,
+      `{:error, text}` or `{:connect_failed, text}`.
     * `{:snakepit_telemetry_events, stream_id, [{event, measurements, metadata}]}`,
       acknowledged with `Native.stream_ack(handle, length(events))` once
       handled.
@@ -169,6 +181,9 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
   # Stream settings the NIF takes (see Snakepit.Telemetry.Config).
   @native_options [
+    :open_timeout_ms,
+    :keepalive_interval_ms,
+    :keepalive_timeout_ms,
     :retry_interval_ms,
     :max_batch,
     :max_pending_events,
@@ -189,7 +204,11 @@ defmodule Snakepit.Telemetry.GrpcStream do
     :dropped_malformed,
     :dropped_buffer_full,
     :dropped_receiver_down,
-    :dropped_encode
+    :dropped_encode,
+    # Whole messages, not events: batches that could not be parsed, and
+    # messages over max_message_bytes (reported with `bytes`, the largest).
+    :malformed_messages,
+    :oversized_messages
   ]
   @python_drops [
     :dropped_queue_full,
@@ -632,8 +651,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
   defp fold_stats(%{handle: nil} = worker), do: worker
 
   defp fold_stats(worker) do
-    totals =
-      Map.merge(worker.totals, Native.stream_stats(worker.handle), fn _k, a, b -> a + b end)
+    totals = add_stats(worker.totals, Native.stream_stats(worker.handle))
 
     %{worker | totals: totals, handle: nil}
   end
@@ -692,7 +710,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
   # Emits one `@dropped` event per counter that grew since the last report.
   defp report_drops(worker) do
     current = if worker.handle, do: Native.stream_stats(worker.handle), else: %{}
-    native = Map.merge(worker.totals, current, fn _k, a, b -> a + b end)
+    native = add_stats(worker.totals, current)
 
     counts =
       for(
@@ -707,13 +725,26 @@ defmodule Snakepit.Telemetry.GrpcStream do
       if delta > 0 do
         :telemetry.execute(
           @dropped,
-          %{count: delta},
+          drop_measurements(reason, delta, native),
           Map.merge(%{reason: reason, hop: hop}, worker.metadata)
         )
       end
     end)
 
     %{worker | reported: Map.merge(worker.reported, counts)}
+  end
+
+  defp drop_measurements(:oversized_messages, delta, native),
+    do: %{count: delta, bytes: Map.get(native, :oversized_bytes_max, 0)}
+
+  defp drop_measurements(_reason, delta, _native), do: %{count: delta}
+
+  # Sums two streams' counters; a high-water mark takes the larger.
+  defp add_stats(a, b) do
+    Map.merge(a, b, fn
+      :oversized_bytes_max, x, y -> max(x, y)
+      _k, x, y -> x + y
+    end)
   end
 
   defp drop_counters(native, python) do
@@ -810,7 +841,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
       protocol: worker.protocol,
       control: Control.to_map(worker.control),
       reconnects: worker.reconnects,
-      stats: Map.merge(worker.totals, current, fn _k, a, b -> a + b end),
+      stats: add_stats(worker.totals, current),
       python: python_totals(worker)
     }
   end

@@ -14,6 +14,7 @@ pub mod decode;
 pub mod json;
 pub mod stats;
 pub mod stream;
+pub mod wire;
 
 /// Messages and client/server code generated from `proto/snakepit_bridge.proto`.
 pub mod proto {

@@ -3,6 +3,8 @@
 //! closed). Events a stream holds back while its owner is busy count once
 //! they are handed on: when the owner has acknowledged everything before
 //! them, when they fill a batch or the credit, or when the stream closes.
+//! Whole messages whose events cannot be known (`malformed_messages`,
+//! `oversized_messages`) are counted as messages, outside that equation.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -32,7 +34,7 @@ counters! {
     received: "Events read off the gRPC stream.",
     delivered: "Events sent to the Elixir process.",
     dropped_unknown_event: "Events whose name is not in the catalog.",
-    dropped_malformed: "Events with no name, too many name parts or oversized parts.",
+    dropped_malformed: "Events with no name, too many name parts or oversized parts, or that did not decode (invalid UTF-8 in a string, a bad wire type, truncated); a bad event in a batch is dropped alone.",
     dropped_buffer_full: "Events dropped because the delivery buffer to Elixir was full.",
     dropped_receiver_down: "Events dropped because the Elixir process was gone.",
     dropped_encode: "Events the NIF could not turn into terms.",
@@ -46,11 +48,21 @@ counters! {
     fallbacks: "Connections that fell back to StreamTelemetry because the worker does not implement StreamTelemetryBatches.",
     credit_waits: "Times the stream stopped reading because the owner had max_pending_events events unacknowledged.",
     deliver_ns: "Nanoseconds spent turning this stream's events into terms and sending them (over delivered: the cost per event).",
+    malformed_messages: "Batch messages that could not be parsed at all (garbage, truncated): skipped, their events unknown; the stream carries on.",
+    oversized_messages: "Messages refused for being over max_message_bytes (the call ends and the owner reconnects).",
+    oversized_bytes_max: "The largest refused message seen, in bytes (a high-water mark, not a count).",
+    open_timeouts: "Open attempts (connect, HTTP/2 handshake, response headers of the telemetry call) that did not finish within the open timeout.",
+    keepalive_timeouts: "Open streams closed because an HTTP/2 PING was not answered within the keepalive timeout.",
 }
 
 impl StreamStats {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Raises a high-water mark to `n`.
+    pub fn max(counter: &AtomicU64, n: u64) {
+        counter.fetch_max(n, Ordering::Relaxed);
     }
 
     pub fn get(counter: &AtomicU64) -> u64 {

@@ -5,7 +5,14 @@
 //! Every connection first calls `StreamTelemetryBatches` (many events per
 //! gRPC message) and falls back to `StreamTelemetry` (one event per message)
 //! when the worker answers `UNIMPLEMENTED`. Both carry the same controls and
-//! events; only the framing differs.
+//! events; only the framing differs. Messages are decoded event by event
+//! (see [`crate::wire`]): a bad event is dropped and counted, never the
+//! call.
+//!
+//! Every open attempt (connect, HTTP/2 handshake, response headers) is
+//! bounded by `open_timeout`, and every connection sends HTTP/2 PINGs, so a
+//! worker that accepts and never answers, or stops answering later, ends
+//! the attempt or the stream instead of hanging it.
 //!
 //! The stream reads only while its [`Credit`] allows: events handed to the
 //! sink stay pending until the owner releases them, and while too many are
@@ -20,20 +27,26 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Streaming;
 
 use crate::credit::Credit;
 use crate::decode::{DecodeConfig, Decoded, Decoder};
-use crate::proto::bridge_service_client::BridgeServiceClient;
-use crate::proto::{
-    telemetry_control, TelemetryControl, TelemetryEvent, TelemetryEventBatch, TelemetryToggle,
-};
+use crate::proto::{telemetry_control, TelemetryControl, TelemetryToggle};
 use crate::stats::StreamStats;
+use crate::wire::{self, Framing, Wire, WireCodec};
+
+const BATCHES_PATH: &str = "/snakepit.bridge.BridgeService/StreamTelemetryBatches";
+const EVENTS_PATH: &str = "/snakepit.bridge.BridgeService/StreamTelemetry";
 
 /// Where a worker serves its telemetry stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,8 +96,24 @@ impl fmt::Display for Address {
 /// How one stream behaves.
 #[derive(Clone, Debug)]
 pub struct StreamConfig {
-    /// How long to keep trying to connect before giving up.
+    /// How long to keep trying to connect before giving up. Zero: one
+    /// attempt (bounded by `open_timeout`).
     pub connect_timeout: Duration,
+    /// Bound on one open attempt: connect, HTTP/2 handshake and the
+    /// response headers of the telemetry call (the `UNIMPLEMENTED`
+    /// fallback included). Also bounded by what is left of
+    /// `connect_timeout`.
+    pub open_timeout: Duration,
+    /// HTTP/2 PING after this long without a byte from the worker;
+    /// `None`: no keepalive. gRPC servers (grpc-core: grpcio) answer a
+    /// client that pings an idle call more often than every 5 minutes with
+    /// GOAWAY `too_many_pings` unless configured otherwise
+    /// (`grpc.http2.min_recv_ping_interval_without_data_ms`,
+    /// `grpc.http2.max_ping_strikes`), hence the default.
+    pub keepalive_interval: Option<Duration>,
+    /// How long a PING may go unanswered before the connection is closed
+    /// (the stream ends with [`CloseReason::KeepaliveTimeout`]).
+    pub keepalive_timeout: Duration,
     /// Pause between connection attempts.
     pub retry_interval: Duration,
     /// Most wire events folded into one batch for the sink (a batch message
@@ -110,6 +139,9 @@ impl Default for StreamConfig {
     fn default() -> Self {
         StreamConfig {
             connect_timeout: Duration::from_secs(10),
+            open_timeout: Duration::from_secs(5),
+            keepalive_interval: Some(Duration::from_secs(300)),
+            keepalive_timeout: Duration::from_secs(5),
             retry_interval: Duration::from_millis(100),
             max_batch: 512,
             max_message_bytes: 4 * 1024 * 1024,
@@ -147,8 +179,11 @@ pub enum CloseReason {
     EndOfStream,
     /// The call failed after it was open.
     Error(String),
-    /// No connection within the connect timeout; holds the last error.
+    /// No connection within the connect timeout; holds the last error
+    /// ("open timed out after N ms" when the last attempt hit its bound).
     ConnectFailed(String),
+    /// The worker stopped answering HTTP/2 PINGs on an open stream.
+    KeepaliveTimeout,
 }
 
 /// Receives what a stream produces. Called from the stream's task.
@@ -235,9 +270,20 @@ async fn session<S: Sink>(
     sink: &mut S,
 ) -> CloseReason {
     let deadline = Instant::now() + config.connect_timeout;
+    let open_timeout = config.open_timeout.max(Duration::from_millis(1));
+    let mut first = true;
     let (outbound, mut inbound) = loop {
         StreamStats::add(&stats.connect_attempts, 1);
-        match open(address, config, stats).await {
+        // Each attempt ends by the connect deadline, except a lone first
+        // attempt (connect_timeout zero), which gets the open timeout.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let bound = if first && left.is_zero() {
+            open_timeout
+        } else {
+            open_timeout.min(left.max(Duration::from_millis(1)))
+        };
+        first = false;
+        match open(address, config, stats, bound).await {
             Ok(pair) => break pair,
             Err(error) => {
                 if Instant::now() + config.retry_interval >= deadline {
@@ -302,7 +348,7 @@ async fn session<S: Sink>(
                 let first = match message {
                     Ok(Some(wire)) => wire,
                     Ok(None) => return CloseReason::EndOfStream,
-                    Err(status) => return CloseReason::Error(status_text(&status)),
+                    Err(status) => return call_failed(&status, &inbound, stats),
                 };
                 let room = config.max_batch.saturating_sub(held.wire).max(1);
                 if let Some(reason) =
@@ -316,61 +362,23 @@ async fn session<S: Sink>(
 }
 
 /// The worker's side of an open call, in either framing.
-enum Inbound {
-    Batches(Streaming<TelemetryEventBatch>),
-    Events(Streaming<TelemetryEvent>),
-}
-
-/// One gRPC message: a single event or a batch of them.
-enum Wire {
-    One(TelemetryEvent),
-    Many(Vec<TelemetryEvent>),
-}
-
-impl Wire {
-    /// A batch's events with absolute timestamps: `base_timestamp_ns` is
-    /// added to each (saturating, so a hostile base cannot overflow).
-    fn from_batch(batch: TelemetryEventBatch) -> Wire {
-        let mut events = batch.events;
-        if batch.base_timestamp_ns != 0 {
-            for event in &mut events {
-                event.timestamp_ns = event.timestamp_ns.saturating_add(batch.base_timestamp_ns);
-            }
-        }
-        Wire::Many(events)
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            Wire::One(_) => 1,
-            Wire::Many(events) => events.len(),
-        }
-    }
-
-    /// The events, in the order they were emitted.
-    fn into_events(self) -> impl Iterator<Item = TelemetryEvent> {
-        let (one, many) = match self {
-            Wire::One(event) => (Some(event), Vec::new()),
-            Wire::Many(events) => (None, events),
-        };
-        one.into_iter().chain(many)
-    }
+struct Inbound {
+    protocol: Protocol,
+    messages: Streaming<Wire>,
+    /// Reads on the call's connection.
+    reads: Arc<ReadClock>,
+    /// The PING answer deadline, when keepalive is on.
+    keepalive_timeout: Option<Duration>,
 }
 
 impl Inbound {
     fn protocol(&self) -> Protocol {
-        match self {
-            Inbound::Batches(_) => Protocol::Batches,
-            Inbound::Events(_) => Protocol::Events,
-        }
+        self.protocol
     }
 
     /// The next message; cancel-safe like [`Streaming::message`].
     async fn message(&mut self) -> Result<Option<Wire>, tonic::Status> {
-        Ok(match self {
-            Inbound::Batches(s) => s.message().await?.map(Wire::from_batch),
-            Inbound::Events(s) => s.message().await?.map(Wire::One),
-        })
+        self.messages.message().await
     }
 }
 
@@ -393,7 +401,7 @@ fn drain_ready(
         match inbound.message().now_or_never() {
             Some(Ok(Some(wire))) => seen += decode_wire(wire, decoder, stats, credit, held),
             Some(Ok(None)) => return Some(CloseReason::EndOfStream),
-            Some(Err(status)) => return Some(CloseReason::Error(status_text(&status))),
+            Some(Err(status)) => return Some(call_failed(&status, inbound, stats)),
             None => break,
         }
     }
@@ -401,8 +409,8 @@ fn drain_ready(
 }
 
 /// Decodes one message's events onto `held` and takes their credit;
-/// returns how many wire events it counts for (an empty batch message
-/// counts as one, so draining always ends).
+/// returns how many wire events it counts for (an empty or malformed
+/// message counts as one, so draining always ends).
 fn decode_wire(
     wire: Wire,
     decoder: &mut Decoder,
@@ -410,20 +418,45 @@ fn decode_wire(
     credit: &Credit,
     held: &mut Held,
 ) -> usize {
-    StreamStats::add(&stats.wire_messages, 1);
-    let seen = wire.len().max(1);
-    let before = held.events.len();
-    held.events.extend(
-        wire.into_events()
-            .filter_map(|event| decoder.decode(event, stats).ok()),
-    );
-    credit.take(held.events.len() - before);
+    let seen = wire.len();
+    let added = wire::fold(wire, decoder, stats, &mut held.events);
+    credit.take(added);
     held.wire += seen;
     seen
 }
 
 fn status_text(status: &tonic::Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
+}
+
+/// How an open call that failed with `status` ends, counted in `stats`.
+fn call_failed(status: &tonic::Status, inbound: &Inbound, stats: &StreamStats) -> CloseReason {
+    if let Some(bytes) = wire::oversized_message_bytes(status) {
+        StreamStats::add(&stats.oversized_messages, 1);
+        StreamStats::max(&stats.oversized_bytes_max, bytes);
+        return CloseReason::Error(status_text(status));
+    }
+    let keepalive = inbound.keepalive_timeout;
+    if keepalive
+        .is_some_and(|timeout| is_transport_error(status) && inbound.reads.silent_for() >= timeout)
+    {
+        StreamStats::add(&stats.keepalive_timeouts, 1);
+        return CloseReason::KeepaliveTimeout;
+    }
+    CloseReason::Error(status_text(status))
+}
+
+/// Whether the call failed under the connection (a transport error from
+/// hyper), rather than with a status the worker sent.
+fn is_transport_error(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if error.is::<hyper::Error>() || error.is::<std::io::Error>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// Toggle-on, the first control message of every stream.
@@ -445,62 +478,217 @@ fn outbound() -> (
     (tx, ReceiverStream::new(rx))
 }
 
-/// Connects and opens the call: `StreamTelemetryBatches`, or
-/// `StreamTelemetry` on the same channel if the worker does not implement
-/// it. Negotiated on every connection, since a worker may be upgraded or
-/// downgraded between two.
+/// Connects and opens the call within `bound` (counted in
+/// `open_timeouts` when it runs out).
 async fn open(
     address: &Address,
     config: &StreamConfig,
     stats: &StreamStats,
+    bound: Duration,
 ) -> Result<(mpsc::Sender<TelemetryControl>, Inbound), String> {
-    let channel = connect(address, config)
+    match tokio::time::timeout(bound, open_call(address, config, stats)).await {
+        Ok(result) => result,
+        Err(_) => {
+            StreamStats::add(&stats.open_timeouts, 1);
+            Err(format!("open timed out after {} ms", bound.as_millis()))
+        }
+    }
+}
+
+/// Connects and opens the call: `StreamTelemetryBatches`, or
+/// `StreamTelemetry` on the same channel if the worker does not implement
+/// it. Negotiated on every connection, since a worker may be upgraded or
+/// downgraded between two.
+async fn open_call(
+    address: &Address,
+    config: &StreamConfig,
+    stats: &StreamStats,
+) -> Result<(mpsc::Sender<TelemetryControl>, Inbound), String> {
+    let reads = ReadClock::new();
+    let channel = connect(address, config, &reads)
         .await
         .map_err(|e| error_chain(&e))?;
-    let mut client =
-        BridgeServiceClient::new(channel).max_decoding_message_size(config.max_message_bytes);
-    let (tx, rx) = outbound();
-    match client.stream_telemetry_batches(rx).await {
-        Ok(response) => return Ok((tx, Inbound::Batches(response.into_inner()))),
+    let client =
+        tonic::client::Grpc::new(channel).max_decoding_message_size(config.max_message_bytes);
+    let mut client = Client {
+        grpc: client,
+        reads,
+        keepalive_timeout: config.keepalive_interval.map(|_| config.keepalive_timeout),
+    };
+    match call(&mut client, Framing::Batch).await {
+        Ok(call) => return Ok(call),
         Err(status) if status.code() == tonic::Code::Unimplemented => {}
         Err(status) => return Err(status_text(&status)),
     }
-    let (tx, rx) = outbound();
-    let response = client
-        .stream_telemetry(rx)
+    let call = call(&mut client, Framing::Event)
         .await
         .map_err(|status| status_text(&status))?;
     StreamStats::add(&stats.fallbacks, 1);
-    Ok((tx, Inbound::Events(response.into_inner())))
+    Ok(call)
+}
+
+/// A connection to a worker, ready for telemetry calls.
+struct Client {
+    grpc: tonic::client::Grpc<Channel>,
+    reads: Arc<ReadClock>,
+    keepalive_timeout: Option<Duration>,
+}
+
+/// Starts one telemetry call and waits for its response headers.
+async fn call(
+    client: &mut Client,
+    framing: Framing,
+) -> Result<(mpsc::Sender<TelemetryControl>, Inbound), tonic::Status> {
+    let (path, protocol) = match framing {
+        Framing::Batch => (BATCHES_PATH, Protocol::Batches),
+        Framing::Event => (EVENTS_PATH, Protocol::Events),
+    };
+    client
+        .grpc
+        .ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("channel not ready: {e}")))?;
+    let (tx, rx) = outbound();
+    let response = client
+        .grpc
+        .streaming(
+            tonic::Request::new(rx),
+            PathAndQuery::from_static(path),
+            WireCodec::new(framing),
+        )
+        .await?;
+    Ok((
+        tx,
+        Inbound {
+            protocol,
+            messages: response.into_inner(),
+            reads: client.reads.clone(),
+            keepalive_timeout: client.keepalive_timeout,
+        },
+    ))
 }
 
 async fn connect(
     address: &Address,
     config: &StreamConfig,
+    reads: &Arc<ReadClock>,
 ) -> Result<Channel, tonic::transport::Error> {
-    let windows = |endpoint: Endpoint| {
-        endpoint
-            .initial_stream_window_size(config.stream_window_bytes)
-            .initial_connection_window_size(config.connection_window_bytes)
+    let endpoint = match address {
+        Address::Tcp(authority) => Endpoint::from_shared(format!("http://{authority}"))?,
+        // The URI is required by the API but unused: the connector decides
+        // where to go.
+        Address::Unix(_) => Endpoint::from_static("http://localhost"),
     };
-    match address {
-        Address::Tcp(authority) => {
-            windows(Endpoint::from_shared(format!("http://{authority}"))?)
-                .tcp_nodelay(true)
-                .connect()
-                .await
+    let mut endpoint = endpoint
+        .initial_stream_window_size(config.stream_window_bytes)
+        .initial_connection_window_size(config.connection_window_bytes);
+    if let Some(interval) = config.keepalive_interval {
+        endpoint = endpoint
+            .http2_keep_alive_interval(interval)
+            .keep_alive_timeout(config.keepalive_timeout)
+            .keep_alive_while_idle(true);
+    }
+    let address = address.clone();
+    let reads = reads.clone();
+    endpoint
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let address = address.clone();
+            let reads = reads.clone();
+            async move {
+                let io: Box<dyn Io> = match &address {
+                    Address::Tcp(authority) => {
+                        let socket = TcpStream::connect(authority.as_str()).await?;
+                        socket.set_nodelay(true)?;
+                        Box::new(socket)
+                    }
+                    Address::Unix(path) => Box::new(UnixStream::connect(path).await?),
+                };
+                Ok::<_, std::io::Error>(TokioIo::new(Watched { io, reads }))
+            }
+        }))
+        .await
+}
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// When a connection last saw its socket become readable (data, EOF or an
+/// error). hyper closes a connection whose keepalive PING went unanswered
+/// without saying so to the open call (it sees a broken pipe, as when the
+/// worker dies), so a call that fails after this long a silence was ended
+/// by the keepalive: a dead worker's EOF or reset is itself a read.
+#[derive(Debug)]
+struct ReadClock {
+    start: Instant,
+    last_ns: std::sync::atomic::AtomicU64,
+}
+
+impl ReadClock {
+    fn new() -> Arc<ReadClock> {
+        Arc::new(ReadClock {
+            start: Instant::now(),
+            last_ns: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        let now = self.start.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        self.last_ns.store(now, Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        let last = Duration::from_nanos(self.last_ns.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
+
+/// A socket that records its reads on a [`ReadClock`].
+struct Watched {
+    io: Box<dyn Io>,
+    reads: Arc<ReadClock>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let result = Pin::new(&mut self.io).poll_read(cx, buf);
+        if result.is_ready() {
+            self.reads.touch();
         }
-        Address::Unix(path) => {
-            let path = path.clone();
-            // The URI is required by the API but unused: the connector
-            // decides where to go.
-            windows(Endpoint::from_static("http://localhost"))
-                .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move { UnixStream::connect(path).await.map(TokioIo::new) }
-                }))
-                .await
-        }
+        result
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -521,8 +709,11 @@ mod tests {
     use crate::catalog::Sym;
     use crate::decode::Key;
     use crate::proto::bridge_service_server::{BridgeService, BridgeServiceServer};
+    use crate::proto::{TelemetryEvent, TelemetryEventBatch};
+    use prost::Message;
     use std::collections::HashMap;
     use std::pin::Pin;
+    use std::sync::atomic::AtomicU8;
     use tokio::net::{TcpListener, UnixListener};
     use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
     use tokio_stream::{Stream, StreamExt};
@@ -1285,5 +1476,396 @@ mod tests {
         assert_eq!(reason, CloseReason::Stopped);
         assert_eq!(positions(&events), (0..50).collect::<Vec<_>>());
         assert_eq!(h.credit.pending(), 50);
+    }
+
+    /// A TCP listener that accepts connections and never says anything
+    /// (no HTTP/2 settings, no response). Keeps the sockets open.
+    async fn silent_listener() -> (Address, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = Address::Tcp(listener.local_addr().unwrap().to_string());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                held.push(socket);
+            }
+        });
+        (address, accepted)
+    }
+
+    async fn expect_connect_failed(h: &mut Harness) -> String {
+        match next(h).await {
+            Seen::Status(Status::Closed(CloseReason::ConnectFailed(error))) => error,
+            Seen::Status(other) => panic!("expected a connect failure, got {other:?}"),
+            Seen::Events(_) => panic!("expected a connect failure, got events"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_that_accepts_and_never_answers_times_out_a_lone_attempt() {
+        let (address, accepted) = silent_listener().await;
+        // connect_timeout zero, as on a reconnect: one attempt, bounded by
+        // the open timeout.
+        let config = StreamConfig {
+            connect_timeout: Duration::ZERO,
+            open_timeout: Duration::from_millis(200),
+            ..StreamConfig::default()
+        };
+        let mut h = start(address, config);
+        expect_status(&mut h, Status::Connecting).await;
+        let error = expect_connect_failed(&mut h).await;
+        assert_eq!(error, "open timed out after 200 ms");
+        assert_eq!(StreamStats::get(&h.stats.open_timeouts), 1);
+        assert_eq!(StreamStats::get(&h.stats.connect_attempts), 1);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_connect_timeout_bounds_a_first_open_to_a_silent_worker() {
+        let (address, _accepted) = silent_listener().await;
+        // The open timeout is longer than the whole connect timeout: the
+        // attempt is cut at the connect deadline.
+        let config = StreamConfig {
+            connect_timeout: Duration::from_millis(300),
+            open_timeout: Duration::from_secs(3_600),
+            retry_interval: Duration::from_millis(20),
+            ..StreamConfig::default()
+        };
+        let mut h = start(address, config);
+        expect_status(&mut h, Status::Connecting).await;
+        let error = expect_connect_failed(&mut h).await;
+        assert!(error.starts_with("open timed out after"), "{error}");
+        assert!(StreamStats::get(&h.stats.open_timeouts) >= 1);
+        assert_eq!(
+            StreamStats::get(&h.stats.open_timeouts),
+            StreamStats::get(&h.stats.connect_attempts)
+        );
+    }
+
+    /// Completes HTTP/2 and accepts the call, but never sends its response
+    /// headers (on `StreamTelemetryBatches`, or, with `batches: false`, on
+    /// the `StreamTelemetry` fallback).
+    struct Mute {
+        batches: bool,
+        calls: Arc<AtomicUsize>,
+    }
+
+    #[tonic::async_trait]
+    impl BridgeService for Mute {
+        type StreamTelemetryStream = EventStream;
+        type StreamTelemetryBatchesStream = BatchStream;
+
+        async fn stream_telemetry(
+            &self,
+            _request: Request<TonicStreaming<TelemetryControl>>,
+        ) -> Result<Response<EventStream>, tonic::Status> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            std::future::pending().await
+        }
+
+        async fn stream_telemetry_batches(
+            &self,
+            _request: Request<TonicStreaming<TelemetryControl>>,
+        ) -> Result<Response<BatchStream>, tonic::Status> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if !self.batches {
+                return Err(tonic::Status::unimplemented("no batches here"));
+            }
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_that_never_sends_response_headers_times_out() {
+        for batches in [true, false] {
+            let calls = Arc::new(AtomicUsize::new(0));
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = Address::Tcp(listener.local_addr().unwrap().to_string());
+            let mute = Mute {
+                batches,
+                calls: calls.clone(),
+            };
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(BridgeServiceServer::new(mute))
+                    .serve_with_incoming(TcpListenerStream::new(listener)),
+            );
+            let config = StreamConfig {
+                connect_timeout: Duration::ZERO,
+                open_timeout: Duration::from_millis(300),
+                ..StreamConfig::default()
+            };
+            let mut h = start(address, config);
+            expect_status(&mut h, Status::Connecting).await;
+            let error = expect_connect_failed(&mut h).await;
+            assert_eq!(error, "open timed out after 300 ms", "batches: {batches}");
+            assert_eq!(StreamStats::get(&h.stats.open_timeouts), 1);
+            // Without batches, the fallback call was made (and hung).
+            let want = if batches { 1 } else { 2 };
+            assert_eq!(calls.load(Ordering::SeqCst), want, "batches: {batches}");
+        }
+    }
+
+    const FORWARD: u8 = 0;
+    const FREEZE: u8 = 1;
+    const CUT: u8 = 2;
+
+    /// A TCP proxy in front of `upstream` that forwards both directions
+    /// while `mode` is `FORWARD`. On `FREEZE` it stops reading and writing
+    /// and holds the sockets open (a network black hole); on `CUT` it
+    /// closes them (a dead worker).
+    async fn freezing_proxy(upstream: Address, mode: Arc<AtomicU8>) -> Address {
+        let Address::Tcp(upstream) = upstream else {
+            unreachable!()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = Address::Tcp(listener.local_addr().unwrap().to_string());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(forward(client_read, server_write, mode.clone()));
+                tokio::spawn(forward(server_read, client_write, mode.clone()));
+            }
+        });
+        address
+    }
+
+    async fn forward(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        mode: Arc<AtomicU8>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = tokio::select! {
+                read = from.read(&mut buf) => match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                },
+                // Stop at once when the mode changes.
+                () = async {
+                    while mode.load(Ordering::SeqCst) == FORWARD {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                } => {
+                    hold_if_frozen(&mode).await;
+                    return;
+                }
+            };
+            if mode.load(Ordering::SeqCst) != FORWARD {
+                hold_if_frozen(&mode).await;
+                return;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unanswered_keepalive_closes_a_hung_stream() {
+        let (worker, _controls) = batch_worker(vec![vec![event("python.call.stop", "k")]], true);
+        let upstream = serve_tcp(worker).await;
+        let mode = Arc::new(AtomicU8::new(FORWARD));
+        let address = freezing_proxy(upstream, mode.clone()).await;
+        let config = StreamConfig {
+            keepalive_interval: Some(Duration::from_millis(200)),
+            keepalive_timeout: Duration::from_millis(300),
+            ..StreamConfig::default()
+        };
+        let mut h = start(address, config);
+        expect_status(&mut h, Status::Connecting).await;
+        expect_status(&mut h, Status::Open(Protocol::Batches)).await;
+        match next(&mut h).await {
+            Seen::Events(batch) => assert_eq!(batch.len(), 1),
+            Seen::Status(status) => panic!("unexpected {status:?}"),
+        }
+        // Answered PINGs keep an idle stream open.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(h.seen.is_empty(), "the idle stream stayed open");
+        mode.store(FREEZE, Ordering::SeqCst);
+        let (events, reason) = collect_until_closed(&mut h).await;
+        assert!(events.is_empty());
+        assert_eq!(reason, CloseReason::KeepaliveTimeout);
+        assert_eq!(StreamStats::get(&h.stats.keepalive_timeouts), 1);
+    }
+
+    async fn hold_if_frozen(mode: &AtomicU8) {
+        if mode.load(Ordering::SeqCst) == FREEZE {
+            // Hold both halves open, silent, for good.
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// A connection that dies (EOF) after a long idle spell is an error,
+    /// not a keepalive timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_connection_is_not_taken_for_a_keepalive_timeout() {
+        let (worker, _controls) = batch_worker(vec![vec![event("python.call.stop", "k")]], true);
+        let upstream = serve_tcp(worker).await;
+        let mode = Arc::new(AtomicU8::new(FORWARD));
+        let address = freezing_proxy(upstream, mode.clone()).await;
+        // PINGs every 300 ms, so the connection is silent for up to 300 ms
+        // at a time, longer than the PING answer deadline.
+        let config = StreamConfig {
+            keepalive_interval: Some(Duration::from_millis(300)),
+            keepalive_timeout: Duration::from_millis(100),
+            ..StreamConfig::default()
+        };
+        let mut h = start(address, config);
+        expect_status(&mut h, Status::Connecting).await;
+        expect_status(&mut h, Status::Open(Protocol::Batches)).await;
+        assert!(matches!(next(&mut h).await, Seen::Events(_)));
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        assert!(h.seen.is_empty(), "the idle stream stayed open");
+        mode.store(CUT, Ordering::SeqCst);
+        let (_, reason) = collect_until_closed(&mut h).await;
+        assert!(matches!(reason, CloseReason::Error(_)), "{reason:?}");
+        assert_eq!(StreamStats::get(&h.stats.keepalive_timeouts), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_oversized_message_is_counted_with_its_size_and_ends_the_call() {
+        let big = TelemetryEvent {
+            metadata: HashMap::from([("blob".to_string(), "x".repeat(2_000))]),
+            ..event("python.call.stop", "big")
+        };
+        let size = TelemetryEventBatch {
+            events: vec![big.clone()],
+            base_timestamp_ns: 0,
+        }
+        .encoded_len() as u64;
+        let batches = vec![vec![event("python.call.start", "a")], vec![big]];
+        let (worker, _controls) = batch_worker(batches, true);
+        let address = serve_tcp(worker).await;
+        let config = StreamConfig {
+            max_message_bytes: 1_000,
+            ..StreamConfig::default()
+        };
+        let mut h = start(address, config);
+        expect_status(&mut h, Status::Connecting).await;
+        expect_status(&mut h, Status::Open(Protocol::Batches)).await;
+        let (events, reason) = collect_until_closed(&mut h).await;
+        assert_eq!(positions_or_ids(&events), ["a"]);
+        match reason {
+            CloseReason::Error(text) => assert!(text.starts_with("OutOfRange"), "{text}"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(StreamStats::get(&h.stats.oversized_messages), 1);
+        assert_eq!(StreamStats::get(&h.stats.oversized_bytes_max), size);
+        assert_eq!(StreamStats::get(&h.stats.received), 1);
+    }
+
+    fn positions_or_ids(events: &[Decoded]) -> Vec<&str> {
+        events
+            .iter()
+            .map(|e| e.correlation_id.as_deref().unwrap_or(""))
+            .collect()
+    }
+
+    /// Bytes that mark a correlation id for [`corrupting_proxy`] to turn
+    /// into invalid UTF-8 (same length, so all framing stays valid).
+    const MARKER: &[u8] = b"CORRUPT-ME-PLEASE";
+
+    /// A TCP proxy in front of `upstream` that replaces every [`MARKER`] in
+    /// what the worker sends with 0xFF bytes.
+    async fn corrupting_proxy(upstream: Address) -> Address {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Address::Tcp(upstream) = upstream else {
+            unreachable!()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = Address::Tcp(listener.local_addr().unwrap().to_string());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                });
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let mut pending: Vec<u8> = Vec::new();
+                    loop {
+                        let n = match server_read.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        pending.extend_from_slice(&buf[..n]);
+                        let mut i = 0;
+                        while i + MARKER.len() <= pending.len() {
+                            if &pending[i..i + MARKER.len()] == MARKER {
+                                pending[i..i + MARKER.len()].fill(0xff);
+                                i += MARKER.len();
+                            } else {
+                                i += 1;
+                            }
+                        }
+                        // Hold back a tail that may be the start of a
+                        // marker split across reads.
+                        let keep = (1..MARKER.len())
+                            .rev()
+                            .find(|k| pending.ends_with(&MARKER[..*k]))
+                            .unwrap_or(0);
+                        let send = pending.len() - keep;
+                        if client_write.write_all(&pending[..send]).await.is_err() {
+                            return;
+                        }
+                        pending.drain(..send);
+                    }
+                });
+            }
+        });
+        address
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_with_invalid_utf8_is_dropped_alone_over_the_wire() {
+        let marker = std::str::from_utf8(MARKER).unwrap();
+        // Batches: the bad event's neighbours in its message are delivered.
+        let batches = vec![
+            vec![
+                event("python.call.start", "a"),
+                event("python.call.stop", marker),
+                event("python.call.stop", "b"),
+            ],
+            vec![event("python.call.stop", "c")],
+        ];
+        let (batched, _controls) = batch_worker(batches, false);
+        let address = corrupting_proxy(serve_tcp(batched).await).await;
+        let mut h = start(address, StreamConfig::default());
+        expect_status(&mut h, Status::Connecting).await;
+        expect_status(&mut h, Status::Open(Protocol::Batches)).await;
+        let (events, reason) = collect_until_closed(&mut h).await;
+        assert_eq!(reason, CloseReason::EndOfStream);
+        assert_eq!(positions_or_ids(&events), ["a", "b", "c"]);
+        let s = &h.stats;
+        assert_eq!(StreamStats::get(&s.received), 4);
+        assert_eq!(StreamStats::get(&s.dropped_malformed), 1);
+        assert_eq!(StreamStats::get(&s.malformed_messages), 0);
+        assert_eq!(StreamStats::get(&s.wire_messages), 2);
+
+        // Single events: the bad message is one malformed event.
+        let events = vec![
+            event("python.call.start", "a"),
+            event("python.call.stop", marker),
+            event("python.call.stop", "b"),
+        ];
+        let (single, _controls) = worker(events, false);
+        let address = corrupting_proxy(serve_tcp(single).await).await;
+        let mut h = start(address, StreamConfig::default());
+        expect_status(&mut h, Status::Connecting).await;
+        expect_status(&mut h, Status::Open(Protocol::Events)).await;
+        let (events, reason) = collect_until_closed(&mut h).await;
+        assert_eq!(reason, CloseReason::EndOfStream);
+        assert_eq!(positions_or_ids(&events), ["a", "b"]);
+        assert_eq!(StreamStats::get(&h.stats.received), 3);
+        assert_eq!(StreamStats::get(&h.stats.dropped_malformed), 1);
     }
 }

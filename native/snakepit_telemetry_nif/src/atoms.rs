@@ -23,6 +23,7 @@ rustler::atoms! {
     stopped,
     end_of_stream,
     connect_failed,
+    keepalive_timeout,
     // Errors.
     invalid_address,
     invalid_option,

@@ -98,5 +98,6 @@ fn close_reason<'a>(env: Env<'a>, reason: &CloseReason) -> Term<'a> {
         CloseReason::EndOfStream => atoms::end_of_stream().encode(env),
         CloseReason::Error(text) => (atoms::error(), text).encode(env),
         CloseReason::ConnectFailed(text) => (atoms::connect_failed(), text).encode(env),
+        CloseReason::KeepaliveTimeout => atoms::keepalive_timeout().encode(env),
     }
 }

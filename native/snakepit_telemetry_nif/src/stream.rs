@@ -49,6 +49,11 @@ impl rustler::Resource for StreamHandle {}
 #[derive(NifMap)]
 pub struct OpenOptions {
     connect_timeout_ms: u64,
+    /// Bound on one open attempt (connect, handshake, response headers).
+    open_timeout_ms: u64,
+    /// HTTP/2 PING interval; 0: no keepalive.
+    keepalive_interval_ms: u64,
+    keepalive_timeout_ms: u64,
     retry_interval_ms: u64,
     max_batch: usize,
     max_pending_events: usize,
@@ -121,6 +126,10 @@ fn stream_open(
     }
     let config = StreamConfig {
         connect_timeout: Duration::from_millis(options.connect_timeout_ms),
+        open_timeout: Duration::from_millis(options.open_timeout_ms.max(1)),
+        keepalive_interval: (options.keepalive_interval_ms > 0)
+            .then(|| Duration::from_millis(options.keepalive_interval_ms)),
+        keepalive_timeout: Duration::from_millis(options.keepalive_timeout_ms.max(1)),
         retry_interval: Duration::from_millis(options.retry_interval_ms.max(1)),
         max_batch: options.max_batch,
         max_message_bytes: options.max_message_bytes,

@@ -5,6 +5,9 @@ defmodule Snakepit.Telemetry.NativeTest do
 
   @options %{
     connect_timeout_ms: 300,
+    open_timeout_ms: 5_000,
+    keepalive_interval_ms: 10_000,
+    keepalive_timeout_ms: 5_000,
     retry_interval_ms: 50,
     max_batch: 64,
     max_pending_events: 1_024,
