@@ -230,7 +230,7 @@ pub async fn run<S: Sink>(
     credit: Arc<Credit>,
     mut sink: S,
 ) {
-    let _live = LiveGuard::new();
+    let live = LiveGuard::new();
     sink.status(Status::Connecting);
     let mut held = Held::default();
     let reason = tokio::select! {
@@ -240,6 +240,10 @@ pub async fn run<S: Sink>(
     };
     // Whatever was decoded still goes to the sink, which accounts for it.
     held.flush(&mut sink);
+    // Once the owner hears `Closed`, its control sends fail and the stream
+    // no longer counts as live: close both before saying so.
+    controls.close();
+    drop(live);
     sink.status(Status::Closed(reason));
 }
 
@@ -1149,6 +1153,24 @@ mod tests {
         assert_eq!(events.len(), 1);
         assert!(StreamStats::get(&h.stats.connect_attempts) >= 2);
         let _ = std::fs::remove_file(path);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn controls_fail_once_closed_is_reported() {
+        let config = StreamConfig {
+            connect_timeout: Duration::from_millis(100),
+            retry_interval: Duration::from_millis(20),
+            ..StreamConfig::default()
+        };
+        for _ in 0..20 {
+            let mut h = start(Address::Unix(socket_path("closed")), config.clone());
+            expect_status(&mut h, Status::Connecting).await;
+            match next(&mut h).await {
+                Seen::Status(Status::Closed(CloseReason::ConnectFailed(_))) => {}
+                _ => panic!("expected a connect failure"),
+            }
+            assert!(h.controls_tx.try_send(enable()).is_err());
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

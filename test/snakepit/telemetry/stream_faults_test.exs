@@ -224,4 +224,21 @@ defmodule Snakepit.Telemetry.StreamFaultsTest do
     thaw(flag)
     await(fn -> stream(worker_id).status == :open and stream(worker_id).reconnects >= 1 end)
   end
+
+  test "an idle worker whose server takes SERVER_OPTIONS keeps its stream under fast keepalive" do
+    Application.put_env(:snakepit_telemetry, :stream,
+      keepalive_interval_ms: 100,
+      keepalive_timeout_ms: 2_000
+    )
+
+    lost = [:snakepit, :grpc, :connection, :lost]
+    forward_events([lost])
+    # No stats reports: nothing flows from Python, so only PINGs cross the
+    # connection. grpc-core's default policy would end it after two.
+    worker = start_worker!(env: [{"SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS", "0"}])
+    worker_id = register!(worker)
+    Process.sleep(2_000)
+    refute_received {:event, ^lost, _, %{worker_id: ^worker_id}}
+    assert %{status: :open, reconnects: 0, stats: %{keepalive_timeouts: 0}} = stream(worker_id)
+  end
 end

@@ -47,6 +47,7 @@ __all__ = [
     "ERROR_MESSAGE_LIMIT",
     "GC_EVENT",
     "MEMORY_EVENT",
+    "SERVER_OPTIONS",
     "SERVICE_NAME",
     "TelemetryInterceptor",
     "TelemetryStream",
@@ -69,6 +70,18 @@ __all__ = [
 ]
 
 SERVICE_NAME = "snakepit.bridge.BridgeService"
+
+# Options for ``grpc.server(..., options=SERVER_OPTIONS)`` that let the NIF's
+# HTTP/2 keepalive PINGs through on a quiet telemetry stream. By default
+# grpc-core takes a PING that comes sooner than 5 minutes after the previous
+# one, with no data sent in between, as a strike, and after two strikes ends
+# the connection (GOAWAY "too many pings"). With these options Elixir's
+# ``keepalive_interval_ms`` can be lowered to seconds, so a hung worker is
+# noticed that soon (see the README's Lifecycle).
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.max_ping_strikes", 0),
+)
 
 
 def _parse_control(data: bytes) -> pb.TelemetryControl:

@@ -92,6 +92,7 @@ from typing import Any, TextIO
 import grpc
 
 from . import (
+    SERVER_OPTIONS,
     SERVICE_NAME,
     TelemetryInterceptor,
     TelemetryStream,
@@ -601,7 +602,9 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
     set_stream(stream)
 
     executor = futures.ThreadPoolExecutor(max_workers=max(1, opts.max_workers))
-    server = grpc.server(executor, interceptors=[TelemetryInterceptor()])
+    server = grpc.server(
+        executor, interceptors=[TelemetryInterceptor()], options=list(SERVER_OPTIONS)
+    )
     add_to_server(server, stream, batches=opts.wire == "batches")
     add_ping(server)
     if opts.backend is not None:
