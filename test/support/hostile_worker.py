@@ -360,6 +360,7 @@ class Connection:
         self.h2.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
 
     def trailers(self, sid: int, code: int, message: str = "hostile worker") -> None:
+        self.state.closed(self, sid)
         self.h2.send_headers(
             sid,
             [(b"grpc-status", str(code).encode()), (b"grpc-message", message.encode())],
@@ -424,9 +425,11 @@ class Connection:
             )
 
     def open_call(self, sid: int, batches: bool) -> None:
+        # Marked open before the client can see it open: a mode armed as soon
+        # as the client reports the stream open finds this call.
+        self.state.opened(self, sid)
         self.respond_headers(sid)
         self.good_event(sid, "open", batches)
-        self.state.opened(self, sid)
         say(f"OPEN {'batches' if batches else 'events'}")
 
     # -- hostile acts on an open call --
@@ -449,6 +452,7 @@ class Connection:
     def act_truncated_end_stream(self, sid: int) -> None:
         whole = grpc_frame(batch(event("truncated", "0")))
         say("HOSTILE truncated_end_stream announced=1000 sent=10")
+        self.state.closed(self, sid)
         self.h2.send_data(sid, grpc_frame(whole[5:15], announced=1000), end_stream=True)
         self.flush()
 
@@ -458,6 +462,7 @@ class Connection:
         # then 20 of its 1000 bytes, then the socket closes.
         header = struct.pack(">I", 1000)[1:] + bytes([0, 0]) + struct.pack(">I", sid)
         say("HOSTILE close_mid_frame announced=1000 sent=20")
+        self.state.closed(self, sid)
         self.sock.sendall(header + grpc_frame(batch(event("cut", "0")))[:20])
         self.sock.shutdown(socket.SHUT_RDWR)
         raise Gone()
@@ -473,6 +478,7 @@ class Connection:
             events.append(ev)
             payload = batch(*events)
         say(f"HOSTILE oversized bytes={len(payload)}")
+        self.state.closed(self, sid)
         self.send(sid, grpc_frame(payload))
 
     def act_invalid_utf8(self, sid: int) -> None:
@@ -489,6 +495,7 @@ class Connection:
     def act_hang_after_headers(self, sid: int) -> None:
         self.good_event(sid, "before-hang")
         say("HOSTILE hang_after_headers")
+        self.state.closed(self, sid)
         # Neither read nor write nor close: the client sees silence.
         threading.Event().wait(HANG_SECONDS)
         raise Gone()
@@ -526,6 +533,7 @@ class Connection:
 
     def act_empty_frames(self, sid: int) -> None:
         say("HOSTILE empty_frames count=1000")
+        self.state.closed(self, sid)
         for i in range(1000):
             self.h2.send_data(sid, b"")
             if i % 100 == 99:
