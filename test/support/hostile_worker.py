@@ -69,6 +69,8 @@ it is done; every good call opened prints ``OPEN batches`` or ``OPEN events``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import os
 import select
 import socket
@@ -86,7 +88,8 @@ import h2.events  # noqa: E402
 import h2.exceptions  # noqa: E402
 import h2.settings  # noqa: E402
 
-from snakepit_bridge import snakepit_bridge_pb2 as pb  # noqa: E402
+# The generated messages of the project's proto (priv/python, put on the path above).
+pb = importlib.import_module("snakepit_bridge.snakepit_bridge_pb2")
 
 BATCHES = b"/snakepit.bridge.BridgeService/StreamTelemetryBatches"
 EVENTS = b"/snakepit.bridge.BridgeService/StreamTelemetry"
@@ -291,10 +294,8 @@ class Connection:
             pass
         finally:
             self.state.closed(self)
-            try:
+            with contextlib.suppress(OSError):
                 self.sock.close()
-            except OSError:
-                pass
 
     # -- plumbing --
 
@@ -321,10 +322,8 @@ class Connection:
                 self.request(ev.stream_id, dict(ev.headers).get(b":path"))
             elif isinstance(ev, h2.events.DataReceived):
                 # Control messages from the client: read and ignored.
-                try:
+                with contextlib.suppress(h2.exceptions.StreamClosedError):
                     self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-                except h2.exceptions.StreamClosedError:
-                    pass
             elif isinstance(ev, h2.events.StreamReset):
                 self.reset.add(ev.stream_id)
                 self.state.closed(self, ev.stream_id)
@@ -382,12 +381,10 @@ class Connection:
             action = self.state.action_for(self)
             if action is not None:
                 mode, sid = action
-                try:
+                # StreamGone: the client reset the call (e.g. refused a
+                # message); the connection lives until the client closes it.
+                with contextlib.suppress(StreamGone, h2.exceptions.StreamClosedError):
                     getattr(self, "act_" + mode)(sid)
-                except (StreamGone, h2.exceptions.StreamClosedError):
-                    # The client reset the call (e.g. refused a message); the
-                    # connection lives until the client closes it.
-                    pass
                 self.flush()
 
     def request(self, sid: int, path: bytes | None) -> None:
