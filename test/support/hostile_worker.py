@@ -54,7 +54,7 @@ Modes acting on the open call (the latest good one), after its first event:
 * ``status_after_event``: a valid event, then trailers with grpc-status 13.
 * ``hang_after_headers``: a valid event, then the socket is left alone: not
   read, not written, not closed (no PING answers).
-* ``flood``: ``--flood-bytes`` (default 16 MiB) of valid batches (events with
+* ``flood``: ``--flood-bytes`` (default 32 MiB) of valid batches (events with
   ``command: "flood"``) as fast as flow control allows, then a burst of tiny
   frames (200 batches of one event, each split into 1-byte DATA frames; 1000
   PINGs; 50 SETTINGS; 50 empty DATA frames, under the client's limit), then a
@@ -578,7 +578,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", nargs="?", default="good", choices=sorted(MODES))
     parser.add_argument("--count", type=int, default=None)
-    parser.add_argument("--flood-bytes", type=int, default=16 * 1024 * 1024)
+    parser.add_argument("--flood-bytes", type=int, default=32 * 1024 * 1024)
     parser.add_argument("--oversized-bytes", type=int, default=100_000)
     options = parser.parse_args()
 
