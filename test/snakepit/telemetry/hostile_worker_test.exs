@@ -32,11 +32,14 @@ defmodule Snakepit.Telemetry.HostileWorkerTest do
   ]
 
   # Fast reconnects; each test may add its own settings with @tag stream: [...].
+  # healthy_after_ms 0: every open stream restarts the backoff, so each
+  # reconnected event's `attempts` counts the attempts since the latest loss.
   @stream [
     connect_timeout_ms: 10_000,
     retry_interval_ms: 20,
     backoff_initial_ms: 10,
-    backoff_max_ms: 50
+    backoff_max_ms: 50,
+    healthy_after_ms: 0
   ]
 
   setup_all do
