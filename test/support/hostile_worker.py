@@ -24,8 +24,9 @@ worker exits when stdin closes.
 
 Modes acting on a new connection, before HTTP/2:
 
-* ``garbage_preface``: random bytes (the first one 0xFF: an impossible frame
-  length) instead of the server preface, then waits for the client to hang up.
+* ``garbage_preface``: once the client's call is out (its HEADERS frame read),
+  random bytes (the first one 0xFF: an impossible frame length) instead of the
+  server preface and SETTINGS, then waits for the client to hang up.
 
 Modes acting on a new ``StreamTelemetryBatches`` call:
 
@@ -540,6 +541,11 @@ class Connection:
     # -- before HTTP/2 --
 
     def garbage_preface(self) -> None:
+        # The client's request goes out first (its preface, SETTINGS, then the
+        # call's HEADERS), so the garbage fails that call; sent earlier, it
+        # could kill the connection before the call, and tonic would then
+        # quietly open another connection for it.
+        self.await_request_headers()
         junk = b"\xff" + os.urandom(4095)
         say(f"HOSTILE garbage_preface bytes={len(junk)}")
         self.sock.sendall(junk)
@@ -549,6 +555,24 @@ class Connection:
             readable, _, _ = select.select([self.sock], [], [], 0.1)
             if readable and not self.sock.recv(65536):
                 return
+
+    def await_request_headers(self) -> None:
+        """Reads the client's bytes until a HEADERS frame (or 5 s) has passed."""
+        data = b""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            offset = 24  # the client connection preface
+            while len(data) >= offset + 9:
+                length = int.from_bytes(data[offset : offset + 3], "big")
+                if data[offset + 3] == 0x1:  # HEADERS
+                    return
+                offset += 9 + length
+            readable, _, _ = select.select([self.sock], [], [], 0.1)
+            if readable:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise Gone()
+                data += chunk
 
 
 # --- Main --------------------------------------------------------------------
