@@ -10,6 +10,7 @@ defmodule Snakepit.Telemetry.HostileWorkerTest do
   alias Snakepit.Telemetry.{GrpcStream, PythonWorker}
 
   @moduletag timeout: 120_000
+  @moduletag :capture_log
 
   @stop [:snakepit, :python, :call, :stop]
   @lost [:snakepit, :grpc, :connection, :lost]
