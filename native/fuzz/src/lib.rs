@@ -404,6 +404,14 @@ pub fn fuzz_json_line(data: &[u8]) {
     }
 }
 
+/// serde_json errors that only a strict parse of a skipped field raises.
+const IGNORED_VALUE_ERRORS: &[&str] = &[
+    "number out of range",
+    "lone leading surrogate",
+    "invalid unicode code point",
+    "unexpected end of hex escape",
+];
+
 fn check_line(line: &str) {
     for config in configs() {
         let stats = StreamStats::default();
@@ -436,9 +444,20 @@ fn check_line(line: &str) {
         }
         assert!(line.starts_with(PREFIX) && line.len() <= JSON_MAX_BYTES);
         let json = serde_json::from_str::<serde_json::Value>(line[PREFIX.len()..].trim_end());
-        let Ok(value) = json else {
-            assert_eq!(result.unwrap_err(), LineError::InvalidJson, "invalid JSON accepted");
-            continue;
+        let value = match json {
+            Ok(value) => value,
+            // serde skips fields the line does not know without checking
+            // that their numbers fit an f64 or that their \u escapes are
+            // valid UTF-16 (`{"x":2e308,"y":"\ud800", ...}`), which
+            // serde_json::Value refuses: harmless, those values are never
+            // read (the fields the decoder reads are parsed strictly).
+            Err(e) if IGNORED_VALUE_ERRORS.iter().any(|m| e.to_string().starts_with(m)) => {
+                continue
+            }
+            Err(_) => {
+                assert_eq!(result.unwrap_err(), LineError::InvalidJson, "invalid JSON accepted");
+                continue;
+            }
         };
         if let Ok(d) = result {
             let parts: Vec<&str> = value["event_parts"]
