@@ -160,4 +160,26 @@ mod tests {
         let long = format!("{PREFIX}{}", "x".repeat(70_000));
         assert_eq!(decode(&long).0.unwrap_err(), LineError::TooLarge);
     }
+
+    #[test]
+    fn fields_the_line_does_not_know_are_skipped_whatever_they_hold() {
+        // From the json_line fuzz target: a strict JSON parse refuses a
+        // number out of f64 range and a lone surrogate escape; in a field the
+        // decoder does not read they are skipped and the event decodes.
+        let line = r#"SNAKEPIT_TELEMETRY_EVENT {"event_parts":["python","call","stop"],"extra":2e308,"other":["\ud800"],"metadata":{"command":"predict"}}"#;
+        let (result, stats) = decode(line);
+        assert_eq!(
+            result.unwrap().metadata,
+            vec![(Key::Known(Sym::command), "predict".to_string())]
+        );
+        assert_eq!(StreamStats::get(&stats.dropped_malformed), 0);
+        // In a field it reads, the same values make the line invalid.
+        for bad in [r#"{"command":"\ud800"}"#, r#"{"command":2e308}"#] {
+            let line =
+                format!(r#"{PREFIX}{{"event_parts":["python","call","stop"],"metadata":{bad}}}"#);
+            let (result, stats) = decode(&line);
+            assert_eq!(result.unwrap_err(), LineError::InvalidJson, "{bad}");
+            assert_eq!(StreamStats::get(&stats.dropped_malformed), 1);
+        }
+    }
 }
