@@ -68,7 +68,11 @@ fn key_text(key: &Key) -> &str {
     match key {
         Key::Known(sym) => sym.name(),
         Key::Custom(id) => {
-            assert_eq!(custom::key(CUSTOM_KEY), Some(*id), "unregistered custom key id");
+            assert_eq!(
+                custom::key(CUSTOM_KEY),
+                Some(*id),
+                "unregistered custom key id"
+            );
             CUSTOM_KEY
         }
         Key::Unknown(text) => text,
@@ -80,13 +84,25 @@ fn key_text(key: &Key) -> &str {
 fn check_key(key: &Key, lookup: fn(&str) -> Option<Sym>, limits: &Limits) {
     match key {
         Key::Known(sym) => {
-            assert_eq!(lookup(sym.name()), Some(*sym), "{sym:?} is not a catalog key here");
-            assert_ne!(*sym, Sym::correlation_id, "correlation_id is never a plain key");
+            assert_eq!(
+                lookup(sym.name()),
+                Some(*sym),
+                "{sym:?} is not a catalog key here"
+            );
+            assert_ne!(
+                *sym,
+                Sym::correlation_id,
+                "correlation_id is never a plain key"
+            );
         }
         Key::Custom(id) => assert_eq!(custom::key(CUSTOM_KEY), Some(*id)),
         Key::Unknown(text) => {
             assert_eq!(lookup(text), None, "catalog key {text:?} left as a string");
-            assert_eq!(custom::key(text), None, "custom key {text:?} left as a string");
+            assert_eq!(
+                custom::key(text),
+                None,
+                "custom key {text:?} left as a string"
+            );
             assert!(text.len() <= limits.max_key_bytes, "key over max_key_bytes");
         }
     }
@@ -116,7 +132,10 @@ pub fn check_decoded(d: &Decoded, limits: &Limits) {
     for (key, value) in &d.metadata {
         check_key(key, catalog::metadata_key, limits);
         assert!(seen.insert(key_text(key)), "duplicate metadata {key:?}");
-        assert!(value.len() <= limits.max_value_bytes, "value over max_value_bytes");
+        assert!(
+            value.len() <= limits.max_value_bytes,
+            "value over max_value_bytes"
+        );
     }
     if let Some(c) = &d.correlation_id {
         assert!(!c.is_empty() && c.len() <= limits.max_value_bytes);
@@ -165,11 +184,9 @@ fn expected_number(key: &str, n: Number, per_sec: u64) -> Option<Number> {
         return Some(n);
     }
     match n {
-        Number::Int(i) => {
-            i64::try_from(i128::from(i) * i128::from(per_sec) / 1_000_000_000)
-                .ok()
-                .map(Number::Int)
-        }
+        Number::Int(i) => i64::try_from(i128::from(i) * i128::from(per_sec) / 1_000_000_000)
+            .ok()
+            .map(Number::Int),
         Number::Float(f) => {
             let scaled = f * per_sec as f64 / 1e9;
             scaled.is_finite().then_some(Number::Float(scaled))
@@ -201,7 +218,11 @@ pub fn check_event(
         }
         Err(Rejected::UnknownEvent) => {
             assert!(wellformed, "malformed name rejected as unknown");
-            assert_eq!(catalog::event(&name), None, "catalog event {name:?} rejected");
+            assert_eq!(
+                catalog::event(&name),
+                None,
+                "catalog event {name:?} rejected"
+            );
             assert_eq!(custom::event(&name), None, "custom event {name:?} rejected");
             assert_eq!((unknown, malformed), (1, 0));
             return;
@@ -231,14 +252,24 @@ pub fn check_event(
     };
     for (key, number) in &d.measurements {
         let text = key_text(key);
-        let wire = input.measurements.get(text).expect("output key not in input");
+        let wire = input
+            .measurements
+            .get(text)
+            .expect("output key not in input");
         let n = wire_number(&wire.value).expect("invalid value kept");
-        assert_eq!(expected_number(text, n, config.native_per_sec), Some(*number));
+        assert_eq!(
+            expected_number(text, n, config.native_per_sec),
+            Some(*number)
+        );
     }
     if input.measurements.len() <= limits.max_measurements {
         // No entry limit in play: every valid entry is kept.
         let kept = input.measurements.keys().filter(|k| valid(k)).count();
-        assert_eq!(kept, d.measurements.len(), "a valid measurement was dropped");
+        assert_eq!(
+            kept,
+            d.measurements.len(),
+            "a valid measurement was dropped"
+        );
     }
 
     // Metadata: kept (truncated to max_value_bytes), or dropped and
@@ -252,7 +283,10 @@ pub fn check_event(
     );
     let mut truncated = 0;
     for (key, value) in &d.metadata {
-        let wire = input.metadata.get(key_text(key)).expect("output key not in input");
+        let wire = input
+            .metadata
+            .get(key_text(key))
+            .expect("output key not in input");
         assert_eq!(value, prefix(wire, limits.max_value_bytes));
         truncated += u64::from(wire.len() > limits.max_value_bytes);
     }
@@ -357,7 +391,11 @@ pub fn fuzz_batch(data: &[u8]) {
                 && event.metadata.len() <= config.limits.max_metadata;
             expected.extend(result.ok().map(|d| (d, exact)));
         }
-        assert_eq!(out.len(), expected.len(), "batch decode delivers other events");
+        assert_eq!(
+            out.len(),
+            expected.len(),
+            "batch decode delivers other events"
+        );
         for (got, (want, exact)) in out.into_iter().zip(expected) {
             if exact {
                 assert_eq!(normalized(got), normalized(want));
@@ -384,7 +422,8 @@ fn summary(d: &Decoded) -> (Event, usize, usize, Option<&str>, i64) {
 fn normalized(mut d: Decoded) -> Decoded {
     d.measurements
         .sort_by(|a, b| key_text(&a.0).cmp(key_text(&b.0)));
-    d.metadata.sort_by(|a, b| key_text(&a.0).cmp(key_text(&b.0)));
+    d.metadata
+        .sort_by(|a, b| key_text(&a.0).cmp(key_text(&b.0)));
     d
 }
 
@@ -425,7 +464,10 @@ fn check_line(line: &str) {
         match &result {
             Err(LineError::NotTelemetry) => {
                 assert!(!line.starts_with(PREFIX));
-                assert!(stats.snapshot().iter().all(|(_, n)| *n == 0), "ignored line counted");
+                assert!(
+                    stats.snapshot().iter().all(|(_, n)| *n == 0),
+                    "ignored line counted"
+                );
                 continue;
             }
             Err(LineError::TooLarge) => {
@@ -451,11 +493,19 @@ fn check_line(line: &str) {
             // valid UTF-16 (`{"x":2e308,"y":"\ud800", ...}`), which
             // serde_json::Value refuses: harmless, those values are never
             // read (the fields the decoder reads are parsed strictly).
-            Err(e) if IGNORED_VALUE_ERRORS.iter().any(|m| e.to_string().starts_with(m)) => {
+            Err(e)
+                if IGNORED_VALUE_ERRORS
+                    .iter()
+                    .any(|m| e.to_string().starts_with(m)) =>
+            {
                 continue
             }
             Err(_) => {
-                assert_eq!(result.unwrap_err(), LineError::InvalidJson, "invalid JSON accepted");
+                assert_eq!(
+                    result.unwrap_err(),
+                    LineError::InvalidJson,
+                    "invalid JSON accepted"
+                );
                 continue;
             }
         };
@@ -467,7 +517,10 @@ fn check_line(line: &str) {
                 .map(|p| p.as_str().expect("non-string part"))
                 .collect();
             check_event_name(&parts.join("."), d.event);
-            assert_eq!(Some(d.timestamp_ns), value.get("timestamp_ns").map_or(Some(0), |t| t.as_i64()));
+            assert_eq!(
+                Some(d.timestamp_ns),
+                value.get("timestamp_ns").map_or(Some(0), |t| t.as_i64())
+            );
         }
     }
 }
