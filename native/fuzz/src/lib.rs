@@ -312,19 +312,70 @@ pub fn check_event(
     assert_eq!(get(&stats.truncated_metadata), truncated);
 }
 
-/// Decodes one `StreamTelemetry` message payload (one `TelemetryEvent`) the
-/// way the stream does, and checks it. Undecodable payloads are skipped: today
-/// the stream ends the call on them (see `batch_decode`).
+/// Today's single-event path, as `stream.rs` runs it for `StreamTelemetry`:
+/// one prost decode of the `TelemetryEvent` (a payload that does not decode
+/// yields nothing and, today, ends the call), then `Decoder::decode`; returns
+/// the event that would be delivered.
+///
+/// When core exposes a pure function for one event payload (e.g.
+/// `wire::decode_event_payload(data, decoder, stats)`), this body becomes
+/// that one call; [`fuzz_event`] checks its result without relying on how it
+/// decodes.
+pub fn decode_event(data: &[u8], decoder: &mut Decoder, stats: &StreamStats) -> Option<Decoded> {
+    let event = TelemetryEvent::decode(data).ok()?;
+    decoder.decode(event, stats).ok()
+}
+
+/// Decodes one `StreamTelemetry` payload and checks it: the event is
+/// delivered or counted under one drop reason, a delivered event holds the
+/// output invariants, and when the payload is a valid `TelemetryEvent`,
+/// [`check_event`] holds for it and the result is what it decodes to.
 pub fn fuzz_event(data: &[u8]) {
     init();
-    let Ok(event) = TelemetryEvent::decode(data) else {
-        return;
-    };
+    let reference = TelemetryEvent::decode(data).ok();
     for config in configs() {
         let stats = StreamStats::default();
         let mut decoder = Decoder::new(config.clone());
-        let result = decoder.decode(event.clone(), &stats);
-        check_event(&event, &config, &result, &stats);
+        let out = decode_event(data, &mut decoder, &stats);
+        if let Some(d) = &out {
+            check_decoded(d, &config.limits);
+        }
+        let received = get(&stats.received);
+        assert!(received <= 1, "one payload counted as {received} events");
+        assert_eq!(
+            received,
+            u64::from(out.is_some())
+                + get(&stats.dropped_unknown_event)
+                + get(&stats.dropped_malformed),
+            "received != delivered + dropped"
+        );
+        let Some(event) = &reference else {
+            continue;
+        };
+        assert_eq!(received, 1);
+        let one = StreamStats::default();
+        let result = Decoder::new(config.clone()).decode(event.clone(), &one);
+        check_event(event, &config, &result, &one);
+        assert_eq!(out.is_some(), result.is_ok());
+        if let (Some(got), Ok(want)) = (out, result) {
+            assert_same(got, want, exact(event, &config.limits));
+        }
+    }
+}
+
+/// Whether every entry of `event` must be kept: which entries an entry limit
+/// keeps depends on hash-map order, so two decodes of one event over the
+/// limits agree only on counts.
+fn exact(event: &TelemetryEvent, limits: &Limits) -> bool {
+    event.measurements.len() <= limits.max_measurements
+        && event.metadata.len() <= limits.max_metadata
+}
+
+fn assert_same(got: Decoded, want: Decoded, exact: bool) {
+    if exact {
+        assert_eq!(normalized(got), normalized(want));
+    } else {
+        assert_eq!(summary(&got), summary(&want));
     }
 }
 
@@ -362,6 +413,7 @@ fn rebase(batch: TelemetryEventBatch) -> Vec<TelemetryEvent> {
 /// equals decoding its events one by one.
 pub fn fuzz_batch(data: &[u8]) {
     init();
+    let reference = TelemetryEventBatch::decode(data).ok();
     for config in configs() {
         let stats = StreamStats::default();
         let mut decoder = Decoder::new(config.clone());
@@ -374,7 +426,7 @@ pub fn fuzz_batch(data: &[u8]) {
             out.len() as u64 + get(&stats.dropped_unknown_event) + get(&stats.dropped_malformed),
             "received != delivered + dropped"
         );
-        let Ok(batch) = TelemetryEventBatch::decode(data) else {
+        let Some(batch) = &reference else {
             continue;
         };
         let base = batch.base_timestamp_ns;
@@ -385,11 +437,7 @@ pub fn fuzz_batch(data: &[u8]) {
             let one = StreamStats::default();
             let result = Decoder::new(config.clone()).decode(event.clone(), &one);
             check_event(&event, &config, &result, &one);
-            // Which entries an entry limit keeps depends on hash-map order,
-            // so only events under the limits must match entry for entry.
-            let exact = event.measurements.len() <= config.limits.max_measurements
-                && event.metadata.len() <= config.limits.max_metadata;
-            expected.extend(result.ok().map(|d| (d, exact)));
+            expected.extend(result.ok().map(|d| (d, exact(&event, &config.limits))));
         }
         assert_eq!(
             out.len(),
@@ -397,11 +445,7 @@ pub fn fuzz_batch(data: &[u8]) {
             "batch decode delivers other events"
         );
         for (got, (want, exact)) in out.into_iter().zip(expected) {
-            if exact {
-                assert_eq!(normalized(got), normalized(want));
-            } else {
-                assert_eq!(summary(&got), summary(&want));
-            }
+            assert_same(got, want, exact);
         }
     }
 }
