@@ -58,9 +58,14 @@ pub fn decode_line(
         StreamStats::add(&stats.dropped_malformed, 1);
         return Err(LineError::TooLarge);
     }
-    let parsed: Line = match serde_json::from_str(json.trim_end()) {
-        Ok(parsed) => parsed,
-        Err(_) => {
+    let json = json.trim();
+    // An object only: serde would also fill the fields from a JSON array.
+    let parsed = json
+        .starts_with('{')
+        .then(|| serde_json::from_str::<Line>(json));
+    let parsed: Line = match parsed {
+        Some(Ok(parsed)) => parsed,
+        _ => {
             StreamStats::add(&stats.received, 1);
             StreamStats::add(&stats.dropped_malformed, 1);
             return Err(LineError::InvalidJson);
@@ -159,6 +164,24 @@ mod tests {
         assert_eq!(StreamStats::get(&stats.dropped_unknown_event), 1);
         let long = format!("{PREFIX}{}", "x".repeat(70_000));
         assert_eq!(decode(&long).0.unwrap_err(), LineError::TooLarge);
+    }
+
+    #[test]
+    fn only_an_object_is_a_line() {
+        // From the json_line fuzz target: serde reads a struct from a JSON
+        // array too (fields by position), so this decoded as an event.
+        for json in [
+            r#"[["tool.execution.start"]]"#,
+            r#"[["python","call","stop"],{"duration":1},{},5,"c"]"#,
+        ] {
+            let (result, stats) = decode(&format!("{PREFIX}{json}"));
+            assert_eq!(result.unwrap_err(), LineError::InvalidJson, "{json}");
+            assert_eq!(StreamStats::get(&stats.dropped_malformed), 1);
+        }
+        let (result, _) = decode(&format!(
+            "{PREFIX} {{\"event_parts\":[\"python\",\"call\",\"stop\"]}} \n"
+        ));
+        assert!(result.is_ok(), "whitespace around the object is fine");
     }
 
     #[test]
