@@ -65,7 +65,7 @@ def value(v):
     """A TelemetryValue: int, float, str/bytes (string_value), or None (empty)."""
     if v is None:
         return b""
-    if isinstance(v, bool) or isinstance(v, int):
+    if isinstance(v, (bool, int)):
         return field_varint(1, int(v))
     if isinstance(v, float):
         return field_double(2, v)
@@ -171,18 +171,25 @@ def event_seeds():
     seeds["invalid_utf8_part"] = event([b"python", b"ca\xffll", b"stop"])
     seeds["invalid_utf8_value"] = event(stop, [], [("command", b"\xc3\x28")])
     seeds["invalid_utf8_key"] = event(stop, [(b"\xe2\x82", 1)])
-    seeds["duplicate_keys"] = event(stop, [("duration", 1), ("duration", 2.5)], [("a", "1"), ("a", "2")])
+    seeds["duplicate_keys"] = event(
+        stop, [("duration", 1), ("duration", 2.5)], [("a", "1"), ("a", "2")]
+    )
     seeds["unknown_fields"] = event(
         stop,
-        extra=field_varint(15, 7) + field_len(99, b"junk") + field_double(6, 1.0)
-        + varint(7 << 3 | 5) + b"\x00\x00\x80\x7f",
+        extra=field_varint(15, 7)
+        + field_len(99, b"junk")
+        + field_double(6, 1.0)
+        + varint(7 << 3 | 5)
+        + b"\x00\x00\x80\x7f",
     )
     seeds["wrong_wire_type"] = varint(1 << 3 | 0) + varint(5) + event(stop)
     seeds["truncated"] = event(stop, [("duration", 1500)], [("command", "predict")])[:-3]
     seeds["overlong_length"] = field_len(1, "python")[:1] + varint(1 << 40)
     seeds["deep_value_oneof_twice"] = event(
         stop,
-        extra=field_len(2, field_len(1, "duration") + field_len(2, value(1) + value(2.0) + value("s"))),
+        extra=field_len(
+            2, field_len(1, "duration") + field_len(2, value(1) + value(2.0) + value("s"))
+        ),
     )
     return seeds
 
@@ -196,17 +203,29 @@ def batch_seeds(ev):
         "rest_of_catalog": batch(good[12:]),
         "one_good": batch([ev["catalog_python.call.stop"]]),
         "mixed_good_and_dropped": batch(
-            [ev["catalog_python.call.stop"], ev["unknown_event"], ev["empty_part"], ev["bad_values"], ev["custom"]]
+            [
+                ev["catalog_python.call.stop"],
+                ev["unknown_event"],
+                ev["empty_part"],
+                ev["bad_values"],
+                ev["custom"],
+            ]
         ),
         "invalid_utf8_in_one_event": batch(
-            [ev["catalog_python.call.stop"], ev["invalid_utf8_value"], ev["catalog_tool.execution.stop"]]
+            [
+                ev["catalog_python.call.stop"],
+                ev["invalid_utf8_value"],
+                ev["catalog_tool.execution.stop"],
+            ]
         ),
         "base_overflow": batch([event(stop, ts=I64_MAX), event(stop, ts=I64_MIN)], base=I64_MAX),
         "negative_base": batch([event(stop, ts=5)], base=-10),
         "empty_events": batch([b"", b"", b""]),
         "limits_and_truncation": batch([ev["limits"], ev["truncation"]]),
         "truncated": batch([ev["catalog_python.call.stop"]] * 3)[:-4],
-        "unknown_fields": batch([ev["catalog_python.call.stop"]]) + field_len(9, b"x") + field_varint(3, 1),
+        "unknown_fields": batch([ev["catalog_python.call.stop"]])
+        + field_len(9, b"x")
+        + field_varint(3, 1),
         "event_as_batch": ev["catalog_python.call.stop"],
     }
     return seeds
@@ -232,7 +251,9 @@ def json_seeds():
     stop = ["python", "call", "stop"]
     seeds.update(
         {
-            "custom": line({"event_parts": CUSTOM_EVENT.split("."), "measurements": {CUSTOM_KEY: 1}}),
+            "custom": line(
+                {"event_parts": CUSTOM_EVENT.split("."), "measurements": {CUSTOM_KEY: 1}}
+            ),
             "minimal": line({"event_parts": stop}),
             "not_telemetry": b"Traceback (most recent call last):",
             "prefix_only": PREFIX.encode(),
@@ -242,25 +263,35 @@ def json_seeds():
             "no_parts": line({"measurements": {"duration": 1}}),
             "parts_not_strings": (PREFIX + '{"event_parts":["python",1,null]}').encode(),
             "value_kinds": (
-                PREFIX
-                + '{"event_parts":["python","call","stop"],"measurements":{"duration":1500,"ratio":0.5,'
+                PREFIX + '{"event_parts":["python","call","stop"],'
+                '"measurements":{"duration":1500,"ratio":0.5,'
                 '"bad":"NaN","inf":"Infinity","big":18446744073709551615,"neg":-9223372036854775808,'
                 '"exp":1e308,"t":true,"n":null,"o":{"a":1},"l":[1,2]},'
                 '"metadata":{"command":"predict","n":3,"f":1.5,"b":false,"z":null,"o":{"k":[1,"x"]}},'
                 '"timestamp_ns":-7,"correlation_id":"c1"}\r\n'
             ).encode(),
             "escapes": (
-                PREFIX + '{"event_parts":["python","call","st\\u006fp"],"metadata":{"command":"\\ud83d\\ude00\\n\\"",'
-                '"lone":"\\ud800"}}'
+                PREFIX + '{"event_parts":["python","call","st\\u006fp"],'
+                '"metadata":{"command":"\\ud83d\\ude00\\n\\"","lone":"\\ud800"}}'
             ).encode(),
-            "duplicate_field": (PREFIX + '{"event_parts":["python","call","stop"],"event_parts":["x"]}').encode(),
-            "wrong_types": (PREFIX + '{"event_parts":"python.call.stop","timestamp_ns":1.5}').encode(),
+            "duplicate_field": (
+                PREFIX + '{"event_parts":["python","call","stop"],"event_parts":["x"]}'
+            ).encode(),
+            "wrong_types": (
+                PREFIX + '{"event_parts":"python.call.stop","timestamp_ns":1.5}'
+            ).encode(),
             "truncation": line(
-                {"event_parts": stop, "metadata": {"command": long_text, "correlation_id": emoji}, "correlation_id": ""}
+                {
+                    "event_parts": stop,
+                    "metadata": {"command": long_text, "correlation_id": emoji},
+                    "correlation_id": "",
+                }
             ),
             "limits": line({"event_parts": stop, "measurements": {f"m{i}": i for i in range(34)}}),
-            "too_large": (PREFIX + '{"event_parts":["python","call","stop"],"metadata":{"x":"' + "y" * 2100 + '"}}').encode(),
-            "deep_nesting": (PREFIX + '{"event_parts":["a"],"metadata":{"x":' + "[" * 200 + "]" * 200 + "}}").encode(),
+            "too_large": line({"event_parts": stop, "metadata": {"x": "y" * 2100}}),
+            "deep_nesting": (
+                PREFIX + '{"event_parts":["a"],"metadata":{"x":' + "[" * 200 + "]" * 200 + "}}"
+            ).encode(),
             "trailing_garbage": line({"event_parts": stop}) + b" {}",
         }
     )
@@ -271,7 +302,10 @@ def json_seeds():
 
 
 def dict_entry(raw):
-    return '"' + "".join(chr(c) if 32 <= c < 127 and chr(c) not in '"\\' else f"\\x{c:02x}" for c in raw) + '"'
+    def char(c):
+        return chr(c) if 32 <= c < 127 and chr(c) not in '"\\' else f"\\x{c:02x}"
+
+    return '"' + "".join(char(c) for c in raw) + '"'
 
 
 def names():
@@ -299,7 +333,8 @@ def proto_dict():
 def json_dict():
     keys = ["event_parts", "measurements", "metadata", "timestamp_ns", "correlation_id"]
     entries = [f'"{k}":'.encode() for k in keys] + [f'"{w}"'.encode() for w in names()]
-    entries += [PREFIX.encode(), b"NaN", b"Infinity", b"1e308", b"-9223372036854775808", b"18446744073709551615"]
+    entries += [PREFIX.encode(), b"NaN", b"Infinity", b"1e308"]
+    entries += [b"-9223372036854775808", b"18446744073709551615"]
     entries += [b"\\ud800", b"\\u0000", b"null", b"true", b"[]", b"{}"]
     return entries
 
@@ -308,7 +343,7 @@ def write(target, seeds):
     out = HERE / "corpus" / target
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    for name, data in seeds.items():
+    for data in seeds.values():
         # Named by content, as libFuzzer names the files it adds.
         digest = hashlib.sha1(data).hexdigest()
         (out / digest).write_bytes(data)
@@ -321,8 +356,9 @@ def main():
     write("batch_decode", batch_seeds(ev))
     write("json_line", json_seeds())
     (HERE / "dict").mkdir(exist_ok=True)
-    (HERE / "dict" / "protobuf.dict").write_text("\n".join(dict_entry(e) for e in proto_dict()) + "\n")
-    (HERE / "dict" / "json_line.dict").write_text("\n".join(dict_entry(e) for e in json_dict()) + "\n")
+    for name, entries in [("protobuf", proto_dict()), ("json_line", json_dict())]:
+        text = "".join(dict_entry(e) + "\n" for e in entries)
+        (HERE / "dict" / f"{name}.dict").write_text(text)
 
 
 if __name__ == "__main__":

@@ -30,19 +30,25 @@ def main():
         )
         sets = {}
         for name in os.listdir(feat):
-            data = open(os.path.join(feat, name), "rb").read()
+            with open(os.path.join(feat, name), "rb") as f:
+                data = f.read()
             sets[name] = set(struct.unpack(f"<{len(data) // 4}I", data))
+
+    def size(name):
+        return os.path.getsize(os.path.join(corpus, name))
+
     total = set().union(*sets.values())
     kept, covered = [], set()
     while sets and len(kept) < limit:
-        best = max(sets, key=lambda n: (len(sets[n] - covered), -os.path.getsize(os.path.join(corpus, n))))
+        best = max(sets, key=lambda n: (len(sets[n] - covered), -size(n)))
         if not sets[best] - covered:
             break
         covered |= sets.pop(best)
         kept.append(best)
     for name in files - set(kept):
         os.remove(os.path.join(corpus, name))
-    print(f"{corpus}: kept {len(kept)} of {len(files)} inputs, {len(covered)} of {len(total)} features")
+    print(f"{corpus}: kept {len(kept)} of {len(files)} inputs,", end=" ")
+    print(f"{len(covered)} of {len(total)} features")
 
 
 if __name__ == "__main__":
