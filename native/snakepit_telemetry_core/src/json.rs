@@ -86,9 +86,14 @@ pub fn decode_line_bytes(
     let Ok(json) = std::str::from_utf8(json) else {
         return malformed(LineError::InvalidUtf8);
     };
-    let parsed: Line = match serde_json::from_str(json.trim_end()) {
-        Ok(parsed) => parsed,
-        Err(_) => return malformed(LineError::InvalidJson),
+    let json = json.trim();
+    // An object only: serde would also fill the fields from a JSON array.
+    let parsed = json
+        .starts_with('{')
+        .then(|| serde_json::from_str::<Line>(json));
+    let parsed: Line = match parsed {
+        Some(Ok(parsed)) => parsed,
+        _ => return malformed(LineError::InvalidJson),
     };
     decoder
         .decode(to_event(parsed), stats)
@@ -224,5 +229,45 @@ mod tests {
         assert!(d
             .metadata
             .contains(&(Key::Unknown("k".into()), "été".to_string())));
+    }
+
+    #[test]
+    fn only_an_object_is_a_line() {
+        // From the json_line fuzz target: serde reads a struct from a JSON
+        // array too (fields by position), so this decoded as an event.
+        for json in [
+            r#"[["tool.execution.start"]]"#,
+            r#"[["python","call","stop"],{"duration":1},{},5,"c"]"#,
+        ] {
+            let (result, stats) = decode(&format!("{PREFIX}{json}"));
+            assert_eq!(result.unwrap_err(), LineError::InvalidJson, "{json}");
+            assert_eq!(StreamStats::get(&stats.dropped_malformed), 1);
+        }
+        let (result, _) = decode(&format!(
+            "{PREFIX} {{\"event_parts\":[\"python\",\"call\",\"stop\"]}} \n"
+        ));
+        assert!(result.is_ok(), "whitespace around the object is fine");
+    }
+
+    #[test]
+    fn fields_the_line_does_not_know_are_skipped_whatever_they_hold() {
+        // From the json_line fuzz target: a strict JSON parse refuses a
+        // number out of f64 range and a lone surrogate escape; in a field the
+        // decoder does not read they are skipped and the event decodes.
+        let line = r#"SNAKEPIT_TELEMETRY_EVENT {"event_parts":["python","call","stop"],"extra":2e308,"other":["\ud800"],"metadata":{"command":"predict"}}"#;
+        let (result, stats) = decode(line);
+        assert_eq!(
+            result.unwrap().metadata,
+            vec![(Key::Known(Sym::command), "predict".to_string())]
+        );
+        assert_eq!(StreamStats::get(&stats.dropped_malformed), 0);
+        // In a field it reads, the same values make the line invalid.
+        for bad in [r#"{"command":"\ud800"}"#, r#"{"command":2e308}"#] {
+            let line =
+                format!(r#"{PREFIX}{{"event_parts":["python","call","stop"],"metadata":{bad}}}"#);
+            let (result, stats) = decode(&line);
+            assert_eq!(result.unwrap_err(), LineError::InvalidJson, "{bad}");
+            assert_eq!(StreamStats::get(&stats.dropped_malformed), 1);
+        }
     }
 }

@@ -1,0 +1,4 @@
+#![no_main]
+//! See `snakepit_telemetry_fuzz::fuzz_event` for what this target decodes and checks.
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| snakepit_telemetry_fuzz::fuzz_event(data));
