@@ -32,6 +32,14 @@ defmodule Snakepit.Telemetry.Case do
     worker_id
   end
 
+  @doc "Kills a worker's Python process with SIGKILL and waits for its PythonWorker to exit."
+  def kill9!(worker) do
+    ref = Process.monitor(worker)
+    {_, 0} = System.cmd("kill", ["-9", Integer.to_string(PythonWorker.os_pid(worker))])
+
+    ExUnit.Assertions.assert_receive({:DOWN, ^ref, :process, _, {:worker_exited, _}}, 5_000)
+  end
+
   @doc "The `list_streams/0` entry of a worker."
   def stream(worker_id) do
     Enum.find(GrpcStream.list_streams(), &(&1.worker_id == worker_id))

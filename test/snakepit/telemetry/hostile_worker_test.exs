@@ -74,23 +74,7 @@ defmodule Snakepit.Telemetry.HostileWorkerTest do
     end
 
     test "raw bytes instead of HTTP/2 fail that connection only, on a first open and on a reconnect" do
-      atoms = atom_count()
-      fake = start_fake!("garbage_preface")
-      id = register_fake!(fake)
-
-      # First open: the garbage connection fails, the next attempt opens.
-      await_line!(fake, "HOSTILE garbage_preface")
-      assert_receive {:stop, "open", _, _}, 10_000
-      await(fn -> stream(id).status == :open end)
-      assert stream(id).stats.connect_attempts == 2
-
-      # Reconnect: the open call is ended, the next connection is garbage.
-      before = Map.put(baseline(id), :atoms, atoms)
-      arm!(fake, "garbage_preface")
-      assert_receive {:event, @lost, _, %{worker_id: ^id, reason: :end_of_stream}}, 10_000
-      await_line!(fake, "HOSTILE garbage_preface")
-      assert_receive {:event, @reconnected, %{attempts: 2}, %{worker_id: ^id}}, 10_000
-      assert_receive {:stop, "open", _, _}, 10_000
+      {id, _first, before} = spoils_a_first_open_and_a_reconnect!("garbage_preface")
       assert delta(id, before, :connect_attempts) == 2
       assert_survived(id, before)
     end
@@ -228,26 +212,37 @@ defmodule Snakepit.Telemetry.HostileWorkerTest do
 
   @tag stream: [open_timeout_ms: 1_000]
   test "hang before the response headers: the open times out, is counted, and the next attempt opens" do
-    atoms = atom_count()
-    fake = start_fake!("hang_before_headers")
-    id = register_fake!(fake)
-
-    # First open: the hung attempt times out inside the retry loop.
-    await_line!(fake, "HOSTILE hang_before_headers")
-    assert_receive {:stop, "open", _, _}, 10_000
-    await(fn -> stream(id).status == :open end)
-    assert stream(id).stats.open_timeouts == 1
-    assert stream(id).stats.connect_attempts == 2
-
-    # Reconnect: its single attempt is bounded by open_timeout_ms too.
-    before = Map.put(baseline(id), :atoms, atoms)
-    arm!(fake, "hang_before_headers")
-    assert_receive {:event, @lost, _, %{worker_id: ^id, reason: :end_of_stream}}, 10_000
-    await_line!(fake, "HOSTILE hang_before_headers")
-    assert_receive {:event, @reconnected, %{attempts: 2}, %{worker_id: ^id}}, 10_000
-    assert_receive {:stop, "open", _, _}, 10_000
+    # Both the first open's retry loop and a reconnect's single attempt are
+    # bounded by open_timeout_ms.
+    {id, first, before} = spoils_a_first_open_and_a_reconnect!("hang_before_headers")
+    assert first.open_timeouts == 1
     assert delta(id, before, :open_timeouts) == 1
     assert_survived(id, before)
+  end
+
+  # Starts a fake worker in `mode`, which spoils connections: the first open
+  # fails once and its next attempt opens; then, armed again, the open call
+  # is ended and the reconnect fails once the same way before the next
+  # attempt opens. Returns the worker id, the counters after the first open,
+  # and the baseline taken before the reconnect.
+  defp spoils_a_first_open_and_a_reconnect!(mode) do
+    atoms = atom_count()
+    fake = start_fake!(mode)
+    id = register_fake!(fake)
+
+    await_line!(fake, "HOSTILE #{mode}")
+    assert_receive {:stop, "open", _, _}, 10_000
+    await(fn -> stream(id).status == :open end)
+    first = stream(id).stats
+    assert first.connect_attempts == 2
+
+    before = Map.put(baseline(id), :atoms, atoms)
+    arm!(fake, mode)
+    assert_receive {:event, @lost, _, %{worker_id: ^id, reason: :end_of_stream}}, 10_000
+    await_line!(fake, "HOSTILE #{mode}")
+    assert_receive {:event, @reconnected, %{attempts: 2}, %{worker_id: ^id}}, 10_000
+    assert_receive {:stop, "open", _, _}, 10_000
+    {id, first, before}
   end
 
   @tag stream: [keepalive_interval_ms: 200, keepalive_timeout_ms: 1_000]

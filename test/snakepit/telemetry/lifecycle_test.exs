@@ -30,12 +30,6 @@ defmodule Snakepit.Telemetry.LifecycleTest do
     pid
   end
 
-  defp kill9!(worker) do
-    ref = Process.monitor(worker)
-    {_, 0} = System.cmd("kill", ["-9", Integer.to_string(PythonWorker.os_pid(worker))])
-    assert_receive {:DOWN, ^ref, :process, _, {:worker_exited, _}}, 5_000
-  end
-
   defp settle_streams do
     # Streams of earlier tests end asynchronously after their unregister.
     await(fn -> Native.runtime_info().live_streams == length(GrpcStream.list_streams()) end)

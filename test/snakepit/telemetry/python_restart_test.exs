@@ -53,12 +53,6 @@ defmodule Snakepit.Telemetry.PythonRestartTest do
     assert stats["dropped_queue_full"] == count - 10
   end
 
-  defp kill9!(worker) do
-    ref = Process.monitor(worker)
-    {_, 0} = System.cmd("kill", ["-9", Integer.to_string(PythonWorker.os_pid(worker))])
-    assert_receive {:DOWN, ^ref, :process, _, {:worker_exited, _}}, 5_000
-  end
-
   # Sums the reported queue-full drops of `worker_id` until `want` is
   # reached or the deadline passes.
   defp reported(worker_id, want, acc \\ 0, timeout \\ 15_000) do
