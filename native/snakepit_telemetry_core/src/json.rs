@@ -86,7 +86,9 @@ pub fn decode_line_bytes(
     let Ok(json) = std::str::from_utf8(json) else {
         return malformed(LineError::InvalidUtf8);
     };
-    let json = json.trim();
+    // JSON's own whitespace only: `str::trim` would also take Unicode
+    // spaces (a vertical tab, U+00A0, ...) that no JSON text may hold.
+    let json = json.trim_matches(|c| matches!(c, ' ' | '\t' | '\n' | '\r'));
     // An object only: serde would also fill the fields from a JSON array.
     let parsed = json
         .starts_with('{')
@@ -229,6 +231,20 @@ mod tests {
         assert!(d
             .metadata
             .contains(&(Key::Unknown("k".into()), "été".to_string())));
+    }
+
+    #[test]
+    fn only_json_whitespace_may_surround_the_object() {
+        // From the json_line fuzz target: vertical tabs before the object
+        // were trimmed away as whitespace, which JSON does not allow.
+        for pad in ["\u{b}", "\u{a0}", "\u{2003}", "\u{c}"] {
+            let line = format!(r#"{PREFIX}{pad}{{"event_parts":["python","call","stop"]}}"#);
+            let (result, stats) = decode(&line);
+            assert_eq!(result.unwrap_err(), LineError::InvalidJson, "{pad:?}");
+            assert_eq!(StreamStats::get(&stats.dropped_malformed), 1);
+        }
+        let line = format!("{PREFIX} \t\r{{\"event_parts\":[\"python\",\"call\",\"stop\"]}}\r\n");
+        assert!(decode(&line).0.is_ok());
     }
 
     #[test]
