@@ -612,7 +612,7 @@ defmodule TelemetryCompatTest do
 
   describe "the application" do
     test "is started with a supervisor and the table server" do
-      assert {:telemetry, _, ~c"1.3.0"} =
+      assert {:telemetry, _, ~c"1.4.1"} =
                List.keyfind(Application.started_applications(), :telemetry, 0)
 
       assert is_pid(Process.whereis(:telemetry_sup))
