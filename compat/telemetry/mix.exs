@@ -6,7 +6,7 @@ defmodule Telemetry.MixProject do
   def project do
     [
       app: :telemetry,
-      version: "1.3.0",
+      version: "1.4.1",
       language: :erlang,
       elixir: "~> 1.14",
       erlc_paths: ["src"],

@@ -16,15 +16,25 @@
 %% or prefix raises `badarg'; a handler function that is not of arity 4, an
 %% empty or non-list event name given to `execute/2,3', or non-map
 %% measurements/metadata raise `function_clause'.
+%%
+%% Matches hex `telemetry' 1.4.x, including `persist/0' and the logger
+%% output: attaching a local function logs an `info' report
+%% `#{handler_id, event_names, function, config, type => local}' (formatted
+%% by `report_cb/1'); a failing handler logs an `error' message naming the
+%% handler id, class, reason and stacktrace.
 -module(telemetry).
 
 -export([attach/4,
          attach_many/4,
+         persist/0,
          detach/1,
          list_handlers/1,
          execute/2,
          execute/3,
          span/3]).
+
+%% Logger report callback for the local-function report; not for callers.
+-export([report_cb/1]).
 
 -include_lib("kernel/include/logger.hrl").
 
@@ -67,8 +77,9 @@
 %%
 %% Returns `{error, already_exists}' if a handler with that id is already
 %% attached. Prefer external captures (`fun mod:fun/4', `&Mod.fun/4') over
-%% anonymous or local functions; the latter are accepted but a warning is
-%% logged, as the hex package does.
+%% anonymous or local functions; the latter are accepted, but an `info'
+%% report is logged (even when the id already exists), as the hex package
+%% does.
 -spec attach(HandlerId, EventName, Function, Config) -> ok | {error, already_exists} when
       HandlerId :: handler_id(),
       EventName :: event_name(),
@@ -88,13 +99,18 @@ attach(HandlerId, EventName, Function, Config) ->
       Config :: handler_config().
 attach_many(HandlerId, EventNames, Function, Config) when is_function(Function, 4) ->
     ok = check_event_names(EventNames),
-    case telemetry_handler_table:insert(HandlerId, EventNames, Function, Config) of
-        ok ->
-            warn_if_local(HandlerId, Function),
-            ok;
-        {error, already_exists} = Error ->
-            Error
-    end.
+    ok = report_if_local(HandlerId, EventNames, Function, Config),
+    telemetry_handler_table:insert(HandlerId, EventNames, Function, Config).
+
+%% @doc Stores the handlers so that `execute/3' reads them from
+%% persistent_term instead of ETS: faster dispatch, at the cost of much
+%% slower `attach/4', `attach_many/4' and `detach/1' (each one rewrites the
+%% persistent term, which makes the runtime scan every process). Attaching
+%% and detaching still work afterwards. Lasts until the application stops.
+%% Added in hex `telemetry' 1.4.0.
+-spec persist() -> ok.
+persist() ->
+    telemetry_handler_table:persist().
 
 %% @doc Detaches the handler with id `HandlerId' from all its events.
 -spec detach(handler_id()) -> ok | {error, not_found}.
@@ -213,37 +229,50 @@ invoke(#{id := HandlerId, function := Function, config := Config},
             handler_failed(HandlerId, Config, EventName, Class, Reason, Stacktrace)
     end.
 
+%% Order as in the hex package: detach, emit the failure event, then log.
 -spec handler_failed(handler_id(), handler_config(), event_name(),
                      error | exit | throw, term(), list()) -> ok.
 handler_failed(HandlerId, Config, EventName, Class, Reason, Stacktrace) ->
     _ = try detach(HandlerId)
         catch exit:_ -> ok
         end,
-    ?LOG_ERROR("telemetry handler ~p failed while handling event ~p and has been detached~n"
-               "Class: ~p~nReason: ~p~nStacktrace: ~p",
-               [HandlerId, EventName, Class, Reason, Stacktrace]),
-    execute(?FAILURE_EVENT,
-            #{monotonic_time => erlang:monotonic_time(),
-              system_time => erlang:system_time()},
-            #{event_name => EventName,
-              handler_id => HandlerId,
-              handler_config => Config,
-              kind => Class,
-              reason => Reason,
-              stacktrace => Stacktrace}).
+    ok = execute(?FAILURE_EVENT,
+                 #{monotonic_time => erlang:monotonic_time(),
+                   system_time => erlang:system_time()},
+                 #{event_name => EventName,
+                   handler_id => HandlerId,
+                   handler_config => Config,
+                   kind => Class,
+                   reason => Reason,
+                   stacktrace => Stacktrace}),
+    ?LOG_ERROR("Handler ~p has failed and has been detached. "
+               "Class=~p~nReason=~p~nStacktrace=~p~n",
+               [HandlerId, Class, Reason, Stacktrace]).
 
--spec warn_if_local(handler_id(), handler_function()) -> ok.
-warn_if_local(HandlerId, Function) ->
+-spec report_if_local(handler_id(), [event_name()], handler_function(), handler_config()) -> ok.
+report_if_local(HandlerId, EventNames, Function, Config) ->
     case erlang:fun_info(Function, type) of
         {type, local} ->
-            ?LOG_WARNING("telemetry handler ~p is a local function (an anonymous function "
-                         "or a capture without a module). Such handlers are slower to call; "
-                         "prefer an external capture such as fun mod:handle_event/4 "
-                         "(&Mod.handle_event/4 in Elixir).",
-                         [HandlerId]);
+            ?LOG_INFO(#{handler_id => HandlerId,
+                        event_names => EventNames,
+                        function => Function,
+                        config => Config,
+                        type => local},
+                      #{report_cb => fun ?MODULE:report_cb/1});
         {type, external} ->
             ok
     end.
+
+%% @private Formats the local-function report logged by `attach_many/4'.
+-spec report_cb(logger:report()) -> {io:format(), [term()]}.
+report_cb(#{handler_id := HandlerId}) ->
+    {"The function passed as a handler with ID ~w is a local function.~n"
+     "It is an anonymous function or a capture of a function without a module, "
+     "which may make calling the handler slower. Prefer an external capture "
+     "(fun mod:handle_event/4, &Mod.handle_event/4); see the note in the "
+     "telemetry:attach/4 documentation.~n~n"
+     "https://hexdocs.pm/telemetry/telemetry.html#attach/4",
+     [HandlerId]}.
 
 -spec check_event_names(term()) -> ok.
 check_event_names(EventNames) when is_list(EventNames) ->

@@ -17,6 +17,14 @@
 %%
 %% The server state maps each handler id to the event names it is attached
 %% to, which is what `delete/1' needs.
+%%
+%% After `persist/0' the ETS table stays the source of truth, and after every
+%% write the server also publishes a map `#{EventName => [Handler]}' as one
+%% persistent_term under the key `telemetry_handler_table'.
+%% `list_for_event/1' reads that term when it exists (no copying, no ETS
+%% access) and ETS otherwise; the check is a single persistent_term lookup
+%% by atom. The term is erased when the server starts and when it stops, so
+%% a restarted application is not persisted and never sees stale handlers.
 -module(telemetry_handler_table).
 
 -behaviour(gen_server).
@@ -27,19 +35,23 @@
 -export([start_link/0,
          insert/4,
          delete/1,
+         persist/0,
          list_for_event/1,
          list_by_prefix/1]).
 
 -export([init/1,
          handle_call/3,
          handle_cast/2,
-         handle_info/2]).
+         handle_info/2,
+         terminate/2]).
 
 -define(TABLE, ?MODULE).
+-define(PERSISTED_KEY, ?MODULE).
 
 -type sort_key() :: {non_neg_integer(), pos_integer()}.
 -type entry() :: {sort_key(), telemetry:handler()}.
 -type state() :: #{next_seq := non_neg_integer(),
+                   persisted := boolean(),
                    handlers := #{telemetry:handler_id() => [telemetry:event_name()]}}.
 
 %%--------------------------------------------------------------------
@@ -61,16 +73,26 @@ insert(HandlerId, EventNames, Function, Config) ->
 delete(HandlerId) ->
     gen_server:call(?MODULE, {delete, HandlerId}).
 
+%% Switches lookups to persistent_term (see the module comment). Idempotent.
+-spec persist() -> ok.
+persist() ->
+    gen_server:call(?MODULE, persist).
+
 %% Handlers attached to exactly `EventName', in attach order. Returns `[]'
 %% when the table does not exist (the application is not started), so
 %% emitting events before start-up is harmless.
 -spec list_for_event(telemetry:event_name()) -> [telemetry:handler()].
 list_for_event(EventName) ->
-    try ets:lookup(?TABLE, EventName) of
-        [{_, Entries}] -> [Handler || {_, Handler} <- Entries];
-        [] -> []
-    catch
-        error:badarg -> []
+    case persistent_term:get(?PERSISTED_KEY, undefined) of
+        undefined ->
+            try ets:lookup(?TABLE, EventName) of
+                [{_, Entries}] -> [Handler || {_, Handler} <- Entries];
+                [] -> []
+            catch
+                error:badarg -> []
+            end;
+        ByEvent ->
+            maps:get(EventName, ByEvent, [])
     end.
 
 %% Handlers attached to any event that starts with `EventPrefix', in attach
@@ -89,8 +111,11 @@ list_by_prefix(EventPrefix) ->
 
 -spec init([]) -> {ok, state()}.
 init([]) ->
+    %% terminate/2 must run on shutdown to erase the persisted handlers.
+    process_flag(trap_exit, true),
+    _ = persistent_term:erase(?PERSISTED_KEY),
     _ = ets:new(?TABLE, [set, protected, named_table, {read_concurrency, true}]),
-    {ok, #{next_seq => 0, handlers => #{}}}.
+    {ok, #{next_seq => 0, persisted => false, handlers => #{}}}.
 
 -spec handle_call(term(), gen_server:from(), state()) -> {reply, term(), state()}.
 handle_call({insert, HandlerId, EventNames, Function, Config}, _From,
@@ -109,6 +134,7 @@ handle_call({insert, HandlerId, EventNames, Function, Config}, _From,
                       append_entry(EventName, {{Seq, Position}, Handler})
               end,
               lists:zip(Positions, EventNames)),
+            ok = publish(State),
             {reply, ok, State#{next_seq := Seq + 1,
                                handlers := Handlers#{HandlerId => EventNames}}}
     end;
@@ -119,8 +145,13 @@ handle_call({delete, HandlerId}, _From, #{handlers := Handlers} = State) ->
         {EventNames, Rest} ->
             lists:foreach(fun(EventName) -> remove_entries(EventName, HandlerId) end,
                           lists:usort(EventNames)),
+            ok = publish(State),
             {reply, ok, State#{handlers := Rest}}
     end;
+handle_call(persist, _From, State) ->
+    NewState = State#{persisted := true},
+    ok = publish(NewState),
+    {reply, ok, NewState};
 handle_call(_Request, _From, State) ->
     {reply, {error, unknown_call}, State}.
 
@@ -132,8 +163,24 @@ handle_cast(_Msg, State) ->
 handle_info(_Msg, State) ->
     {noreply, State}.
 
+-spec terminate(term(), state()) -> ok.
+terminate(_Reason, _State) ->
+    _ = persistent_term:erase(?PERSISTED_KEY),
+    ok.
+
 %%--------------------------------------------------------------------
 %% Internal
+
+%% After persist/0, copies the whole table into the persistent term. Every
+%% put replaces the term, which makes the runtime scan all processes; that
+%% is the documented cost of writes after persist/0.
+-spec publish(state()) -> ok.
+publish(#{persisted := false}) ->
+    ok;
+publish(#{persisted := true}) ->
+    ByEvent = maps:from_list([{EventName, [Handler || {_, Handler} <- Entries]}
+                              || {EventName, Entries} <- ets:tab2list(?TABLE)]),
+    persistent_term:put(?PERSISTED_KEY, ByEvent).
 
 %% Each row is replaced with a single ets:insert/2, so readers always see
 %% either the old or the new list of handlers for an event.
