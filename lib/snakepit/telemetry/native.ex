@@ -80,7 +80,7 @@ defmodule Snakepit.Telemetry.Native do
   @doc """
   Decodes one stderr telemetry line: `{:ok, {event, measurements, metadata}}`
   or `{:error, reason}`; never raises, whatever `line` and `options` are.
-  Lines up to 16 KiB are decoded on the calling scheduler, longer ones on a
+  Lines up to 8 KiB are decoded on the calling scheduler, longer ones on a
   dirty CPU scheduler (see native/snakepit_telemetry_nif/src/json.rs).
   """
   def decode_json_line(line, options) do

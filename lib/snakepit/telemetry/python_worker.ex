@@ -248,11 +248,18 @@ defmodule Snakepit.Telemetry.PythonWorker do
 
   # One byte over the limit, so that a longer telemetry line is refused and
   # counted as :too_large.
+  # The pool's max_message_bytes + 1 (the built-in default when the pool's
+  # settings are invalid: the line is then refused by Stderr anyway).
   defp line_limit(ctx) do
     pool = if is_map(ctx) or Keyword.keyword?(ctx || []), do: ctx[:pool_name]
-    Keyword.fetch!(Config.stream(pool), :max_message_bytes) + 1
-  rescue
-    _ -> Keyword.fetch!(Config.stream(), :max_message_bytes) + 1
+
+    stream =
+      case Config.fetch(:stream, pool) do
+        {:ok, stream} -> stream
+        {:error, _} -> Config.defaults(:stream)
+      end
+
+    Keyword.fetch!(stream, :max_message_bytes) + 1
   end
 
   defp exited(reason, state) do

@@ -37,7 +37,7 @@ defmodule Snakepit.Telemetry.Stderr do
       `:invalid_config` (the pool's `:stream` settings cannot be used) -
       `invalid_input`: caller errors, not worker lines, so not in `received`.
 
-  A line over 16 KiB is decoded on a dirty scheduler, so even a line of
+  A line over 8 KiB is decoded on a dirty scheduler, so even a line of
   `max_message_bytes` never holds a normal scheduler for long.
   """
   @spec handle_line(term(), term()) :: :ok | :ignored | {:error, atom()}
@@ -94,17 +94,18 @@ defmodule Snakepit.Telemetry.Stderr do
   # The NIF checks the options too (a bad value is :invalid_options); a
   # config that cannot even be read must not take the caller down either.
   defp options(pool) do
-    options =
-      pool
-      |> Config.stream()
-      |> Map.new()
-      |> Map.merge(%{
-        connect_timeout_ms: 0,
-        native_per_sec: System.convert_time_unit(1, :second, :native)
-      })
+    case Config.fetch(:stream, pool) do
+      {:ok, stream} ->
+        {:ok,
+         stream
+         |> Map.new()
+         |> Map.merge(%{
+           connect_timeout_ms: 0,
+           native_per_sec: System.convert_time_unit(1, :second, :native)
+         })}
 
-    {:ok, options}
-  rescue
-    _ -> invalid_input(:invalid_config)
+      {:error, _message} ->
+        invalid_input(:invalid_config)
+    end
   end
 end

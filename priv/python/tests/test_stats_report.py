@@ -13,6 +13,7 @@ import pytest
 from snakepit_bridge import snakepit_bridge_pb2 as pb
 from snakepit_bridge import snakepit_bridge_pb2_grpc as pb_grpc
 from snakepit_bridge import telemetry
+from snakepit_bridge.telemetry._internal import errors
 
 from .conftest import Client, wait_until
 from .test_stream import filt, names, send_and_wait, toggle
@@ -192,6 +193,8 @@ def test_forked_child_starts_over_as_a_new_instance(monkeypatch: pytest.MonkeyPa
     for _ in range(5):
         telemetry.emit("before.fork", {"x": 1})  # 2 queued, 3 dropped: queue full
     parent_id = s.instance_id
+    errors.count(4)  # failures outside any stream, counted process-wide
+    parent_errors = errors.total()
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report and leave without running pytest's teardown
@@ -211,7 +214,10 @@ def test_forked_child_starts_over_as_a_new_instance(monkeypatch: pytest.MonkeyPa
     stats = child["stats"]
     assert stats["emitted"] == 1 and stats["queue_len"] == 1
     assert stats["dropped_queue_full"] == 0 and stats["sent"] == 0
+    # The child counts its own failures: the parent's are reported by the parent.
+    assert stats["process_internal_errors"] == 0
     # The parent is unchanged.
     assert s.instance_id == parent_id
     parent = s.stats()
+    assert parent["process_internal_errors"] == parent_errors >= 4
     assert parent["emitted"] == 5 and parent["dropped_queue_full"] == 3 and parent["queue_len"] == 2

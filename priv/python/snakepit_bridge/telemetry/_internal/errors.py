@@ -12,6 +12,7 @@ Elixir with the stream's own.
 
 from __future__ import annotations
 
+import os
 import threading
 
 _lock = threading.Lock()
@@ -34,3 +35,15 @@ def _reset_for_tests() -> None:
     global _count
     with _lock:
         _count = 0
+
+
+def _start_over_in_child() -> None:
+    """A forked child counts its own failures (its streams start over too),
+    with a fresh lock: the parent's may have been held by another thread."""
+    global _lock, _count
+    _lock = threading.Lock()
+    _count = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_start_over_in_child)
