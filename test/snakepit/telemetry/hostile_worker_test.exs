@@ -56,21 +56,28 @@ defmodule Snakepit.Telemetry.HostileWorkerTest do
     %{counter: watch_stop_events()}
   end
 
-  describe "garbage" do
-    test "a gRPC message of random bytes is skipped and counted; the call lives on" do
-      {fake, id} = open_fake!()
-      before = baseline(id)
+  describe "malformed messages" do
+    # A batch that cannot be walked (random bytes; a protobuf payload cut
+    # inside a field, which cannot be delimited past the cut) is skipped
+    # and counted; the call lives on.
+    for mode <- ["garbage_frame", "truncated_payload"] do
+      @tag mode: mode
+      test "#{mode}: skipped and counted as a malformed message; the call lives on",
+           %{mode: mode} do
+        {fake, id} = open_fake!()
+        before = baseline(id)
 
-      arm!(fake, "garbage_frame")
-      await_line!(fake, "HOSTILE garbage_frame")
-      assert_receive {:stop, "after", _, _}, 10_000
+        arm!(fake, mode)
+        await_line!(fake, "HOSTILE #{mode}")
+        assert_receive {:stop, "after", _, _}, 10_000
 
-      assert delta(id, before, :malformed_messages) == 1
-      assert delta(id, before, :received) == 1
-      assert stream(id).reconnects == before.reconnects
-      refute_received {:event, @lost, _, %{worker_id: ^id}}
-      assert await_dropped(id, :malformed_messages, 1) == 1
-      assert_survived(id, before)
+        assert delta(id, before, :malformed_messages) == 1
+        assert delta(id, before, :received) == 1
+        assert stream(id).reconnects == before.reconnects
+        refute_received {:event, @lost, _, %{worker_id: ^id}}
+        assert await_dropped(id, :malformed_messages, 1) == 1
+        assert_survived(id, before)
+      end
     end
 
     test "raw bytes instead of HTTP/2 fail that connection only, on a first open and on a reconnect" do
@@ -80,49 +87,25 @@ defmodule Snakepit.Telemetry.HostileWorkerTest do
     end
   end
 
-  describe "truncated" do
-    test "a protobuf payload cut inside a field is skipped and counted; the call lives on" do
-      {fake, id} = open_fake!()
-      before = baseline(id)
+  describe "calls cut mid-message" do
+    # A gRPC message shorter than announced followed by END_STREAM, and the
+    # TCP connection closed inside an HTTP/2 frame: the call ends in error
+    # and reopens.
+    for mode <- ["truncated_end_stream", "close_mid_frame"] do
+      @tag mode: mode
+      test "#{mode}: the call ends in error and reopens", %{mode: mode} do
+        {fake, id} = open_fake!()
+        before = baseline(id)
 
-      arm!(fake, "truncated_payload")
-      await_line!(fake, "HOSTILE truncated_payload")
-      assert_receive {:stop, "after", _, _}, 10_000
-
-      # The batch cannot be delimited past the cut: a malformed message.
-      assert delta(id, before, :malformed_messages) == 1
-      assert delta(id, before, :received) == 1
-      assert stream(id).reconnects == before.reconnects
-      assert await_dropped(id, :malformed_messages, 1) == 1
-      assert_survived(id, before)
-    end
-
-    test "a gRPC message shorter than announced, then END_STREAM: the call ends in error and reopens" do
-      {fake, id} = open_fake!()
-      before = baseline(id)
-
-      arm!(fake, "truncated_end_stream")
-      await_line!(fake, "HOSTILE truncated_end_stream")
-      assert_receive {:event, @lost, _, %{worker_id: ^id, reason: {:error, text}}}, 10_000
-      assert is_binary(text)
-      assert_receive {:event, @reconnected, _, %{worker_id: ^id}}, 10_000
-      assert_receive {:stop, "open", _, _}, 10_000
-      assert delta(id, before, :received) == 1
-      assert_survived(id, before)
-    end
-
-    test "the TCP connection closed inside an HTTP/2 frame: the call ends in error and reopens" do
-      {fake, id} = open_fake!()
-      before = baseline(id)
-
-      arm!(fake, "close_mid_frame")
-      await_line!(fake, "HOSTILE close_mid_frame")
-      assert_receive {:event, @lost, _, %{worker_id: ^id, reason: {:error, text}}}, 10_000
-      assert is_binary(text)
-      assert_receive {:event, @reconnected, _, %{worker_id: ^id}}, 10_000
-      assert_receive {:stop, "open", _, _}, 10_000
-      assert delta(id, before, :received) == 1
-      assert_survived(id, before)
+        arm!(fake, mode)
+        await_line!(fake, "HOSTILE #{mode}")
+        assert_receive {:event, @lost, _, %{worker_id: ^id, reason: {:error, text}}}, 10_000
+        assert is_binary(text)
+        assert_receive {:event, @reconnected, _, %{worker_id: ^id}}, 10_000
+        assert_receive {:stop, "open", _, _}, 10_000
+        assert delta(id, before, :received) == 1
+        assert_survived(id, before)
+      end
     end
   end
 
