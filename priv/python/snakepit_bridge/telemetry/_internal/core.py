@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
@@ -19,7 +18,7 @@ from .. import backends
 from ..correlation import _current as _correlation_var
 from ..correlation import get_correlation_id
 from ..stream import TelemetryStream
-from . import errors
+from . import defaults, errors
 from .convert import ERROR_MESSAGE_LIMIT as ERROR_MESSAGE_LIMIT
 from .convert import NAME_CACHE, safe_str, suffixed
 from .convert import event_parts as convert_event_parts
@@ -29,8 +28,6 @@ TOOL_SPAN = "tool.execution"
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
-_default_stream: TelemetryStream | None = None
-_default_lock = threading.RLock()
 # The stream the current backend writes to when that backend is plain ``grpc``:
 # emit then queues directly, without going through the backend object.
 _fast_stream: TelemetryStream | None = None
@@ -47,30 +44,16 @@ def _refresh_fast() -> None:
     global _fast_stream
     backend = backends.current()
     if type(backend) is backends.GrpcBackend:
-        _fast_stream = backend.fixed_stream or _default_stream
+        _fast_stream = backend.fixed_stream or defaults.current()
     else:
         _fast_stream = None
 
 
 backends.on_change(_refresh_fast)
-
-
-def get_stream() -> TelemetryStream:
-    """Return the default stream, creating it on first use."""
-    stream = _default_stream
-    if stream is None:
-        with _default_lock:
-            stream = _default_stream
-            if stream is None:
-                stream = _set_default(TelemetryStream())
-    return stream
-
-
-def _set_default(stream: TelemetryStream) -> TelemetryStream:
-    global _default_stream
-    _default_stream = stream
-    backends.notify_change()
-    return stream
+# A new default stream (set here or created on first use by a backend) is a
+# change for the fast path too.
+defaults.on_replace(backends.notify_change)
+get_stream = defaults.get_stream
 
 
 def set_stream(stream: TelemetryStream) -> None:
@@ -81,8 +64,7 @@ def set_stream(stream: TelemetryStream) -> None:
     """
     if not isinstance(stream, TelemetryStream):
         raise TypeError(f"expected a TelemetryStream, got {type(stream).__name__}")
-    with _default_lock:
-        _set_default(stream)
+    defaults.replace(stream)
     backends.mark_served()
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from .._internal.convert import suffixed
+from .._internal.defaults import get_stream
 from ..stream import TelemetryStream
 from .base import Backend, error_fields
 
@@ -35,8 +36,6 @@ class GrpcBackend(Backend):
         self._fixed = stream
         self._get_default: Callable[[], TelemetryStream] | None = None
         if stream is None:
-            from .._internal.core import get_stream  # late: core imports this package
-
             self._get_default = get_stream
 
     @property

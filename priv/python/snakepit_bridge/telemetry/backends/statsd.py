@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._internal.convert import Scalar
+from .._internal.defaults import get_stream
 from .base import Backend
 
 __all__ = [
@@ -131,8 +132,6 @@ def _packets(lines: list[str]) -> list[bytes]:
 
 
 def _default_rate_source() -> RateSource:
-    from .._internal.core import get_stream  # late: core imports this package
-
     return lambda event: get_stream().sample_rate(event)
 
 
