@@ -1,3 +1,3 @@
 [
-  inputs: ["{mix,.formatter}.exs", "{config,lib,test,demo,bench,examples}/**/*.{ex,exs}"]
+  inputs: ["{mix,.formatter}.exs", "{config,lib,support,test,demo,bench,examples}/**/*.{ex,exs}"]
 ]

@@ -72,7 +72,9 @@ defmodule Snakepit.Telemetry.MixProject do
       start_permanent: Mix.env() == :prod,
       compilers: [:snakepit_native | Mix.compilers()],
       elixirc_paths: elixirc_paths(Mix.env()),
-      deps: deps()
+      deps: deps(),
+      description: "Telemetry for Snakepit's Python workers, folded into :telemetry events.",
+      package: package()
     ]
   end
 
@@ -83,8 +85,32 @@ defmodule Snakepit.Telemetry.MixProject do
     ]
   end
 
-  defp elixirc_paths(:test), do: ["lib", "test/support"]
-  defp elixirc_paths(_), do: ["lib"]
+  # The library is lib/ alone. support/ (Snakepit.Telemetry.PythonWorker,
+  # Snakepit.Telemetry.JSON and the Python command worker they run) serves the
+  # demo, the tests and the benchmarks, so it is compiled for dev and test only;
+  # bench/ (MIX_ENV=prod) loads it with support/load.exs. Public for
+  # test/snakepit/telemetry/package_test.exs.
+  @doc false
+  def elixirc_paths(:test), do: ["lib", "support", "test/support"]
+  def elixirc_paths(:dev), do: ["lib", "support"]
+  def elixirc_paths(_), do: ["lib"]
+
+  # What the hex package ships: the library, the Python package (installed
+  # into a Snakepit worker's environment with pip from priv/python) and what
+  # `mix compile` needs to build the NIF. Not support/, demo/, bench/, test/,
+  # examples/ nor priv/python/tests (package_test.exs checks it).
+  @doc false
+  def package do
+    [
+      files: ~w(
+        lib
+        priv/python/snakepit_bridge priv/python/pyproject.toml priv/python/MANIFEST.in
+        proto native/snakepit_telemetry_core native/snakepit_telemetry_nif
+        Cargo.toml Cargo.lock mix.exs .formatter.exs README.md CHANGELOG.md
+      ),
+      exclude_patterns: [~r/__pycache__/, ~r/\.pyc$/]
+    ]
+  end
 
   defp deps do
     [telemetry_dep()]

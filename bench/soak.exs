@@ -16,6 +16,9 @@
 # gone with it, and no counter anywhere can know how many there were. So the
 # kill loses no event, and the accounting stays exact.
 
+# PythonWorker and JSON are dev/test support, not in the prod build.
+Code.require_file("../support/load.exs", __DIR__)
+
 alias Snakepit.Telemetry.{GrpcStream, Native, PythonWorker}
 
 defmodule Soak do

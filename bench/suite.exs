@@ -5,6 +5,9 @@
 #
 # --quick runs every row with fewer events (a smoke run, not for figures).
 
+# PythonWorker and JSON are dev/test support, not in the prod build.
+Code.require_file("../support/load.exs", __DIR__)
+
 alias Snakepit.Telemetry.{GrpcStream, PythonWorker}
 
 defmodule Bench do

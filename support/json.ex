@@ -1,6 +1,7 @@
 defmodule Snakepit.Telemetry.JSON do
   @moduledoc false
-  # A small JSON codec for the bundled Python worker's command protocol.
+  # A small JSON codec for the command worker's protocol (PythonWorker) and the
+  # benchmarks; dev/test support, not part of the library (see support/load.exs).
   # Elixir 1.14 / OTP 25 ship no JSON module and hex packages are not
   # always reachable, so the project carries its own. It handles what the
   # protocol uses: objects, arrays, strings, numbers, booleans and null.

@@ -1,13 +1,16 @@
 defmodule Snakepit.Telemetry.PythonWorker do
   @moduledoc """
-  Runs the bundled synthetic Python worker
-  (`python -m snakepit_bridge.telemetry.worker`) under a port, for the demo,
-  the tests and for trying the telemetry stream out.
+  Runs the synthetic Python command worker
+  (`support/python/command_worker.py`) under a port, for the demo, the tests
+  and the benchmarks.
 
-  In production Snakepit spawns its own workers; this module only starts
-  the small one shipped in `priv/python`, which serves the telemetry stream
-  and runs commands sent as JSON lines on its stdin. The worker exits when
-  its stdin closes, so it never outlives the process that started it.
+  Not part of the library: it is compiled only for `MIX_ENV=dev` and `test`
+  (`elixirc_paths` in `mix.exs`), and `bench/` loads it with
+  `support/load.exs`. In production Snakepit spawns its own workers, which
+  serve the telemetry stream with `snakepit_bridge.telemetry.add_to_server`.
+  The command worker serves it too and runs commands sent as JSON lines on its
+  stdin. It exits when its stdin closes, so it never outlives the process that
+  started it.
 
   ## Options
 
@@ -38,6 +41,9 @@ defmodule Snakepit.Telemetry.PythonWorker do
   @ack "SNAKEPIT_TELEMETRY_ACK "
   # Output lines remembered for lines/1.
   @max_lines 10_000
+  # The checkout this module was compiled from, where script/setup puts .venv.
+  @project_root Path.expand("..", __DIR__)
+  @command_worker Path.join(@project_root, "support/python/command_worker.py")
 
   @type t :: GenServer.server()
 
@@ -73,7 +79,7 @@ defmodule Snakepit.Telemetry.PythonWorker do
   def os_pid(worker), do: GenServer.call(worker, :os_pid)
 
   @doc """
-  Sends one command (see `priv/python/snakepit_bridge/telemetry/worker.py`)
+  Sends one command (see `support/python/command_worker.py`)
   and waits for its acknowledgement: `{:ok, result}` or `{:error, reason}`.
   """
   @spec command(t(), map(), timeout()) :: {:ok, term()} | {:error, term()}
@@ -92,7 +98,7 @@ defmodule Snakepit.Telemetry.PythonWorker do
   @doc "The interpreter used when none is given."
   @spec default_python() :: String.t()
   def default_python do
-    venv = Path.join(project_root(), ".venv/bin/python")
+    venv = Path.join(@project_root, ".venv/bin/python")
 
     System.get_env("SNAKEPIT_TELEMETRY_PYTHON") ||
       if(File.exists?(venv), do: venv, else: System.find_executable("python3") || "python3")
@@ -115,8 +121,7 @@ defmodule Snakepit.Telemetry.PythonWorker do
   defp start_port(python, opts) do
     python_path = Path.join(:code.priv_dir(:snakepit_telemetry), "python")
 
-    args =
-      ["-u", "-m", "snakepit_bridge.telemetry.worker", "--listen", opts[:listen]] ++ opts[:args]
+    args = ["-u", @command_worker, "--listen", opts[:listen]] ++ opts[:args]
 
     env =
       [{~c"PYTHONPATH", String.to_charlist(python_path)}] ++
@@ -281,7 +286,4 @@ defmodule Snakepit.Telemetry.PythonWorker do
       {:error, _} -> json
     end
   end
-
-  # The checkout this module was compiled from, where script/setup puts .venv.
-  defp project_root, do: Path.expand("../../..", __DIR__)
 end

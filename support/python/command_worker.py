@@ -1,4 +1,10 @@
-"""Runnable telemetry worker: ``python -m snakepit_bridge.telemetry.worker``.
+"""Command worker for the demo, the tests and the benchmarks (not shipped).
+
+Run from a checkout: ``PYTHONPATH=priv/python python support/python/command_worker.py``
+(``Snakepit.Telemetry.PythonWorker``, also dev/test-only, does that). It is not
+part of the ``snakepit_bridge`` package: a real Snakepit worker is Snakepit's own
+gRPC server, which adds the telemetry methods with
+``snakepit_bridge.telemetry.add_to_server`` as this one does.
 
 Stands in for a Snakepit Python worker in the Elixir demo and tests: it serves
 StreamTelemetry and produces events on command. Its server carries
@@ -91,7 +97,7 @@ from typing import Any, TextIO
 
 import grpc
 
-from . import (
+from snakepit_bridge.telemetry import (
     SERVER_OPTIONS,
     SERVICE_NAME,
     TelemetryInterceptor,
@@ -110,8 +116,8 @@ from . import (
     tool,
     uninstall_gc_hook,
 )
-from .correlation import CORRELATION_HEADER
-from .gc_events import flush_gc_events, gc_events_from_env
+from snakepit_bridge.telemetry.correlation import CORRELATION_HEADER
+from snakepit_bridge.telemetry.gc_events import flush_gc_events, gc_events_from_env
 
 READY = "SNAKEPIT_TELEMETRY_READY"
 ACK = "SNAKEPIT_TELEMETRY_ACK"
@@ -562,7 +568,7 @@ def _bind(server: grpc.Server, listen: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m snakepit_bridge.telemetry.worker")
+    parser = argparse.ArgumentParser(prog="command_worker.py")
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT or unix:/abs/path")
     parser.add_argument("--queue-size", type=int, default=None, help="telemetry queue bound")
     parser.add_argument("--max-workers", type=int, default=8, help="gRPC thread pool size")

@@ -11,7 +11,7 @@ defmodule Snakepit.Telemetry.Case do
     end
   end
 
-  @doc "Starts a bundled Python worker owned by the test."
+  @doc "Starts a Python command worker (support/python/command_worker.py) owned by the test."
   def start_worker!(opts \\ []) do
     start_supervised!({PythonWorker, opts}, id: make_ref())
   end

@@ -9,8 +9,9 @@ defmodule Snakepit.Telemetry.Stderr do
   gRPC path would produce: the NIF decodes it (serde_json) with the same
   catalog, atom safety and limits, and the event gets the same standard
   metadata. Other lines are left alone (`:ignored`), so a worker's whole
-  output can be passed through it. `Snakepit.Telemetry.PythonWorker` does
-  that with its `:stderr_telemetry` option.
+  output can be passed through it, line by line (e.g. from the port that runs
+  the worker; the project's dev/test `PythonWorker` in `support/` does that
+  with its `:stderr_telemetry` option).
   """
 
   alias Snakepit.Telemetry.{Config, Events, Native}

@@ -1,4 +1,5 @@
-"""The runnable worker as a subprocess, driven over stdin and read by a real client."""
+"""The command worker (``support/python/command_worker.py``, test/demo/bench support, not
+part of the package) as a subprocess, driven over stdin and read by a real client."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from snakepit_bridge import snakepit_bridge_pb2 as pb
 
 from .conftest import PY_ROOT, BatchClient, Client, wait_until
 
+# The checkout's support/python (priv/python/tests -> the repository root).
+COMMAND_WORKER = PY_ROOT.parent.parent / "support" / "python" / "command_worker.py"
 READY = "SNAKEPIT_TELEMETRY_READY "
 ACK = "SNAKEPIT_TELEMETRY_ACK "
 
@@ -33,7 +36,7 @@ class WorkerProc:
     ) -> None:
         env = dict(os.environ, PYTHONPATH=str(PY_ROOT), **(env or {}))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "snakepit_bridge.telemetry.worker", *args],
+            [sys.executable, str(COMMAND_WORKER), *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,
