@@ -49,17 +49,7 @@ Commands (one JSON object per stdin line, ACK payload after the arrow):
   waits until its ``python.gc.completed`` is queued) -> {"collected": n};
 * ``error`` {tool: "t", correlation_id} calls a ``@telemetry.tool("t")`` function
   that raises (the worker catches it) -> {"reported": true};
-* ``hostile`` {count: N, seed: S, invalid: M, oversized_every: K} emits N
-  decoder-hostile events fast (only every K-th ``oversized`` slot stays oversized,
-  the others become ``unknown_name``; K defaults to 1),
-  rotating ``unknown_name`` (unique random 3-part names, and unique 20-part names,
-  which Python accepts), ``unknown_keys`` (``python.call.stop`` with unique random
-  metadata and measurement keys), ``oversized`` (100 KB metadata value, or 10 KB
-  metadata and measurement keys) and ``bad_values`` (NaN/inf measurements, or
-  nested dicts as values, which emit drops/stringifies) -> {"count": N, "kinds":
-  {"unknown_name": a, "unknown_keys": b, "oversized": c, "bad_values": d}}. Names
-  with empty parts cannot leave Python (emit drops them as invalid); ``invalid: M``
-  additionally tries M of them (not part of N) and adds ``"invalid": M`` to the ACK;
+* commands of a ``--commands FILE`` (see below);
 * ``stats`` -> the stream counters plus ``"control"``, the control state in force;
 * ``backend_stats`` -> ``{name: stats}`` for each backend in use;
 * ``wait_drained`` {timeout_ms} -> {"drained": bool};
@@ -73,6 +63,10 @@ The stream's defaults come from ``SNAKEPIT_TELEMETRY_*`` environment variables
 (``grpc``, ``stderr``, ``otel``, ``statsd``, ``none`` or a comma list) overrides
 ``SNAKEPIT_TELEMETRY_BACKEND`` (default ``grpc``); with ``stderr`` the events are
 ``SNAKEPIT_TELEMETRY_EVENT {json}`` lines on this process's stderr.
+``--commands FILE`` (repeatable) adds the commands of the ``COMMANDS`` dict
+(name -> function of the command object, returning the ACK payload) that the
+Python file defines: the tests load ``test/support/python/hostile_commands.py``
+for the decoder-hostile ``hostile`` command.
 
 Stdin EOF or ``{"cmd": "exit"}`` stops the server and exits 0, so the worker
 never outlives a parent that closed its end of the pipe.
@@ -84,9 +78,9 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import os
 import random
+import runpy
 import stat
 import sys
 import threading
@@ -125,9 +119,6 @@ WORKLOAD_DONE = "SNAKEPIT_TELEMETRY_WORKLOAD_DONE"
 STOP_GRACE_S = 0.5
 PING_METHOD = f"/{SERVICE_NAME}/Ping"
 CALL_TIMEOUT_S = 5.0
-HOSTILE_KINDS = ("unknown_name", "unknown_keys", "oversized", "bad_values")
-_BIG_VALUE = "v" * 100_000
-_BIG_KEY = "k" * 10_000
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]", "localhost"}
 
 
@@ -214,7 +205,6 @@ class Worker:
             "call": self.cmd_call,
             "gc": self.cmd_gc,
             "error": self.cmd_error,
-            "hostile": self.cmd_hostile,
         }
 
     def handle_line(self, line: str) -> None:
@@ -437,55 +427,6 @@ class Worker:
             failing()
         return {"reported": True}
 
-    def cmd_hostile(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        """Events meant to stress the Elixir-side decoder; see the module docstring."""
-        count = _int_arg(cmd, "count", 100)
-        seed = cmd.get("seed", 0)
-        if type(seed) is not int:
-            raise CommandError(f"'seed' must be an integer, got {seed!r}")
-        invalid = _int_arg(cmd, "invalid", 0)
-        oversized_every = max(1, _int_arg(cmd, "oversized_every", 1))
-        rng = random.Random(seed)
-
-        def tok() -> str:
-            return f"{rng.getrandbits(64):016x}"
-
-        kinds = dict.fromkeys(HOSTILE_KINDS, 0)
-        for i in range(count):
-            kind = HOSTILE_KINDS[i % len(HOSTILE_KINDS)]
-            if kind == "oversized" and (i // len(HOSTILE_KINDS)) % oversized_every:
-                # Large payloads are slow to move; `oversized_every` thins them out.
-                kind = "unknown_name"
-            kinds[kind] += 1
-            alternate = (i // len(HOSTILE_KINDS)) % 2 == 1
-            if kind == "unknown_name":
-                if alternate:
-                    emit(".".join(f"p{tok()}" for _ in range(20)), {"x": 1})
-                else:
-                    emit(f"zz.{tok()}.{tok()}", {f"m_{tok()}": 1}, {f"k_{tok()}": "v"})
-            elif kind == "unknown_keys":
-                emit("python.call.stop", {"duration": 1, f"m_{tok()}": 1}, {f"k_{tok()}": "v"})
-            elif kind == "oversized":
-                if alternate:
-                    emit("python.call.stop", {"duration": 1, _BIG_KEY: 1}, {_BIG_KEY: "v"})
-                else:
-                    emit("python.call.stop", {"duration": 1}, {"command": _BIG_VALUE})
-            elif alternate:
-                nested = {"nested": {"deep": [1, 2]}}
-                emit("python.call.stop", {"duration": nested, "other": 1}, {"command": nested})
-            else:
-                emit(
-                    "python.call.stop",
-                    {"duration": math.nan, "pos_inf": math.inf, "neg_inf": -math.inf},
-                )
-        result: dict[str, Any] = {"count": count, "kinds": kinds}
-        if "invalid" in cmd:
-            bad_names = ("python..stop", ".python.call", "python.call.", "")
-            for i in range(invalid):
-                emit(bad_names[i % len(bad_names)], {"duration": 1})
-            result["invalid"] = invalid
-        return result
-
     def close(self) -> None:
         if self._channel is not None:
             self._channel.close()
@@ -591,6 +532,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--gc-events", action="store_true", help="emit python.gc.completed per collection"
     )
     parser.add_argument(
+        "--commands",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="add the commands of FILE's COMMANDS dict (repeatable)",
+    )
+    parser.add_argument(
         "--wire",
         choices=("batches", "single"),
         default="batches",
@@ -622,6 +570,8 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
         return 1
     server.start()
     worker = Worker(stream, out, address)
+    for path in opts.commands:
+        worker.handlers.update(runpy.run_path(path)["COMMANDS"])
     if opts.samplers is not None:
         start_samplers(None if opts.samplers < 0 else opts.samplers / 1000)
     if opts.gc_events or gc_events_from_env():

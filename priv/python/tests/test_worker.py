@@ -24,6 +24,7 @@ from .conftest import PY_ROOT, BatchClient, Client, wait_until
 
 # The checkout's support/python (priv/python/tests -> the repository root).
 COMMAND_WORKER = PY_ROOT.parent.parent / "support" / "python" / "command_worker.py"
+HOSTILE_COMMANDS = PY_ROOT.parent.parent / "test" / "support" / "python" / "hostile_commands.py"
 READY = "SNAKEPIT_TELEMETRY_READY "
 ACK = "SNAKEPIT_TELEMETRY_ACK "
 
@@ -381,7 +382,13 @@ def test_call_gc_error_samplers_commands() -> None:
 
 
 def test_gc_events_env_and_hostile() -> None:
-    w = WorkerProc("--queue-size", "256", env={"SNAKEPIT_TELEMETRY_GC_EVENTS": "true"})
+    w = WorkerProc(
+        "--queue-size",
+        "256",
+        "--commands",
+        str(HOSTILE_COMMANDS),
+        env={"SNAKEPIT_TELEMETRY_GC_EVENTS": "true"},
+    )
     try:
         assert w.command({"cmd": "gc", "generation": 0})[0] == "gc"
         _, st = w.command({"cmd": "stats"})
@@ -428,6 +435,12 @@ def test_gc_events_env_and_hostile() -> None:
         assert w.command({"cmd": "hostile", "seed": "x"})[0] == "error"
     finally:
         w.kill()
+
+
+def test_hostile_is_a_test_support_command(worker: WorkerProc) -> None:
+    """Without ``--commands`` (as the demo and the benchmarks run it) there is no ``hostile``."""
+    name, result = worker.command({"cmd": "hostile", "count": 1})
+    assert name == "error" and "unknown command" in result["error"]
 
 
 def test_backend_flag_stderr_lines_and_stats() -> None:

@@ -6,11 +6,13 @@ defmodule Snakepit.Telemetry.AtomSafetyTest do
   @total 1_000_000
   @chunk 20_000
   @moduletag timeout: 600_000
+  # The `hostile` command is test support, added to the command worker here.
+  @hostile_commands Path.expand("../../support/python/hostile_commands.py", __DIR__)
 
   test "a million hostile events create no atom and are all accounted for" do
     worker =
       start_worker!(
-        args: ["--queue-size", "50000"],
+        args: ["--queue-size", "50000", "--commands", @hostile_commands],
         env: [{"SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS", "0"}]
       )
 
