@@ -298,8 +298,13 @@ class Worker:
         count = _int_arg(cmd, "count", 1)
         measurements = {"duration": 1}
         started = time.perf_counter()
-        for _ in range(count):
-            emit(event, measurements)
+        if cmd.get("seq"):
+            # Numbered events (a "seq" measurement, 0..count-1), to check order.
+            for i in range(count):
+                emit(event, {"duration": 1, "seq": i})
+        else:
+            for _ in range(count):
+                emit(event, measurements)
         return {"count": count, "seconds": time.perf_counter() - started}
 
     def cmd_paced(self, cmd: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,8 @@ defmodule Snakepit.Telemetry.Application do
         Snakepit.Telemetry.Registrations,
         # The process-group scope of Snakepit.Telemetry.Cluster.
         %{id: :pg, start: {:pg, :start_link, [Snakepit.Telemetry.Cluster.scope()]}},
+        # Each worker's delivery process (see Snakepit.Telemetry.Delivery).
+        {DynamicSupervisor, name: Snakepit.Telemetry.DeliverySupervisor, strategy: :one_for_one},
         Snakepit.Telemetry.GrpcStream,
         Snakepit.Telemetry.Cluster
       ]

@@ -133,7 +133,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
   require Logger
 
-  alias Snakepit.Telemetry.{Cluster, Config, Control, Events, Native, Registrations}
+  alias Snakepit.Telemetry.{Cluster, Config, Control, Delivery, Native, Registrations}
 
   @type worker_id :: String.t()
   @type target :: worker_id() | {:pool, term()} | :all
@@ -158,6 +158,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
           protocol: protocol() | nil,
           control: map(),
           reconnects: non_neg_integer(),
+          delivery: pid(),
           stats: %{atom() => non_neg_integer()},
           python: %{atom() => non_neg_integer()}
         }
@@ -170,9 +171,6 @@ defmodule Snakepit.Telemetry.GrpcStream do
   @type change ::
           {:toggle, boolean()} | {:sampling, number(), [String.t()]} | {:filter, keyword()}
 
-  @python_stats [:snakepit, :telemetry, :python, :stats]
-  # Python stats measurements that are levels, not cumulative counters.
-  @python_gauges [:queue_len]
   # How long a control call to a worker's GrpcStream (maybe on another node)
   # may take.
   @control_timeout_ms 5_000
@@ -307,15 +305,22 @@ defmodule Snakepit.Telemetry.GrpcStream do
     try do
       GenServer.call(destination, {:control, worker_id, change}, @control_timeout_ms)
     catch
-      :exit, {:timeout, _} when is_pid(destination) ->
-        {:error, {:timeout, node(destination)}}
+      # A timeout is a timeout, on this node or another: never "unreachable".
+      :exit, {:timeout, _} ->
+        {:error, {:timeout, destination_node(destination)}}
 
-      :exit, _reason when is_pid(destination) ->
+      :exit, _reason when is_pid(destination) and node(destination) != node() ->
         {:error, {:node_unreachable, node(destination)}}
+
+      :exit, {:noproc, _} ->
+        {:error, :not_running}
     end
   end
 
   defp control(target, change, server), do: GenServer.call(server, {:control, target, change})
+
+  defp destination_node(pid) when is_pid(pid), do: node(pid)
+  defp destination_node(_name), do: node()
 
   ## Server
 
@@ -337,7 +342,12 @@ defmodule Snakepit.Telemetry.GrpcStream do
       Enum.reduce(Registrations.all(), state, fn {worker_id, registration}, acc ->
         Logger.info("telemetry: reopening the stream of registered worker #{worker_id}")
         stream_opts = stream_config(registration.ctx.pool_name)
-        worker = new_worker(registration.ctx, stream_opts, registration.control, true)
+
+        worker =
+          registration.ctx
+          |> new_worker(stream_opts, registration.control, true, registration.key)
+          |> start_delivery()
+
         :pg.join(Cluster.scope(), {:worker, worker_id}, self())
         connect(acc, worker, worker.stream_opts[:connect_timeout_ms])
       end)
@@ -352,10 +362,11 @@ defmodule Snakepit.Telemetry.GrpcStream do
     else
       with {:ok, stream_opts} <- Config.fetch(:stream, ctx.pool_name),
            {:ok, control} <- Config.fetch_control(ctx.pool_name),
-           worker = new_worker(ctx, stream_opts, control, false),
+           worker = new_worker(ctx, stream_opts, control, false, make_ref()),
            timeout = ctx[:connect_timeout_ms] || stream_opts[:connect_timeout_ms],
-           {:ok, worker} <- open(worker, timeout, state) do
-        Registrations.put(ctx.worker_id, %{ctx: ctx, control: worker.control})
+           worker = start_delivery(worker),
+           {:ok, worker} <- open_or_stop(worker, timeout, state) do
+        Registrations.put(ctx.worker_id, registration(worker))
         :pg.join(Cluster.scope(), {:worker, ctx.worker_id}, self())
         {:reply, :ok, put_worker(state, worker)}
       else
@@ -381,6 +392,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
         :pg.leave(Cluster.scope(), {:worker, worker_id}, self())
         if worker.handle, do: Native.stream_close(worker.handle)
         if worker.timer, do: Process.cancel_timer(worker.timer)
+        stop_delivery(worker)
 
         {:reply, :ok,
          %{state | workers: workers, streams: Map.delete(state.streams, worker.stream_id)}}
@@ -409,21 +421,6 @@ defmodule Snakepit.Telemetry.GrpcStream do
   end
 
   @impl GenServer
-  def handle_info({:snakepit_telemetry_events, stream_id, events}, state) do
-    case current(state, stream_id) do
-      {:ok, worker} ->
-        count = length(events)
-        emit(worker, [:stream, :message], %{events: count}, %{})
-        worker = Enum.reduce(events, worker, &execute/2)
-        # Handled: the NIF may send this many more (see "Backpressure").
-        if worker.handle, do: Native.stream_ack(worker.handle, count)
-        {:noreply, put_in(state.workers[worker.worker_id], worker)}
-
-      :error ->
-        {:noreply, state}
-    end
-  end
-
   def handle_info({:snakepit_telemetry, stream_id, status}, state) do
     case current(state, stream_id) do
       {:ok, worker} -> {:noreply, stream_status(state, worker, status)}
@@ -435,6 +432,13 @@ defmodule Snakepit.Telemetry.GrpcStream do
     workers = Map.new(state.workers, fn {id, worker} -> {id, report_drops(worker)} end)
     Process.send_after(self(), :health, state.health_ms)
     {:noreply, %{state | workers: workers}}
+  end
+
+  def handle_info({:DOWN, ref, :process, _pid, reason}, state) do
+    case Enum.find(Map.values(state.workers), &(&1.delivery_ref == ref)) do
+      nil -> {:noreply, state}
+      worker -> {:noreply, delivery_down(state, worker, reason)}
+    end
   end
 
   def handle_info({:reconnect, worker_id}, state) do
@@ -455,8 +459,11 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
   ## Streams
 
-  defp new_worker(ctx, stream_opts, control, reopened?) do
+  defp new_worker(ctx, stream_opts, control, reopened?, key) do
     %{
+      key: key,
+      delivery: nil,
+      delivery_ref: nil,
       worker_id: ctx.worker_id,
       pool_name: ctx.pool_name,
       address: ctx.address,
@@ -476,11 +483,56 @@ defmodule Snakepit.Telemetry.GrpcStream do
       lost_log: %{at: nil, suppressed: 0},
       reconnects: 0,
       totals: %{},
-      python: %{},
-      python_instance: nil,
-      python_base: %{},
       reported: %{}
     }
+  end
+
+  defp registration(worker), do: %{ctx: ctx(worker), control: worker.control, key: worker.key}
+
+  ## Delivery processes
+
+  # Every worker's events (and lifecycle events) are executed by a delivery
+  # process of its own (Snakepit.Telemetry.Delivery), never here.
+  defp start_delivery(worker) do
+    case Delivery.start(worker.key, worker.metadata, self()) do
+      {:ok, pid} ->
+        %{worker | delivery: pid, delivery_ref: Process.monitor(pid)}
+
+      {:error, reason} ->
+        # Only if the delivery supervisor is gone, which restarts this
+        # process too (rest_for_one).
+        exit({:delivery_not_started, reason})
+    end
+  end
+
+  defp stop_delivery(worker) do
+    Process.demonitor(worker.delivery_ref, [:flush])
+    # After what is already in its mailbox: those events are executed.
+    send(worker.delivery, :stop)
+  end
+
+  # A delivery process died (a bug, or killed): a new one takes over the
+  # worker's stream. The events the dead one held unacknowledged are counted
+  # (dropped_receiver_down) by the redirect; other workers never notice.
+  defp delivery_down(state, worker, reason) do
+    worker = start_delivery(worker)
+
+    lost =
+      if worker.handle do
+        lost = Native.stream_redirect(worker.handle, worker.delivery)
+        send(worker.delivery, {:stream, worker.stream_id, worker.handle})
+        lost
+      else
+        0
+      end
+
+    Logger.error(
+      "telemetry: the delivery process of worker #{worker.worker_id} exited " <>
+        "(#{inspect(reason)}); #{lost} events it held were lost (dropped_receiver_down); " <>
+        "a new one took over"
+    )
+
+    put_in(state.workers[worker.worker_id], worker)
   end
 
   # A pool's stream settings; on an invalid configuration (changed since the
@@ -525,10 +577,23 @@ defmodule Snakepit.Telemetry.GrpcStream do
       worker.stream_opts
       |> Keyword.take(@native_options)
       |> Map.new()
-      |> Map.merge(%{connect_timeout_ms: connect_timeout_ms, native_per_sec: state.native_per_sec})
+      |> Map.merge(%{
+        connect_timeout_ms: connect_timeout_ms,
+        native_per_sec: state.native_per_sec,
+        receiver: worker.delivery
+      })
 
     with {:ok, handle} <- Native.stream_open(self(), stream_id, worker.address, options) do
+      send(worker.delivery, {:stream, stream_id, handle})
       {:ok, %{worker | stream_id: stream_id, handle: handle, status: :connecting}}
+    end
+  end
+
+  # A registration that fails at its open has no use for its delivery process.
+  defp open_or_stop(worker, connect_timeout_ms, state) do
+    with {:error, _} = error <- open(worker, connect_timeout_ms, state) do
+      stop_delivery(worker)
+      error
     end
   end
 
@@ -656,56 +721,18 @@ defmodule Snakepit.Telemetry.GrpcStream do
     %{worker | totals: totals, handle: nil}
   end
 
-  defp execute({@python_stats, measurements, metadata}, worker) do
-    :telemetry.execute(@python_stats, measurements, Map.merge(metadata, worker.metadata))
-    python_report(worker, measurements, Map.get(metadata, :instance_id))
-  end
-
-  defp execute({event, measurements, metadata}, worker) do
-    :telemetry.execute(
-      event,
-      Events.from_python(event, measurements),
-      Map.merge(metadata, worker.metadata)
-    )
-
-    worker
-  end
-
+  # Executed by the worker's delivery process, like its events.
   defp emit(worker, suffix, measurements, metadata) do
-    :telemetry.execute(
-      [:snakepit, :grpc | suffix],
-      measurements,
-      Map.merge(metadata, worker.metadata)
-    )
+    execute(worker, [:snakepit, :grpc | suffix], measurements, metadata)
   end
 
-  # Python's counters start at 0 in each process (and each TelemetryStream).
-  # A report from another instance, or a counter that went down, means a new
-  # one: the previous instance's last counters are kept in `python_base`, so
-  # the worker's figures (and the drops reported from them) stay cumulative
-  # and nothing is counted twice or lost.
-  defp python_report(worker, measurements, instance) do
-    restarted? =
-      worker.python_instance != instance or
-        Enum.any?(python_counters(worker.python), fn {key, old} ->
-          Map.get(measurements, key, 0) < old
-        end)
-
-    base =
-      if restarted?,
-        do: add_counters(worker.python_base, python_counters(worker.python)),
-        else: worker.python_base
-
-    %{worker | python: measurements, python_instance: instance, python_base: base}
+  defp execute(worker, event, measurements, metadata) do
+    send(worker.delivery, {:emit, event, measurements, Map.merge(metadata, worker.metadata)})
   end
-
-  defp python_counters(python), do: Map.drop(python, @python_gauges)
-
-  defp add_counters(a, b), do: Map.merge(a, b, fn _k, x, y -> x + y end)
 
   # The worker's Python counters over all its Python instances, and the
-  # latest levels.
-  defp python_totals(worker), do: add_counters(worker.python, worker.python_base)
+  # latest levels (kept by its delivery process).
+  defp python_totals(worker), do: Delivery.python_totals(worker.key)
 
   # Emits one `@dropped` event per counter that grew since the last report.
   defp report_drops(worker) do
@@ -723,11 +750,10 @@ defmodule Snakepit.Telemetry.GrpcStream do
       delta = now - Map.get(worker.reported, key, 0)
 
       if delta > 0 do
-        :telemetry.execute(
-          @dropped,
-          drop_measurements(reason, delta, native),
-          Map.merge(%{reason: reason, hop: hop}, worker.metadata)
-        )
+        execute(worker, @dropped, drop_measurements(reason, delta, native), %{
+          reason: reason,
+          hop: hop
+        })
       end
     end)
 
@@ -794,7 +820,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
     case change(worker.control, change) do
       {:ok, control} ->
-        Registrations.put(worker_id, %{ctx: ctx(worker), control: control})
+        Registrations.put(worker_id, registration(%{worker | control: control}))
 
         sent =
           if worker.status == :open,
@@ -841,6 +867,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
       protocol: worker.protocol,
       control: Control.to_map(worker.control),
       reconnects: worker.reconnects,
+      delivery: worker.delivery,
       stats: add_stats(worker.totals, current),
       python: python_totals(worker)
     }

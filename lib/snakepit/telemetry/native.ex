@@ -54,7 +54,26 @@ defmodule Snakepit.Telemetry.Native do
     end
   end
 
-  def stream_open(_owner, _stream_id, _address, _options), do: not_loaded()
+  @doc """
+  Opens a stream. Its statuses go to `owner`; its events go to
+  `options.receiver` (a local pid; `owner` when absent), which acknowledges
+  them with `stream_ack/2`.
+  """
+  def stream_open(owner, stream_id, address, options) do
+    receiver = if is_map(options), do: Map.get(options, :receiver, owner), else: owner
+    stream_open_nif(owner, receiver, stream_id, address, options)
+  end
+
+  def stream_open_nif(_owner, _receiver, _stream_id, _address, _options), do: not_loaded()
+
+  @doc """
+  Points the stream's events at `receiver`, after its previous receiver
+  died. Returns how many events that receiver held unacknowledged: they are
+  counted as `dropped_receiver_down` (and no longer as `delivered`) and
+  their credit is released.
+  """
+  @spec stream_redirect(reference(), pid()) :: non_neg_integer()
+  def stream_redirect(_handle, _receiver), do: not_loaded()
   def stream_toggle(_handle, _enabled), do: not_loaded()
   def stream_sampling(_handle, _rate, _patterns), do: not_loaded()
   def stream_filter(_handle, _allow, _deny), do: not_loaded()

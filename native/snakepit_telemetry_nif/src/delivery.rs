@@ -11,11 +11,17 @@
 //! merged into one message, so a busy BEAM receives fewer, larger messages.
 //!
 //! Every batch carries its stream's [`Credit`]: events that do not reach the
-//! owner (queue full, encoding failed, owner gone) have their credit released
-//! here, since the owner will never acknowledge them.
+//! receiver (queue full, encoding failed, receiver gone) have their credit
+//! released here, since nobody will ever acknowledge them.
+//!
+//! Events go to the stream's [`Route`]: the process that executes them (the
+//! worker's delivery process in Elixir), which its owner may replace when it
+//! dies ([`Route::redirect`]). The route counts what its receiver holds
+//! unacknowledged, so the events a dead receiver took with it are counted
+//! too, never lost silently.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::Instant;
 
@@ -38,6 +44,83 @@ const MAX_MESSAGE_EVENTS: usize = 4_096;
 
 static QUEUED_EVENTS: AtomicUsize = AtomicUsize::new(0);
 
+/// Where a stream's events go, and how many its receiver holds
+/// unacknowledged.
+pub struct Route {
+    state: Mutex<RouteState>,
+}
+
+struct RouteState {
+    pid: LocalPid,
+    /// Bumped by every redirect: a send to an older receiver finished after
+    /// the redirect went to a process that is gone.
+    generation: u64,
+    /// Events sent to the current receiver and not yet acknowledged.
+    unacked: usize,
+}
+
+impl Route {
+    pub fn new(pid: LocalPid) -> Self {
+        Route {
+            state: Mutex::new(RouteState {
+                pid,
+                generation: 0,
+                unacked: 0,
+            }),
+        }
+    }
+
+    // Every critical section is a few loads and stores (nothing is encoded
+    // or sent under the lock), so `stream_ack` never waits long on a
+    // scheduler. A panic cannot happen inside one; recover anyway.
+    fn lock(&self) -> MutexGuard<'_, RouteState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn current(&self) -> (LocalPid, u64) {
+        let state = self.lock();
+        (state.pid, state.generation)
+    }
+
+    /// Records `n` events sent to the receiver of `generation` as delivered.
+    /// `false` when the route was redirected meanwhile: that receiver is
+    /// gone, and the events with it. (Under the lock, so a redirect sees
+    /// `delivered` and `unacked` agree.)
+    fn sent(&self, generation: u64, n: usize, stats: &StreamStats) -> bool {
+        let mut state = self.lock();
+        if state.generation != generation {
+            return false;
+        }
+        state.unacked += n;
+        StreamStats::add(&stats.delivered, n as u64);
+        true
+    }
+
+    /// The receiver has handled `n` events (never below zero).
+    pub fn ack(&self, n: usize) {
+        let mut state = self.lock();
+        state.unacked = state.unacked.saturating_sub(n);
+    }
+
+    /// Sends the stream's next events to `pid`, and returns how many events
+    /// the previous receiver held unacknowledged. Called once it died: those
+    /// events move from `delivered` to `dropped_receiver_down`.
+    pub fn redirect(&self, pid: LocalPid, stats: &StreamStats) -> usize {
+        let mut state = self.lock();
+        state.pid = pid;
+        state.generation += 1;
+        let lost = std::mem::take(&mut state.unacked);
+        let lost64 = lost as u64;
+        let _ = stats
+            .delivered
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
+                Some(d.saturating_sub(lost64))
+            });
+        StreamStats::add(&stats.dropped_receiver_down, lost64);
+        lost
+    }
+}
+
 pub enum Item {
     Status {
         pid: LocalPid,
@@ -45,7 +128,7 @@ pub enum Item {
         status: Status,
     },
     Events {
-        pid: LocalPid,
+        route: Arc<Route>,
         stream_id: u64,
         batch: Vec<Decoded>,
         stats: Arc<StreamStats>,
@@ -75,7 +158,7 @@ pub fn status(pid: LocalPid, stream_id: u64, status: Status) {
 /// Queues a batch, or drops and counts it (and releases its credit) when
 /// the queue is full.
 pub fn events(
-    pid: LocalPid,
+    route: &Arc<Route>,
     stream_id: u64,
     batch: Vec<Decoded>,
     stats: &Arc<StreamStats>,
@@ -89,7 +172,7 @@ pub fn events(
         return;
     }
     let item = Item::Events {
-        pid,
+        route: route.clone(),
         stream_id,
         batch,
         stats: stats.clone(),
@@ -166,13 +249,14 @@ fn deliver(env: &mut OwnedEnv, item: Item) {
             });
         }
         Item::Events {
-            pid,
+            route,
             stream_id,
             batch,
             stats,
             credit,
         } => {
             QUEUED_EVENTS.fetch_sub(batch.len(), Ordering::AcqRel);
+            let (pid, generation) = route.current();
             let total = batch.len() as u64;
             let mut failed = 0u64;
             let started = Instant::now();
@@ -186,10 +270,15 @@ fn deliver(env: &mut OwnedEnv, item: Item) {
             StreamStats::add(&stats.dropped_encode, failed);
             // Only what reached the owner stays pending until its ack.
             let lost = match sent {
-                Ok(()) => {
-                    StreamStats::add(&stats.delivered, total - failed);
+                Ok(()) if route.sent(generation, (total - failed) as usize, &stats) => {
                     StreamStats::add(&stats.batches, 1);
                     failed
+                }
+                // Received by a process that has been replaced since: it
+                // died with them.
+                Ok(()) => {
+                    StreamStats::add(&stats.dropped_receiver_down, total - failed);
+                    total
                 }
                 Err(_) => {
                     StreamStats::add(&stats.dropped_receiver_down, total - failed);

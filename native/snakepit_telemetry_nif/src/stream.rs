@@ -5,10 +5,14 @@
 //! queue (a full queue is an error, not a wait), and the task reports back to
 //! the owner process with messages (see `Snakepit.Telemetry.GrpcStream`).
 //!
-//! The owner acknowledges the events it has handled with `stream_ack`; at
+//! Statuses go to the stream's owner; events go to its receiver (the
+//! worker's delivery process; the owner itself when it passes its own pid).
+//! The receiver acknowledges the events it has handled with `stream_ack`; at
 //! most `max_pending_events` unacknowledged events (plus one wire message)
 //! are ever on their way to it, so its mailbox stays bounded and a slow
-//! owner slows the worker down instead (see `snakepit_telemetry_core::credit`).
+//! receiver slows the worker down instead (see
+//! `snakepit_telemetry_core::credit`). When a receiver dies, the owner
+//! points the stream at a new one with `stream_redirect`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,7 +29,7 @@ use snakepit_telemetry_core::stream::{self, Address, Sink, Status, StreamConfig}
 use tokio::sync::{mpsc, oneshot};
 
 use crate::atoms;
-use crate::delivery;
+use crate::delivery::{self, Route};
 use crate::runtime::RUNTIME;
 
 /// Control messages a stream buffers while connecting or busy.
@@ -39,6 +43,7 @@ pub struct StreamHandle {
     stop: Mutex<Option<oneshot::Sender<()>>>,
     stats: Arc<StreamStats>,
     credit: Arc<Credit>,
+    route: Arc<Route>,
 }
 
 #[rustler::resource_impl]
@@ -89,7 +94,8 @@ impl OpenOptions {
 }
 
 struct NifSink {
-    pid: LocalPid,
+    owner: LocalPid,
+    route: Arc<Route>,
     stream_id: u64,
     stats: Arc<StreamStats>,
     credit: Arc<Credit>,
@@ -97,11 +103,17 @@ struct NifSink {
 
 impl Sink for NifSink {
     fn status(&mut self, status: Status) {
-        delivery::status(self.pid, self.stream_id, status);
+        delivery::status(self.owner, self.stream_id, status);
     }
 
     fn events(&mut self, batch: Vec<Decoded>) {
-        delivery::events(self.pid, self.stream_id, batch, &self.stats, &self.credit);
+        delivery::events(
+            &self.route,
+            self.stream_id,
+            batch,
+            &self.stats,
+            &self.credit,
+        );
     }
 }
 
@@ -109,9 +121,10 @@ impl Sink for NifSink {
 // passes (an address string has no size bound), so the call's cost is not
 // bounded by anything this NIF controls. Opening is rare; the dirty hop
 // costs microseconds.
-#[rustler::nif(schedule = "DirtyCpu")]
+#[rustler::nif(schedule = "DirtyCpu", name = "stream_open_nif")]
 fn stream_open(
     owner: LocalPid,
+    receiver: LocalPid,
     stream_id: u64,
     address: String,
     options: OpenOptions,
@@ -142,8 +155,10 @@ fn stream_open(
     let (stop, stop_rx) = oneshot::channel();
     let stats = Arc::new(StreamStats::default());
     let credit = Arc::new(Credit::new(options.max_pending_events));
+    let route = Arc::new(Route::new(receiver));
     let sink = NifSink {
-        pid: owner,
+        owner,
+        route: route.clone(),
         stream_id,
         stats: stats.clone(),
         credit: credit.clone(),
@@ -162,6 +177,7 @@ fn stream_open(
         stop: Mutex::new(Some(stop)),
         stats,
         credit,
+        route,
     }))
 }
 
@@ -233,8 +249,21 @@ fn stream_close(handle: ResourceArc<StreamHandle>) -> Atom {
 /// never goes below zero).
 #[rustler::nif]
 fn stream_ack(handle: ResourceArc<StreamHandle>, n: usize) -> Atom {
+    handle.route.ack(n);
     handle.credit.release(n);
     atoms::ok()
+}
+
+/// Sends the stream's next events to `receiver`, after its previous receiver
+/// died. The events that receiver held unacknowledged (in its mailbox, or
+/// being handled) are gone with it: they move from `delivered` to
+/// `dropped_receiver_down`, their credit is released, and their number is
+/// returned.
+#[rustler::nif]
+fn stream_redirect(handle: ResourceArc<StreamHandle>, receiver: LocalPid) -> usize {
+    let lost = handle.route.redirect(receiver, &handle.stats);
+    handle.credit.release(lost);
+    lost
 }
 
 #[rustler::nif]

@@ -1,6 +1,6 @@
 defmodule Snakepit.Telemetry.BackpressureTest do
-  # A producer ten times faster than the Elixir handlers: the GrpcStream
-  # mailbox stays bounded by max_pending_events, memory does not grow on
+  # A producer ten times faster than the Elixir handlers: the mailbox of the
+  # worker's delivery process stays bounded by max_pending_events, memory does not grow on
   # either side, the worker sheds the excess (counted), and every event is
   # accounted for.
   use Snakepit.Telemetry.Case, async: false
@@ -73,13 +73,13 @@ defmodule Snakepit.Telemetry.BackpressureTest do
     # for want of credit: slower than the producer by construction, whatever
     # the machine's speed.
     counter = SlowHandler.attach!(@stop, worker_id, @busy_us, hold: true)
-    grpc_stream = Process.whereis(GrpcStream)
+    delivery = stream(worker_id).delivery
     handle = native_handle(worker_id)
     os_pid = PythonWorker.os_pid(worker)
     started = System.monotonic_time(:millisecond)
 
     producer = Task.async(fn -> produce(worker, started + @produce_ms) end)
-    queue_watch = Task.async(fn -> max_queue_len(grpc_stream, producer.pid, 0) end)
+    queue_watch = Task.async(fn -> max_queue_len(delivery, producer.pid, 0) end)
 
     await(fn -> SlowHandler.holding?(counter) end, 20_000)
     await(fn -> Native.stream_stats(handle).credit_waits > 0 end, 20_000)
@@ -113,9 +113,9 @@ defmodule Snakepit.Telemetry.BackpressureTest do
     assert rss_growth < 16 * 1024 * 1024, "worker RSS grew by #{rss_growth} bytes"
 
     # max_pending_events events are a few messages, never a backlog (the
-    # rest of the bound: status messages and the health timer's ticks while
-    # the handler held GrpcStream).
-    assert max_queue <= 16, "GrpcStream mailbox reached #{max_queue} messages"
+    # rest of the bound: lifecycle and health events while the handler held
+    # the delivery process).
+    assert max_queue <= 16, "the delivery process's mailbox reached #{max_queue} messages"
 
     # Drain: Python's queue empties into gRPC, the NIF reads everything Python
     # sent, and the handler executes everything the NIF delivered.
@@ -280,8 +280,7 @@ defmodule Snakepit.Telemetry.BackpressureTest do
   end
 
   # The NIF handle of the worker's current stream, read from GrpcStream's
-  # state so the test can read its counters while a handler holds
-  # GrpcStream busy.
+  # state so the test can read its counters directly.
   defp native_handle(worker_id) do
     %{workers: %{^worker_id => %{handle: handle}}} = :sys.get_state(GrpcStream)
     handle

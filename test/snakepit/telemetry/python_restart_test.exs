@@ -108,12 +108,13 @@ defmodule Snakepit.Telemetry.PythonRestartTest do
     worker_id = register!(worker)
     forward_events([@dropped])
     %{stream_id: stream_id} = :sys.get_state(GrpcStream).workers[worker_id]
+    delivery = stream(worker_id).delivery
 
     # Reports as an older Python without instance ids would send them, from
     # a process restarted between the second and the first.
     for dropped <- [50, 10, 15] do
       report = %{emitted: dropped, dropped_queue_full: dropped, queue_len: 0}
-      send(GrpcStream, {:snakepit_telemetry_events, stream_id, [{@stats, report, %{}}]})
+      send(delivery, {:snakepit_telemetry_events, stream_id, [{@stats, report, %{}}]})
     end
 
     assert reported(worker_id, 65) == 65
