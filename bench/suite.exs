@@ -22,6 +22,16 @@ defmodule Bench do
   # :telemetry handlers (module functions, so :telemetry keeps them fast).
   def count(_event, _measurements, _metadata, counter), do: :counters.add(counter, 1, 1)
 
+  # A handler that takes `busy_us` of CPU per event (a slow exporter).
+  def busy(_event, _measurements, _metadata, {counter, busy_us}) do
+    spin(System.monotonic_time(:microsecond) + busy_us)
+    :counters.add(counter, 1, 1)
+  end
+
+  defp spin(until) do
+    if System.monotonic_time(:microsecond) < until, do: spin(until)
+  end
+
   def latency(_event, %{system_time: sent}, _metadata, pid) do
     now = System.os_time(:nanosecond)
     send(pid, {:latency, now - System.convert_time_unit(sent, :native, :nanosecond)})
@@ -79,12 +89,18 @@ defmodule Bench do
 
   @doc """
   Floods `n` events from each worker at once and waits until the handler saw
-  them all (or the flow stopped). Returns rate, CPU and drop figures.
+  them all (or the flow stopped); the handler takes `busy_us` of CPU per
+  event. Returns rate, CPU and drop figures.
   """
-  def flood(workers, n) do
+  def flood(workers, n, busy_us \\ 0) do
     counter = :counters.new(1, [:write_concurrency])
     handler = "bench-count-#{System.unique_integer([:positive])}"
-    :ok = :telemetry.attach(handler, @python_call_stop, &__MODULE__.count/4, counter)
+
+    :ok =
+      if busy_us > 0,
+        do: :telemetry.attach(handler, @python_call_stop, &__MODULE__.busy/4, {counter, busy_us}),
+        else: :telemetry.attach(handler, @python_call_stop, &__MODULE__.count/4, counter)
+
     cpu0 = Enum.map(workers, fn {_id, w} -> command!(w, %{cmd: "rusage"})["cpu_s"] end)
     total = n * length(workers)
     :erlang.system_flag(:scheduler_wall_time, true)
@@ -174,19 +190,18 @@ defmodule Bench do
     Enum.at(sorted, div(length(sorted), 2))
   end
 
-  @doc "GrpcStream cost per event: synthetic batches through the real process."
-  def beam_cost(stream_id, batches, batch_size) do
+  @doc "Delivery cost per event: synthetic batches through a worker's delivery process."
+  def beam_cost(pid, stream_id, batches, batch_size) do
     counter = :counters.new(1, [:write_concurrency])
     handler = "bench-beam"
     :ok = :telemetry.attach(handler, @python_call_stop, &__MODULE__.count/4, counter)
     event = {@python_call_stop, %{duration: 1_000}, %{command: "predict"}}
     events = List.duplicate(event, batch_size)
     total = batches * batch_size
-    pid = Process.whereis(GrpcStream)
     t0 = System.monotonic_time()
     for _ <- 1..batches, do: send(pid, {:snakepit_telemetry_events, stream_id, events})
     :ok = wait(fn -> :counters.get(counter, 1) >= total end)
-    genserver_ns = seconds_since(t0) * 1.0e9 / total
+    delivery_ns = seconds_since(t0) * 1.0e9 / total
 
     :counters.put(counter, 1, 0)
     metadata = %{command: "predict", node: node(), pool_name: :bench, worker_id: "beam"}
@@ -197,7 +212,7 @@ defmodule Bench do
 
     direct_ns = seconds_since(t1) * 1.0e9 / total
     :telemetry.detach(handler)
-    %{genserver_ns: genserver_ns, direct_ns: direct_ns}
+    %{delivery_ns: delivery_ns, direct_ns: direct_ns}
   end
 
   def python_json!(args) do
@@ -300,7 +315,7 @@ w = Bench.start_worker!("spans", [])
 
 IO.puts(:stderr, "bench: BEAM cost per event")
 stream_id = :sys.get_state(GrpcStream).workers["spans"].stream_id
-beam = Bench.beam_cost(stream_id, scale.(400, 40), 500)
+beam = Bench.beam_cost(Bench.stream("spans").delivery, stream_id, scale.(400, 40), 500)
 Bench.stop_worker("spans", w)
 
 IO.puts(:stderr, "bench: 8 workers")
@@ -313,6 +328,25 @@ workers =
 
 eight = Bench.flood(workers, n_each)
 Enum.each(workers, fn {id, w} -> Bench.stop_worker(id, w) end)
+
+# Each worker's events run in a delivery process of its own: with a handler
+# that is the bottleneck, N workers use N schedulers where 1 worker uses one.
+schedulers = :erlang.system_info(:schedulers_online)
+busy_us = 20
+n_par = scale.(40_000, 4_000)
+IO.puts(:stderr, "bench: #{schedulers} workers into one #{busy_us} us handler")
+w = Bench.start_worker!("par-1", queue.(n_par))
+par_one = Bench.flood([{"par-1", w}], n_par, busy_us)
+Bench.stop_worker("par-1", w)
+
+par_workers =
+  for i <- 1..schedulers do
+    id = "par-#{i}-of-#{schedulers}"
+    {id, Bench.start_worker!(id, queue.(n_par))}
+  end
+
+par_many = Bench.flood(par_workers, n_par, busy_us)
+Enum.each(par_workers, fn {id, w} -> Bench.stop_worker(id, w) end)
 
 deliver_ns =
   case native_stats do
@@ -363,14 +397,24 @@ rows = [
    "-"},
   {"6", "NIF term building + send per event (ns)",
    if(deliver_ns, do: Bench.fmt(deliver_ns), else: "n/a"), "-", "-", "-", "-", "-"},
-  {"6", "GrpcStream + `:telemetry.execute` per event (ns)", Bench.fmt(beam.genserver_ns),
+  {"6", "delivery process + `:telemetry.execute` per event (ns)", Bench.fmt(beam.delivery_ns),
    "`:telemetry.execute` alone", Bench.fmt(beam.direct_ns),
-   Bench.ratio(beam.genserver_ns, beam.direct_ns), "-", "-"},
+   Bench.ratio(beam.delivery_ns, beam.direct_ns), "-", "-"},
   {"7", "8 workers at once (events/s)", Bench.fmt(eight.rate), "1 worker (row 3)",
    Bench.fmt(batched.rate), Bench.ratio(eight.rate, batched.rate), "-", "-"},
   {"7", "BEAM scheduler utilisation, 8 workers", pct.(eight.scheduler_utilisation),
    "1 worker (row 3)", pct.(batched.scheduler_utilisation), "-", "-", "-"},
-  {"7", "drops, 8 workers", "#{eight.drops} of #{8 * n_each}", "-", "-", "-", "-", "-"}
+  {"7", "drops, 8 workers", "#{eight.drops} of #{8 * n_each}", "-", "-", "-", "-", "-"},
+  {"8",
+   "#{schedulers} workers -> one #{busy_us} us handler, #{schedulers} schedulers (+S #{schedulers}) (events/s)",
+   Bench.fmt(par_many.rate), "1 worker, same handler", Bench.fmt(par_one.rate),
+   Bench.ratio(par_many.rate, par_one.rate), if(schedulers > 1, do: ">= 1.5x", else: "-"),
+   if(schedulers > 1, do: yes.(par_many.rate >= 1.5 * par_one.rate), else: "-")},
+  {"8", "BEAM scheduler utilisation, #{schedulers} workers", pct.(par_many.scheduler_utilisation),
+   "1 worker", pct.(par_one.scheduler_utilisation),
+   Bench.ratio(par_many.scheduler_utilisation, par_one.scheduler_utilisation), "-", "-"},
+  {"8", "drops, #{schedulers} workers", "#{par_many.drops} of #{schedulers * n_par}", "1 worker",
+   "#{par_one.drops} of #{n_par}", "-", "0", yes.(par_many.drops == 0 and par_one.drops == 0)}
 ]
 
 cpu =
@@ -409,4 +453,8 @@ Latency: #{latency_count} samples per path. Row 5: medians of #{span_rounds} alt
 #{span_calls} calls with and without spans; "per call" rows pace the calls with sleeps (1 ms apart),
 so the process CPU is the telemetry's own, and set it against 1 ms of work. The busy A/B row spins
 instead; machine noise there is a few percent.
+Row 8: one handler that spins #{busy_us} us per event (the bottleneck), #{n_par} events per worker;
+each worker's events run in its own delivery process, so #{schedulers} workers can use all
+#{schedulers} schedulers (this VM: +S #{schedulers}; set ELIXIR_ERL_OPTIONS="+S n" to choose) while 1
+worker uses one. The Python workers share the same #{:erlang.system_info(:logical_processors)} CPUs.
 """)
