@@ -10,19 +10,47 @@ defmodule Snakepit.Telemetry.GrpcStream do
   batches. Each event is executed with `:telemetry.execute/3`; its metadata
   always holds `:node`, `:pool_name` and `:worker_id`, and `:correlation_id`
   when the event had one.
-  Handlers run in this process; a handler that raises is detached by
-  `:telemetry` (and reported as `[:telemetry, :handler, :failure]`), it never
-  takes this process down.
+
+  ## Delivery: which process runs the handlers
+
+  Each registered worker has a **delivery process** of its own
+  (`:delivery` in `list_streams/0`, supervised by
+  `Snakepit.Telemetry.DeliverySupervisor`). The NIF sends the worker's
+  events there, and that process executes them, in the order the worker
+  emitted them, together with the worker's lifecycle and drop events
+  (`[:snakepit, :grpc, ...]`, `[:snakepit, :telemetry, :events, :dropped]`).
+  So:
+
+    * handlers of different workers run in different processes, on
+      different schedulers: N workers are not funnelled through one process;
+    * a slow handler slows only the workers whose events it handles, through
+      their own credit (see "Backpressure");
+    * this process runs no handler at all: `register_worker/1`,
+      `unregister_worker/1`, `list_streams/0` and the control calls answer
+      at once, however busy the handlers are.
+
+  A handler that raises is detached by `:telemetry` (and reported as
+  `[:telemetry, :handler, :failure]`); it never takes a delivery process
+  down. If a delivery process dies anyway (killed, or a bug), this process
+  starts another at once and points the worker's stream at it: the events
+  the dead one had received and not handled are counted as
+  `dropped_receiver_down` (and reported like every drop; events of the batch
+  it was executing may have reached some handlers before it died), the new
+  process gets everything after, and no other worker notices.
+  `unregister_worker/1` lets the worker's delivery process execute what it
+  already holds, then stops it.
 
   ## Backpressure
 
-  Each batch is acknowledged to the NIF (`Native.stream_ack/2`) once its
-  events have been executed. At most `max_pending_events` (see
-  `Snakepit.Telemetry.Config`) unacknowledged events per stream, plus one
-  wire message, are ever on their way here, so this process's mailbox stays
-  bounded. When handlers are slower than the worker, the NIF stops reading
-  the call, HTTP/2 flow control stops the worker's sender, and the worker's
-  bounded queue drops (and counts, `dropped_queue_full`) what does not fit.
+  Each batch is acknowledged to the NIF (`Native.stream_ack/2`) by the
+  delivery process once its events have been executed. At most
+  `max_pending_events` (see `Snakepit.Telemetry.Config`) unacknowledged
+  events per stream, plus one wire message, are ever on their way to it, so
+  its mailbox stays bounded. When a worker's handlers are slower than the
+  worker, the NIF stops reading that worker's call, HTTP/2 flow control
+  stops the worker's sender, and the worker's bounded queue drops (and
+  counts, `dropped_queue_full`) what does not fit. Other workers' streams
+  are not affected.
 
   ## Control
 
@@ -34,15 +62,16 @@ defmodule Snakepit.Telemetry.GrpcStream do
   control messages are on their way to Python (now, or as soon as the stream
   opens).
 
-  A worker id registered on another node of the cluster is controlled on
+  Control and status calls never wait behind events (handlers run in the
+  delivery processes). A worker id registered on another node of the cluster is controlled on
   that node (see `Snakepit.Telemetry.Cluster`). The change travels as data
   (`t:change/0`), never as a function, so nodes running different code can
   control each other; a change or request the server does not know is
   answered with `{:error, {:invalid_control, change}}` or
   `{:error, {:invalid_request, request}}`, never a crash. An unreachable
-  node gives `{:error, {:node_unreachable, node}}`; a node that does not
-  answer within 5 s `{:error, {:timeout, node}}` (the change may still be
-  applied there later).
+  node gives `{:error, {:node_unreachable, node}}`; a server that does not
+  answer within 5 s, on this node or another, `{:error, {:timeout, node}}`
+  (the change may still be applied later), never "unreachable".
 
   ## Lifecycle
 
@@ -83,9 +112,11 @@ defmodule Snakepit.Telemetry.GrpcStream do
     * **`unregister_worker/1`** closes the stream at once; nothing reconnects.
     * **If this process crashes**, the stream handles it held are garbage
       collected, which stops their native tasks and closes their connections
-      (no leak). Registrations and control states live in an ETS table owned
-      by `Snakepit.Telemetry.Registrations`, so the restarted process reopens
-      every registered worker's stream and re-applies its control state.
+      (no leak), and the delivery processes exit with it. Registrations,
+      control states and the workers' Python counters live in ETS tables
+      owned by `Snakepit.Telemetry.Registrations`, so the restarted process
+      starts new delivery processes, reopens every registered worker's
+      stream and re-applies its control state.
     * **Configuration**: `register_worker/2` reads the pool's settings and
       answers `{:error, {:invalid_config, message}}` when they are invalid
       (see `Snakepit.Telemetry.Config`). A restarting process never raises on
@@ -96,12 +127,13 @@ defmodule Snakepit.Telemetry.GrpcStream do
   `list_streams/0` reports per worker: `:status` (`:connecting`, `:open`,
   `:backing_off` or `{:failed, reason}`), `:protocol` (`:batches` or
   `:events`: the RPC of the current or latest open stream; `nil` before the
-  first open), `:control`, `:reconnects`, `:stats` (native counters summed
+  first open), `:control`, `:reconnects`, `:delivery` (the pid of the
+  worker's delivery process), `:stats` (native counters summed
   over every stream the worker had: `received`, `delivered`, each drop
   reason, `wire_messages`, `fallbacks` (connections that fell back to
   `StreamTelemetry`), `credit_waits` (times the NIF stopped reading for
   want of acknowledgements), `deliver_ns` (time spent building terms and
-  sending them here; over `delivered`, the native cost per event),
+  sending them to the delivery process; over `delivered`, the native cost per event),
   `malformed_messages` (batches that could not be parsed at all; a single
   event that does not decode counts in `dropped_malformed` and the rest of
   its batch is delivered), `oversized_messages` and `oversized_bytes_max`
@@ -124,10 +156,10 @@ defmodule Snakepit.Telemetry.GrpcStream do
       with reason `:stopped`, `:end_of_stream`, `:keepalive_timeout`,
       `{:error, text}` or `{:connect_failed, text}`.
     * `{:snakepit_telemetry_events, stream_id, [{event, measurements, metadata}]}`,
-      acknowledged with `Native.stream_ack(handle, length(events))` once
-      handled.
+      to the worker's delivery process, which acknowledges them with
+      `Native.stream_ack(handle, length(events))` once handled.
 
-  Messages for a stream that is no longer current are ignored.
+  Status messages for a stream that is no longer current are ignored.
   """
   use GenServer
 
