@@ -662,11 +662,8 @@ defmodule Snakepit.Telemetry.GrpcStream do
   end
 
   defp execute({event, measurements, metadata}, worker) do
-    :telemetry.execute(
-      event,
-      Events.from_python(event, measurements),
-      Map.merge(metadata, worker.metadata)
-    )
+    {measurements, metadata} = Events.from_python(event, measurements, metadata)
+    :telemetry.execute(event, measurements, Map.merge(metadata, worker.metadata))
 
     worker
   end
