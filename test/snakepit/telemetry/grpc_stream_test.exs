@@ -34,8 +34,8 @@ defmodule Snakepit.Telemetry.GrpcStreamTest do
              }
 
       assert metadata == %{
-               emit_time: emit_time,
                "model" => "bert",
+               emit_time: emit_time,
                node: node(),
                pool_name: :inference_pool,
                worker_id: worker_id,

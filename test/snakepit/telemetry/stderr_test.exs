@@ -29,9 +29,9 @@ defmodule Snakepit.Telemetry.StderrTest do
            }
 
     assert metadata == %{
-             emit_time: emit_time,
              # Not a catalog key, and no test registers it as a custom one.
              "deployment_region" => "eu",
+             emit_time: emit_time,
              command: "predict",
              correlation_id: "c-9",
              node: node(),
