@@ -210,9 +210,22 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
         """End the span successfully; for callers (the interceptor) that cannot use ``with``."""
         self._end(None, extra, ended)
 
-    def fail(self, error_type: str, error_message: str, ended: int | None = None) -> None:
-        """End the span as failed with the given error fields."""
-        self._end(backends.SpanFailure(error_type, error_message), None, ended)
+    def fail(
+        self,
+        error_type: str,
+        error_message: str,
+        ended: int | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        """End the span as failed with the given error fields.
+
+        ``traceback`` (e.g. a caught exception's ``__traceback__``) becomes the
+        exception event's stacktrace; without one it has none.
+        """
+        failure = backends.SpanFailure(error_type, error_message)
+        if traceback is not None:
+            failure = failure.with_traceback(traceback)
+        self._end(failure, None, ended)
 
     def _enter_fast(self, stream: TelemetryStream, names: _SpanNames) -> None:
         """The grpc backend's common case: queue ``<name>.start`` directly.
