@@ -98,13 +98,15 @@ defmodule Snakepit.Telemetry.SpanConventionsTest do
       end
 
       # The innermost frame first: the worker command that raised.
-      assert {:python, :frame, ["Worker.cmd_span"], location} = hd(stacktrace)
-      assert List.to_string(location[:file]) =~ "worker.py"
+      assert {:python, :frame, [function], location} = hd(stacktrace)
+      assert String.ends_with?(function, "cmd_span")
+      file = List.to_string(location[:file])
+      assert String.ends_with?(file, ".py")
       assert is_integer(location[:line]) and location[:line] > 0
 
       formatted = Exception.format(:error, md.reason, stacktrace)
       assert formatted =~ "RuntimeError: " <> message
-      assert formatted =~ "worker.py:#{location[:line]}"
+      assert formatted =~ "#{Path.basename(file)}:#{location[:line]}"
       assert is_binary(Exception.format_stacktrace(stacktrace))
     end
 
