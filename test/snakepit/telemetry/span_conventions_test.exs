@@ -22,124 +22,136 @@ defmodule Snakepit.Telemetry.SpanConventionsTest do
     {measurements, metadata}
   end
 
-  describe "with a real Python worker (gRPC)" do
-    setup do
-      worker = start_worker!()
-      worker_id = register!(worker, pool_name: :span_pool)
-      %{worker: worker, worker_id: worker_id}
-    end
+  # Both RPCs: StreamTelemetryBatches (bytes written by Python's own encoder)
+  # and StreamTelemetry (protobuf messages).
+  for wire <- ["batches", "single"] do
+    describe "with a real Python worker (#{wire} wire)" do
+      @describetag wire: wire
 
-    test "a span's start and stop share telemetry_span_context; every span has its own",
-         %{worker: worker} do
-      forward_events(span_events(@call))
-      prefix = "ctx-#{System.unique_integer([:positive])}"
-      command!(worker, %{cmd: "spans", name: "python.call", count: 5, correlation_prefix: prefix})
-
-      contexts =
-        for i <- 0..4 do
-          id = "#{prefix}-#{i}"
-          {start_m, start_md} = receive_event(@call ++ [:start], id)
-          {stop_m, stop_md} = receive_event(@call ++ [:stop], id)
-
-          context = start_md.telemetry_span_context
-          assert is_integer(context) and context > 0
-          assert stop_md.telemetry_span_context == context
-
-          # The measurements of :telemetry.span/3, in this VM's clocks.
-          assert %{system_time: system_time, monotonic_time: start_mono} = start_m
-          assert start_mono == system_time - :erlang.time_offset()
-          assert %{duration: duration, monotonic_time: stop_mono} = stop_m
-          assert is_integer(duration) and duration >= 0
-          assert stop_mono <= System.monotonic_time()
-
-          for md <- [start_md, stop_md] do
-            assert is_integer(md.emit_time) and md.emit_time <= System.system_time()
-          end
-
-          context
-        end
-
-      assert length(Enum.uniq(contexts)) == 5
-    end
-
-    test "an exception event has kind, reason and a Python stacktrace that Exception formats",
-         %{worker: worker} do
-      forward_events(span_events(@tool))
-      id = "exc-#{System.unique_integer([:positive])}"
-
-      command!(worker, %{
-        cmd: "span",
-        name: "tool.execution",
-        metadata: %{tool: "t"},
-        correlation_id: id,
-        fail: true
-      })
-
-      {_start_m, start_md} = receive_event(@tool ++ [:start], id)
-      {m, md} = receive_event(@tool ++ [:exception], id)
-
-      assert md.telemetry_span_context == start_md.telemetry_span_context
-      assert %{duration: d, monotonic_time: mono} = m
-      assert is_integer(d) and d >= 0 and mono <= System.monotonic_time()
-
-      message = "span failure requested by the worker command"
-      assert md.kind == :error
-      assert md.reason == %PythonError{type: "RuntimeError", message: message}
-      assert {md.error_type, md.error_message} == {"RuntimeError", message}
-      assert Exception.message(md.reason) == "RuntimeError: " <> message
-
-      stacktrace = md.stacktrace
-      assert stacktrace != [] and length(stacktrace) <= 32
-
-      for frame <- stacktrace do
-        assert {:python, :frame, [function], location} = frame
-        assert is_binary(function)
-        assert Keyword.keyword?(location)
+      setup %{wire: wire} do
+        worker = start_worker!(args: ["--wire", wire])
+        worker_id = register!(worker, pool_name: :span_pool)
+        %{worker: worker, worker_id: worker_id}
       end
 
-      # The innermost frame first: the worker command that raised.
-      assert {:python, :frame, [function], location} = hd(stacktrace)
-      assert String.ends_with?(function, "cmd_span")
-      file = List.to_string(location[:file])
-      assert String.ends_with?(file, ".py")
-      assert is_integer(location[:line]) and location[:line] > 0
+      test "a span's start and stop share telemetry_span_context; every span has its own",
+           %{worker: worker} do
+        forward_events(span_events(@call))
+        prefix = "ctx-#{System.unique_integer([:positive])}"
 
-      formatted = Exception.format(:error, md.reason, stacktrace)
-      assert formatted =~ "RuntimeError: " <> message
-      assert formatted =~ "#{Path.basename(file)}:#{location[:line]}"
-      assert is_binary(Exception.format_stacktrace(stacktrace))
-    end
+        command!(worker, %{
+          cmd: "spans",
+          name: "python.call",
+          count: 5,
+          correlation_prefix: prefix
+        })
 
-    test "Python's own standard and span keys are dropped, counted, never duplicated",
-         %{worker: worker, worker_id: worker_id} do
-      forward_events([@stop])
-      before = stream(worker_id).stats.reserved_keys_dropped
+        contexts =
+          for i <- 0..4 do
+            id = "#{prefix}-#{i}"
+            {start_m, start_md} = receive_event(@call ++ [:start], id)
+            {stop_m, stop_md} = receive_event(@call ++ [:stop], id)
 
-      spoofed =
-        ~w(node pool_name worker_id telemetry_span_context emit_time kind reason stacktrace)
+            context = start_md.telemetry_span_context
+            assert is_integer(context) and context > 0
+            assert stop_md.telemetry_span_context == context
 
-      command!(worker, %{
-        cmd: "emit",
-        event: "python.call.stop",
-        measurements: %{duration: 5, monotonic_time: 1},
-        metadata: Map.new(spoofed, &{&1, "spoofed"}) |> Map.put("command", "predict"),
-        correlation_id: "spoof-1"
-      })
+            # The measurements of :telemetry.span/3, in this VM's clocks.
+            assert %{system_time: system_time, monotonic_time: start_mono} = start_m
+            assert start_mono == system_time - :erlang.time_offset()
+            assert %{duration: duration, monotonic_time: stop_mono} = stop_m
+            assert is_integer(duration) and duration >= 0
+            assert stop_mono <= System.monotonic_time()
 
-      {m, md} = receive_event(@stop, "spoof-1")
-      assert md.worker_id == worker_id
-      assert md.pool_name == :span_pool
-      assert md.node == node()
-      assert is_integer(md.emit_time)
-      assert md.command == "predict"
-      assert m.monotonic_time == md.emit_time - :erlang.time_offset()
-      # A plain event: no span context, and no binary key at all.
-      refute Map.has_key?(md, :telemetry_span_context)
-      assert Enum.filter(Map.keys(md), &is_binary/1) == []
-      assert Enum.filter(Map.keys(m), &is_binary/1) == []
+            for md <- [start_md, stop_md] do
+              assert is_integer(md.emit_time) and md.emit_time <= System.system_time()
+            end
 
-      # 8 metadata keys and the monotonic_time measurement.
-      await(fn -> stream(worker_id).stats.reserved_keys_dropped == before + 9 end)
+            context
+          end
+
+        assert length(Enum.uniq(contexts)) == 5
+      end
+
+      test "an exception event has kind, reason and a Python stacktrace that Exception formats",
+           %{worker: worker} do
+        forward_events(span_events(@tool))
+        id = "exc-#{System.unique_integer([:positive])}"
+
+        command!(worker, %{
+          cmd: "span",
+          name: "tool.execution",
+          metadata: %{tool: "t"},
+          correlation_id: id,
+          fail: true
+        })
+
+        {_start_m, start_md} = receive_event(@tool ++ [:start], id)
+        {m, md} = receive_event(@tool ++ [:exception], id)
+
+        assert md.telemetry_span_context == start_md.telemetry_span_context
+        assert %{duration: d, monotonic_time: mono} = m
+        assert is_integer(d) and d >= 0 and mono <= System.monotonic_time()
+
+        message = "span failure requested by the worker command"
+        assert md.kind == :error
+        assert md.reason == %PythonError{type: "RuntimeError", message: message}
+        assert {md.error_type, md.error_message} == {"RuntimeError", message}
+        assert Exception.message(md.reason) == "RuntimeError: " <> message
+
+        stacktrace = md.stacktrace
+        assert stacktrace != [] and length(stacktrace) <= 32
+
+        for frame <- stacktrace do
+          assert {:python, :frame, [function], location} = frame
+          assert is_binary(function)
+          assert Keyword.keyword?(location)
+        end
+
+        # The innermost frame first: the worker command that raised.
+        assert {:python, :frame, [function], location} = hd(stacktrace)
+        assert String.ends_with?(function, "cmd_span")
+        file = List.to_string(location[:file])
+        assert String.ends_with?(file, ".py")
+        assert is_integer(location[:line]) and location[:line] > 0
+
+        formatted = Exception.format(:error, md.reason, stacktrace)
+        assert formatted =~ "RuntimeError: " <> message
+        assert formatted =~ "#{Path.basename(file)}:#{location[:line]}"
+        assert is_binary(Exception.format_stacktrace(stacktrace))
+      end
+
+      test "Python's own standard and span keys are dropped, counted, never duplicated",
+           %{worker: worker, worker_id: worker_id} do
+        forward_events([@stop])
+        before = stream(worker_id).stats.reserved_keys_dropped
+
+        spoofed =
+          ~w(node pool_name worker_id telemetry_span_context emit_time kind reason stacktrace)
+
+        command!(worker, %{
+          cmd: "emit",
+          event: "python.call.stop",
+          measurements: %{duration: 5, monotonic_time: 1},
+          metadata: Map.new(spoofed, &{&1, "spoofed"}) |> Map.put("command", "predict"),
+          correlation_id: "spoof-1"
+        })
+
+        {m, md} = receive_event(@stop, "spoof-1")
+        assert md.worker_id == worker_id
+        assert md.pool_name == :span_pool
+        assert md.node == node()
+        assert is_integer(md.emit_time)
+        assert md.command == "predict"
+        assert m.monotonic_time == md.emit_time - :erlang.time_offset()
+        # A plain event: no span context, and no binary key at all.
+        refute Map.has_key?(md, :telemetry_span_context)
+        assert Enum.filter(Map.keys(md), &is_binary/1) == []
+        assert Enum.filter(Map.keys(m), &is_binary/1) == []
+
+        # 8 metadata keys and the monotonic_time measurement.
+        await(fn -> stream(worker_id).stats.reserved_keys_dropped == before + 9 end)
+      end
     end
   end
 
