@@ -155,6 +155,31 @@ defmodule Snakepit.Telemetry.SpanConventionsTest do
     end
   end
 
+  test "spans of two workers (two Python processes) never share a context" do
+    forward_events([@call ++ [:start]])
+
+    contexts =
+      for n <- 1..2 do
+        worker = start_worker!()
+        register!(worker)
+        prefix = "two-#{n}-#{System.unique_integer([:positive])}"
+
+        command!(worker, %{
+          cmd: "spans",
+          name: "python.call",
+          count: 3,
+          correlation_prefix: prefix
+        })
+
+        for i <- 0..2 do
+          {_, md} = receive_event(@call ++ [:start], "#{prefix}-#{i}")
+          md.telemetry_span_context
+        end
+      end
+
+    assert length(Enum.uniq(List.flatten(contexts))) == 6
+  end
+
   describe "stderr lines" do
     test "carry span ids and a traceback, bounded and formattable whatever Python sent" do
       forward_events(span_events(@call))
