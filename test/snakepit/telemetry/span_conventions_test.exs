@@ -240,6 +240,9 @@ defmodule Snakepit.Telemetry.SpanConventionsTest do
       assert formatted =~ "ValueError: bad"
       assert formatted =~ "☃_1.py:1"
       assert is_binary(Exception.format_stacktrace(md.stacktrace))
+      # Erlang's own formatter (what logger reports use) takes it too.
+      erlang = :erl_error.format_exception(:error, md.reason, md.stacktrace)
+      assert IO.chardata_to_string(erlang) =~ "python:frame"
     end
 
     test "an exception without a traceback, or an old worker's span, still works" do
