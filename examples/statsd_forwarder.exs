@@ -32,7 +32,7 @@ defmodule Examples.StatsdForwarder do
 
   def handle(event, measurements, metadata, config) do
     name = Enum.join([config.prefix | Enum.drop(event, 1)], ".")
-    tags = Enum.map_join([:pool_name, :worker_id, :reason], ",", &"#{&1}:#{metadata[&1]}")
+    tags = Enum.map_join([:pool_name, :worker_id, :reason], ",", &"#{&1}:#{tag(metadata[&1])}")
 
     line =
       case measurements do
@@ -45,4 +45,9 @@ defmodule Examples.StatsdForwarder do
 
     :gen_udp.send(config.socket, config.host, config.port, line)
   end
+
+  # A Python exception's reason is a %Snakepit.Telemetry.PythonError{}: tag
+  # it with the Python exception type.
+  defp tag(%Snakepit.Telemetry.PythonError{type: type}), do: type
+  defp tag(value), do: value
 end

@@ -27,6 +27,13 @@ defmodule Snakepit.Telemetry.ExamplesTest do
 
     assert line ==
              "snakepit.python.call.stop.duration:2.5|ms|#pool_name:guide,worker_id:#{worker_id},reason:"
+
+    # An exception's reason (a PythonError) becomes its Python type.
+    command!(worker, %{cmd: "span", name: "python.call", fail: true})
+    assert_receive {:udp, ^receiver, _, _, line}, 5_000
+
+    assert line =~
+             ~r/^snakepit\.python\.call\.exception\.duration:[0-9.]+\|ms\|#pool_name:guide,worker_id:#{worker_id},reason:RuntimeError$/
   end
 
   test "the Prometheus example renders a summary" do

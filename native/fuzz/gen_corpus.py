@@ -87,6 +87,18 @@ def event(parts, measurements=(), metadata=(), ts=0, corr="", extra=b""):
     return bytes(out) + extra
 
 
+def field_fixed64(num, n):
+    return varint(num << 3 | 1) + struct.pack("<Q", n & ((1 << 64) - 1))
+
+
+def span(span_id, frames=()):
+    """TelemetryEvent.span_id (6, fixed64) and stacktrace (7, TelemetryFrame {file, line, function})."""
+    out = field_fixed64(6, span_id) if span_id else b""
+    for file, line_no, function in frames:
+        out += field_len(7, field_len(1, file) + field_varint(2, line_no) + field_len(3, function))
+    return out
+
+
 def batch(events, base=0):
     out = bytearray()
     for e in events:
@@ -103,6 +115,17 @@ python_events = [e for e in catalog if e.get("python")]
 measurement_keys = sorted({k for e in catalog for k in e["measurements"]})
 metadata_keys = sorted({k for e in catalog for k in e["metadata"]} | {"correlation_id"})
 STANDARD_META = [("worker_id", "w-1"), ("pool_name", "default"), ("node", "py@host")]
+# decode.rs RESERVED_METADATA_KEYS: dropped from Python events and counted.
+RESERVED_META = [
+    "node",
+    "pool_name",
+    "worker_id",
+    "telemetry_span_context",
+    "emit_time",
+    "kind",
+    "reason",
+    "stacktrace",
+]
 
 
 def sample(unit):
@@ -181,6 +204,19 @@ def event_seeds():
         + field_double(6, 1.0)
         + varint(7 << 3 | 5)
         + b"\x00\x00\x80\x7f",
+    )
+    exc = ["python", "call", "exception"]
+    frames = [("app/tools.py", 42, "Tool.run"), ("", 0, ""), (long_text, 1, emoji)]
+    seeds["span_start"] = event(["python", "call", "start"], extra=span(I64_MAX))
+    seeds["span_exception"] = event(
+        exc, [("duration", 5)], [("error_type", "ValueError")], extra=span(2**64 - 1, frames)
+    )
+    seeds["span_many_frames"] = event(exc, extra=span(7, frames * 12))
+    seeds["frames_on_stop"] = event(stop, extra=span(0, frames))
+    seeds["reserved_keys"] = event(
+        stop,
+        [("monotonic_time", 1), ("duration", 2)],
+        [(k, "spoofed") for k in RESERVED_META] + [("command", "predict")],
     )
     seeds["wrong_wire_type"] = varint(1 << 3 | 0) + varint(5) + event(stop)
     seeds["truncated"] = event(stop, [("duration", 1500)], [("command", "predict")])[:-3]
@@ -293,6 +329,23 @@ def json_seeds():
                 PREFIX + '{"event_parts":["a"],"metadata":{"x":' + "[" * 200 + "]" * 200 + "}}"
             ).encode(),
             "trailing_garbage": line({"event_parts": stop}) + b" {}",
+            "span": line(
+                {
+                    "event_parts": ["python", "call", "exception"],
+                    "span_id": 2**64 - 1,
+                    "stacktrace": [
+                        {"file": "a.py", "line": 3, "function": "f"},
+                        {"line": -1},
+                        7,
+                        {"file": long_text, "function": emoji},
+                    ],
+                    "metadata": {k: "spoofed" for k in RESERVED_META},
+                }
+            ),
+            "span_id_kinds": (
+                PREFIX + '{"event_parts":["python","call","stop"],"span_id":"12",'
+                '"stacktrace":{"file":"a.py"}}'
+            ).encode(),
         }
     )
     return seeds
@@ -310,6 +363,7 @@ def dict_entry(raw):
 
 def names():
     words = set(measurement_keys) | set(metadata_keys) | {CUSTOM_EVENT, CUSTOM_KEY}
+    words |= set(RESERVED_META)
     for e in python_events:
         words.add(e["python"])
         words.update(e["python"].split("."))
@@ -318,7 +372,7 @@ def names():
 
 def proto_dict():
     entries = [field_len(1, w) for w in names()]  # as a length-prefixed string field
-    tags = [bytes([t]) for t in (0x0A, 0x12, 0x1A, 0x20, 0x2A, 0x08, 0x10, 0x11)]
+    tags = [bytes([t]) for t in (0x0A, 0x12, 0x1A, 0x20, 0x2A, 0x31, 0x3A, 0x08, 0x10, 0x11)]
     specials = [
         struct.pack("<d", float("nan")),
         struct.pack("<d", float("inf")),
@@ -332,6 +386,7 @@ def proto_dict():
 
 def json_dict():
     keys = ["event_parts", "measurements", "metadata", "timestamp_ns", "correlation_id"]
+    keys += ["span_id", "stacktrace", "file", "line", "function"]
     entries = [f'"{k}":'.encode() for k in keys] + [f'"{w}"'.encode() for w in names()]
     entries += [PREFIX.encode(), b"NaN", b"Infinity", b"1e308"]
     entries += [b"-9223372036854775808", b"18446744073709551615"]

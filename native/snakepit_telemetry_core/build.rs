@@ -30,8 +30,9 @@ struct Event {
 }
 
 /// Metadata keys that arrive as atoms besides those the events list: the
-/// standard keys Python may send.
-const EXTRA_METADATA_KEYS: &[&str] = &["correlation_id"];
+/// standard keys of Python events that the NIF sets (`correlation_id` from
+/// its field, `emit_time` from the timestamp).
+const EXTRA_METADATA_KEYS: &[&str] = &["correlation_id", "emit_time"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);

@@ -128,11 +128,8 @@ defmodule Snakepit.Telemetry.Delivery do
   end
 
   defp execute({event, measurements, metadata}, state) do
-    :telemetry.execute(
-      event,
-      Events.from_python(event, measurements),
-      Map.merge(metadata, state.metadata)
-    )
+    {measurements, metadata} = Events.from_python(event, measurements, metadata)
+    :telemetry.execute(event, measurements, Map.merge(metadata, state.metadata))
   end
 
   # Python's counters start at 0 in each process (and each TelemetryStream).

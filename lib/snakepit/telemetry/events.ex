@@ -15,7 +15,7 @@ defmodule Snakepit.Telemetry.Events do
       end)
   """
 
-  alias Snakepit.Telemetry.{Correlation, Naming}
+  alias Snakepit.Telemetry.{Correlation, Naming, PythonError}
 
   @doc """
   Executes a catalog event that Elixir emits. Returns
@@ -61,18 +61,66 @@ defmodule Snakepit.Telemetry.Events do
     end)
   end
 
-  @doc false
-  # Python start events carry the wall clock; :telemetry users also expect
-  # `monotonic_time` in this VM's monotonic clock, so both Python paths
-  # (gRPC and stderr) derive it here.
-  @spec from_python([atom()], map()) :: map()
-  def from_python(event, %{system_time: t} = measurements) when is_integer(t) do
-    if List.last(event) == :start,
-      do: Map.put_new(measurements, :monotonic_time, t - :erlang.time_offset()),
-      else: measurements
+  @doc """
+  Completes the measurements and metadata of a Python event (decoded by the
+  NIF, from the gRPC stream or a stderr line) with what `:telemetry.span/3`
+  gives an Elixir span, so span-aware tools read Python spans alike. Returns
+  `{measurements, metadata}`:
+
+    * start events (`[..., :start]`): `monotonic_time` from `system_time`,
+      in this VM's monotonic clock (`system_time - :erlang.time_offset()`);
+    * stop and exception events: `monotonic_time` from the emit time
+      (`metadata.emit_time`, set by the NIF on every Python event);
+    * exception events: `kind: :error`, `reason:` a
+      `Snakepit.Telemetry.PythonError` from `error_type`/`error_message`
+      (which stay), and `stacktrace:` the Python traceback or `[]` (see
+      `Snakepit.Telemetry.PythonError` for its shape).
+
+  `telemetry_span_context` (the same on a span's start, stop and exception,
+  different for every span) and `emit_time` come from the NIF. Python cannot
+  set any of these keys: the NIF drops them from Python's metadata (and
+  `monotonic_time` from its measurements) and counts them in the stream's
+  `reserved_keys_dropped`.
+  """
+  @spec from_python([atom()], map(), map()) :: {map(), map()}
+  def from_python(event, measurements, metadata)
+      when is_list(event) and is_map(measurements) and is_map(metadata) do
+    case List.last(event) do
+      :start ->
+        {put_monotonic(measurements, Map.get(measurements, :system_time)), metadata}
+
+      :stop ->
+        {put_monotonic(measurements, Map.get(metadata, :emit_time)), metadata}
+
+      :exception ->
+        {put_monotonic(measurements, Map.get(metadata, :emit_time)), exception(metadata)}
+
+      _ ->
+        {measurements, metadata}
+    end
   end
 
-  def from_python(_event, measurements), do: measurements
+  # `system_time` is a wall-clock time in native units; this VM's monotonic
+  # time of that moment is `system_time - time_offset`.
+  defp put_monotonic(measurements, system_time) when is_integer(system_time),
+    do: Map.put_new(measurements, :monotonic_time, system_time - :erlang.time_offset())
+
+  defp put_monotonic(measurements, _system_time), do: measurements
+
+  defp exception(metadata) do
+    reason = %PythonError{
+      type: text(Map.get(metadata, :error_type)),
+      message: text(Map.get(metadata, :error_message))
+    }
+
+    metadata
+    |> Map.put(:kind, :error)
+    |> Map.put(:reason, reason)
+    |> Map.put_new(:stacktrace, [])
+  end
+
+  defp text(value) when is_binary(value), do: value
+  defp text(_value), do: ""
 
   defp check(event) do
     case Naming.lookup(event) do

@@ -106,6 +106,48 @@ defmodule Snakepit.Telemetry.Naming do
   end
 
   @doc """
+  The Python spans of the catalog as a Markdown table: for each span (a
+  Python prefix whose `start`, `stop` and `exception` events are all in the
+  catalog), one row per event with its measurements and metadata, as it
+  appears in the README between the `spans:begin` and `spans:end` markers
+  (`mix snakepit_telemetry.catalog` rewrites it there). The standard keys
+  every Python event carries (`node`, `pool_name`, `worker_id`,
+  `correlation_id`, `emit_time`) are left out.
+  """
+  @spec span_markdown_table() :: String.t()
+  def span_markdown_table do
+    rows =
+      for {python, events} <- python_spans(), {action, e} <- events do
+        measurements = Enum.map_join(e.measurements, ", ", fn {k, _unit} -> "`#{k}`" end)
+        metadata = Enum.map_join(e.metadata, ", ", &"`#{&1}`")
+        "| `#{python}` | `#{action}` | #{measurements} | #{metadata} |"
+      end
+
+    Enum.join(
+      ["| Python span | event | measurements | metadata |", "|---|---|---|---|" | rows],
+      "\n"
+    ) <> "\n"
+  end
+
+  @doc """
+  The catalog's Python spans: `{python_prefix, [start: entry, stop: entry,
+  exception: entry]}` in catalog order.
+  """
+  @spec python_spans() :: [{String.t(), keyword(event())}]
+  def python_spans do
+    catalog = catalog()
+    by_python = for %{python: p} = e <- catalog, p != nil, into: %{}, do: {p, e}
+
+    for %{python: python} <- catalog,
+        python != nil,
+        String.ends_with?(python, ".start"),
+        prefix = String.replace_suffix(python, ".start", ""),
+        events = for(a <- [:start, :stop, :exception], do: {a, by_python["#{prefix}.#{a}"]}),
+        Enum.all?(events, fn {_a, e} -> e != nil end),
+        do: {prefix, events}
+  end
+
+  @doc """
   Lets Python events outside the catalog through, under names made of atoms
   that already exist in the application's code. For each action, the Python
   event `"<python_prefix>.<action>"` becomes `event_prefix ++ [action]`:

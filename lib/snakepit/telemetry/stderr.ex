@@ -56,12 +56,8 @@ defmodule Snakepit.Telemetry.Stderr do
     with {:ok, options} <- options(pool),
          {:ok, {event, measurements, metadata}} <- Native.decode_json_line(line, options) do
       base = %{node: node(), pool_name: pool, worker_id: worker_id}
-
-      :telemetry.execute(
-        event,
-        Events.from_python(event, measurements),
-        Map.merge(metadata, base)
-      )
+      {measurements, metadata} = Events.from_python(event, measurements, metadata)
+      :telemetry.execute(event, measurements, Map.merge(metadata, base))
     end
   end
 

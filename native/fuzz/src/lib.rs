@@ -15,6 +15,7 @@ use snakepit_telemetry_core::catalog::{self, Sym, Unit};
 use snakepit_telemetry_core::custom;
 use snakepit_telemetry_core::decode::{
     DecodeConfig, Decoded, Decoder, Event, Key, Limits, Number, Rejected,
+    RESERVED_MEASUREMENT_KEYS, RESERVED_METADATA_KEYS,
 };
 use snakepit_telemetry_core::json::{decode_line, decode_line_bytes, LineError, PREFIX};
 use snakepit_telemetry_core::proto::{telemetry_value, TelemetryEvent, TelemetryEventBatch};
@@ -54,6 +55,8 @@ pub fn configs() -> [DecodeConfig; 2] {
                 max_metadata: 3,
                 max_key_bytes: 12,
                 max_value_bytes: 5,
+                max_frames: 2,
+                max_frame_bytes: 5,
             },
             native_per_sec: 3_000_000_000,
         },
@@ -94,6 +97,11 @@ fn check_key(key: &Key, lookup: fn(&str) -> Option<Sym>, limits: &Limits) {
                 *sym,
                 Sym::correlation_id,
                 "correlation_id is never a plain key"
+            );
+            assert!(
+                !RESERVED_METADATA_KEYS.contains(&sym.name())
+                    && !RESERVED_MEASUREMENT_KEYS.contains(&sym.name()),
+                "reserved key {sym:?} kept"
             );
         }
         Key::Custom(id) => assert_eq!(custom::key(CUSTOM_KEY), Some(*id)),
@@ -140,6 +148,11 @@ pub fn check_decoded(d: &Decoded, limits: &Limits) {
     }
     if let Some(c) = &d.correlation_id {
         assert!(!c.is_empty() && c.len() <= limits.max_value_bytes);
+    }
+    assert!(d.stacktrace.len() <= limits.max_frames);
+    for frame in &d.stacktrace {
+        assert!(frame.file.len() <= limits.max_frame_bytes);
+        assert!(frame.function.len() <= limits.max_frame_bytes);
     }
 }
 
@@ -236,17 +249,32 @@ pub fn check_event(
     check_decoded(d, limits);
     assert_eq!(d.timestamp_ns, input.timestamp_ns);
 
+    // Reserved keys: dropped and counted, whatever their value.
+    let reserved_m = input
+        .measurements
+        .keys()
+        .filter(|k| RESERVED_MEASUREMENT_KEYS.contains(&k.as_str()))
+        .count() as u64;
+    let reserved_md = input
+        .metadata
+        .keys()
+        .filter(|k| RESERVED_METADATA_KEYS.contains(&k.as_str()))
+        .count() as u64;
+    assert_eq!(get(&stats.reserved_keys_dropped), reserved_m + reserved_md);
+    assert_eq!(d.span_id, (input.span_id != 0).then_some(input.span_id));
+
     // Measurements: kept exactly (scaled where the catalog says so), or
     // dropped and counted.
     let dropped = get(&stats.dropped_measurements);
     assert_eq!(
-        d.measurements.len() as u64 + dropped,
+        d.measurements.len() as u64 + dropped + reserved_m,
         input.measurements.len() as u64,
         "a measurement neither kept nor counted"
     );
     let valid = |key: &String| {
         let value = &input.measurements[key].value;
-        key.len() <= limits.max_key_bytes
+        !RESERVED_MEASUREMENT_KEYS.contains(&key.as_str())
+            && key.len() <= limits.max_key_bytes
             && wire_number(value)
                 .and_then(|n| expected_number(key, n, config.native_per_sec))
                 .is_some()
@@ -275,11 +303,15 @@ pub fn check_event(
 
     // Metadata: kept (truncated to max_value_bytes), or dropped and
     // counted; a correlation_id entry only ever feeds the correlation id.
+    // A traceback counts as one metadata entry dropped on any event but an
+    // exception.
     let corr_entry = input.metadata.get("correlation_id");
+    let exception = name.ends_with(".exception");
+    let frames_dropped = u64::from(!exception && !input.stacktrace.is_empty());
     let dropped = get(&stats.dropped_metadata);
     assert_eq!(
-        d.metadata.len() as u64 + dropped + u64::from(corr_entry.is_some()),
-        input.metadata.len() as u64,
+        d.metadata.len() as u64 + dropped + u64::from(corr_entry.is_some()) + reserved_md,
+        input.metadata.len() as u64 + frames_dropped,
         "a metadata entry neither kept nor counted"
     );
     let mut truncated = 0;
@@ -291,12 +323,16 @@ pub fn check_event(
         assert_eq!(value, prefix(wire, limits.max_value_bytes));
         truncated += u64::from(wire.len() > limits.max_value_bytes);
     }
-    let plain = input.metadata.len() - usize::from(corr_entry.is_some());
+    let plain = input.metadata.len() - usize::from(corr_entry.is_some()) - reserved_md as usize;
     if plain <= limits.max_metadata {
         let kept = input
             .metadata
             .keys()
-            .filter(|k| *k != "correlation_id" && k.len() <= limits.max_key_bytes)
+            .filter(|k| {
+                *k != "correlation_id"
+                    && !RESERVED_METADATA_KEYS.contains(&k.as_str())
+                    && k.len() <= limits.max_key_bytes
+            })
             .count();
         assert_eq!(kept, d.metadata.len(), "a valid metadata entry was dropped");
     }
@@ -310,6 +346,21 @@ pub fn check_event(
         .filter(|c| !c.is_empty());
     assert_eq!(d.correlation_id.as_deref(), expected_corr);
     truncated += u64::from(corr_source.is_some_and(|c| c.len() > limits.max_value_bytes));
+    // Traceback: the innermost max_frames frames, strings bounded.
+    if exception {
+        let kept = input.stacktrace.len().min(limits.max_frames);
+        assert_eq!(d.stacktrace.len(), kept);
+        truncated += u64::from(input.stacktrace.len() > limits.max_frames);
+        for (out, wire) in d.stacktrace.iter().zip(&input.stacktrace) {
+            assert_eq!(out.line, wire.line);
+            assert!(wire.file.ends_with(&out.file));
+            assert_eq!(out.function, prefix(&wire.function, limits.max_frame_bytes));
+            truncated += u64::from(wire.file.len() > limits.max_frame_bytes);
+            truncated += u64::from(wire.function.len() > limits.max_frame_bytes);
+        }
+    } else {
+        assert!(d.stacktrace.is_empty());
+    }
     assert_eq!(get(&stats.truncated_metadata), truncated);
 }
 

@@ -32,6 +32,7 @@ fn batch(events: usize) -> Vec<u8> {
             metadata: HashMap::from([("command".to_string(), "predict".to_string())]),
             timestamp_ns: 5_000 * i as i64,
             correlation_id: String::new(),
+            ..TelemetryEvent::default()
         })
         .collect();
     TelemetryEventBatch {

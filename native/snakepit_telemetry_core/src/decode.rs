@@ -6,7 +6,7 @@
 
 use crate::catalog::{self, EventId, Sym, Unit};
 use crate::custom;
-use crate::proto::{telemetry_value, TelemetryEvent};
+use crate::proto::{telemetry_value, TelemetryEvent, TelemetryFrame};
 use crate::stats::StreamStats;
 
 /// A measurement or metadata key: a catalog atom, a registered custom key,
@@ -50,8 +50,48 @@ pub struct Decoded {
     pub measurements: Vec<(Key, Number)>,
     pub metadata: Vec<(Key, String)>,
     pub correlation_id: Option<String>,
+    /// The wire timestamp (nanoseconds since the Unix epoch), as sent.
     pub timestamp_ns: i64,
+    /// The emit time in the receiving VM's `:native` units (wall clock,
+    /// comparable with `System.system_time/0`); `None` when the worker sent
+    /// no timestamp (0) or it does not fit.
+    pub emit_time: Option<i64>,
+    /// The span the event belongs to (start, stop or exception); `None`
+    /// outside spans and from workers that predate span ids.
+    pub span_id: Option<u64>,
+    /// Exception events only: the Python traceback, innermost frame first,
+    /// bounded by [`Limits::max_frames`] and [`Limits::max_frame_bytes`].
+    pub stacktrace: Vec<Frame>,
 }
+
+/// One frame of a Python traceback, with bounded strings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub file: String,
+    /// 0 when unknown.
+    pub line: u32,
+    pub function: String,
+}
+
+/// Metadata keys that Elixir sets on every Python event (or on span events)
+/// and Python must not: dropped from a Python event's metadata, whichever the
+/// event, and counted in `reserved_keys_dropped`, so a handler never sees a
+/// binary key beside the real atom key. (`correlation_id` is not here: a
+/// metadata entry of that name is the fallback for the dedicated field.)
+pub const RESERVED_METADATA_KEYS: &[&str] = &[
+    "node",
+    "pool_name",
+    "worker_id",
+    "telemetry_span_context",
+    "emit_time",
+    "kind",
+    "reason",
+    "stacktrace",
+];
+
+/// Measurement keys Python must not send: `monotonic_time` is this VM's
+/// monotonic clock, which Elixir derives; no Python clock can give it.
+pub const RESERVED_MEASUREMENT_KEYS: &[&str] = &["monotonic_time"];
 
 /// Why a whole event was dropped.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -71,6 +111,13 @@ pub struct Limits {
     pub max_metadata: usize,
     pub max_key_bytes: usize,
     pub max_value_bytes: usize,
+    /// Traceback frames kept (the innermost ones); more are dropped and the
+    /// event counts once in `truncated_metadata`.
+    pub max_frames: usize,
+    /// Bytes kept of a frame's file and function (a longer file keeps its
+    /// end, the file name; a longer function its start); each cut counts in
+    /// `truncated_metadata`.
+    pub max_frame_bytes: usize,
 }
 
 impl Default for Limits {
@@ -82,6 +129,8 @@ impl Default for Limits {
             max_metadata: 32,
             max_key_bytes: 128,
             max_value_bytes: 4096,
+            max_frames: 32,
+            max_frame_bytes: 256,
         }
     }
 }
@@ -146,7 +195,12 @@ impl Decoder {
 
         let mut dropped_measurements = 0u64;
         let mut measurements = Vec::with_capacity(event.measurements.len().min(8));
+        let mut reserved = 0u64;
         for (key, value) in event.measurements {
+            if RESERVED_MEASUREMENT_KEYS.contains(&key.as_str()) {
+                reserved += 1;
+                continue;
+            }
             if measurements.len() >= limits.max_measurements || key.len() > limits.max_key_bytes {
                 dropped_measurements += 1;
                 continue;
@@ -183,6 +237,10 @@ impl Decoder {
         let mut correlation_id = non_empty(event.correlation_id);
         let mut metadata = Vec::with_capacity(event.metadata.len().min(8));
         for (key, mut value) in event.metadata {
+            if RESERVED_METADATA_KEYS.contains(&key.as_str()) {
+                reserved += 1;
+                continue;
+            }
             let known = catalog::metadata_key(&key);
             if known == Some(Sym::correlation_id) {
                 // The dedicated field wins; the metadata entry is only a
@@ -207,15 +265,38 @@ impl Decoder {
         let correlation_id =
             correlation_id.map(|c| truncate(c, limits.max_value_bytes, &mut truncated));
 
+        let span_id = (event.span_id != 0).then_some(event.span_id);
+        let stacktrace = if event.stacktrace.is_empty() {
+            Vec::new()
+        } else if self.name.ends_with(".exception") {
+            frames(event.stacktrace, limits, &mut truncated)
+        } else {
+            // Only an exception has a traceback; on any other event the
+            // frames are dropped (counted once, as one metadata entry).
+            dropped_metadata += 1;
+            Vec::new()
+        };
+        let emit_time = match event.timestamp_ns {
+            0 => None,
+            t => match self.scale(Unit::NativeTime, Number::Int(t)) {
+                Some(Number::Int(native)) => Some(native),
+                _ => None,
+            },
+        };
+
         StreamStats::add(&stats.dropped_measurements, dropped_measurements);
         StreamStats::add(&stats.dropped_metadata, dropped_metadata);
         StreamStats::add(&stats.truncated_metadata, truncated);
+        StreamStats::add(&stats.reserved_keys_dropped, reserved);
         Ok(Decoded {
             event: id,
             measurements,
             metadata,
             correlation_id,
             timestamp_ns: event.timestamp_ns,
+            emit_time,
+            span_id,
+            stacktrace,
         })
     }
 
@@ -260,6 +341,35 @@ impl Decoder {
             }
         }
     }
+}
+
+/// The innermost `max_frames` frames with bounded strings.
+fn frames(wire: Vec<TelemetryFrame>, limits: &Limits, truncated: &mut u64) -> Vec<Frame> {
+    if wire.len() > limits.max_frames {
+        *truncated += 1;
+    }
+    wire.into_iter()
+        .take(limits.max_frames)
+        .map(|f| Frame {
+            file: truncate_start(f.file, limits.max_frame_bytes, truncated),
+            line: f.line,
+            function: truncate(f.function, limits.max_frame_bytes, truncated),
+        })
+        .collect()
+}
+
+/// Keeps the last `max` bytes of `s` (on a character boundary): the end of
+/// a path names the file.
+fn truncate_start(s: String, max: usize, truncated: &mut u64) -> String {
+    if s.len() <= max {
+        return s;
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    *truncated += 1;
+    s[start..].to_string()
 }
 
 fn unknown_or_custom(key: String) -> Key {
@@ -519,5 +629,188 @@ mod tests {
         let out = d.decode(ev, &stats).unwrap();
         assert_eq!(out.correlation_id.as_deref(), Some("from-field"));
         assert!(out.metadata.is_empty());
+    }
+
+    fn frame(file: &str, line: u32, function: &str) -> TelemetryFrame {
+        TelemetryFrame {
+            file: file.into(),
+            line,
+            function: function.into(),
+        }
+    }
+
+    #[test]
+    fn reserved_metadata_keys_are_dropped_and_counted_never_duplicated() {
+        let stats = StreamStats::default();
+        let mut ev = event("python.call.exception");
+        ev.metadata = RESERVED_METADATA_KEYS
+            .iter()
+            .map(|k| (k.to_string(), "spoofed".to_string()))
+            .chain([("command".to_string(), "predict".to_string())])
+            .collect();
+        ev.measurements = HashMap::from([
+            ("monotonic_time".into(), int(1)),
+            ("duration".into(), int(5)),
+        ]);
+        let out = decoder().decode(ev, &stats).unwrap();
+        assert_eq!(
+            out.metadata,
+            vec![(Key::Known(Sym::command), "predict".to_string())]
+        );
+        assert_eq!(
+            out.measurements,
+            vec![(Key::Known(Sym::duration), Number::Int(5))]
+        );
+        assert_eq!(
+            StreamStats::get(&stats.reserved_keys_dropped),
+            RESERVED_METADATA_KEYS.len() as u64 + 1
+        );
+        // Dropped keys are not entries over the limit.
+        assert_eq!(StreamStats::get(&stats.dropped_metadata), 0);
+        assert_eq!(StreamStats::get(&stats.dropped_measurements), 0);
+    }
+
+    #[test]
+    fn reserved_keys_do_not_use_up_the_metadata_limit() {
+        let stats = StreamStats::default();
+        let mut d = Decoder::new(DecodeConfig {
+            limits: Limits {
+                max_metadata: 1,
+                ..Limits::default()
+            },
+            ..DecodeConfig::default()
+        });
+        let mut ev = event("python.call.start");
+        ev.metadata = HashMap::from([
+            ("worker_id".into(), "w-evil".into()),
+            ("node".into(), "evil@host".into()),
+            ("command".into(), "predict".into()),
+        ]);
+        let out = d.decode(ev, &stats).unwrap();
+        assert_eq!(
+            out.metadata,
+            vec![(Key::Known(Sym::command), "predict".to_string())]
+        );
+        assert_eq!(StreamStats::get(&stats.reserved_keys_dropped), 2);
+    }
+
+    #[test]
+    fn span_id_and_traceback_are_decoded() {
+        let stats = StreamStats::default();
+        let mut d = decoder();
+        let mut ev = event("python.call.exception");
+        ev.span_id = u64::MAX;
+        ev.stacktrace = vec![frame("app/tools.py", 42, "predict"), frame("", 0, "")];
+        let out = d.decode(ev, &stats).unwrap();
+        assert_eq!(out.span_id, Some(u64::MAX));
+        assert_eq!(
+            out.stacktrace,
+            vec![
+                Frame {
+                    file: "app/tools.py".into(),
+                    line: 42,
+                    function: "predict".into()
+                },
+                Frame {
+                    file: String::new(),
+                    line: 0,
+                    function: String::new()
+                },
+            ]
+        );
+
+        let mut ev = event("python.call.start");
+        ev.span_id = 7;
+        let out = d.decode(ev, &stats).unwrap();
+        assert_eq!(out.span_id, Some(7));
+        assert!(out.stacktrace.is_empty());
+    }
+
+    #[test]
+    fn a_traceback_outside_an_exception_event_is_dropped_and_counted() {
+        let stats = StreamStats::default();
+        let mut ev = event("python.call.stop");
+        ev.stacktrace = vec![frame("a.py", 1, "f")];
+        let out = decoder().decode(ev, &stats).unwrap();
+        assert!(out.stacktrace.is_empty());
+        assert_eq!(StreamStats::get(&stats.dropped_metadata), 1);
+    }
+
+    #[test]
+    fn a_traceback_is_bounded_in_frames_and_bytes() {
+        let stats = StreamStats::default();
+        let mut ev = event("tool.execution.exception");
+        let long_file = format!("/{}/é/tools.py", "d".repeat(1000));
+        let mut wire: Vec<TelemetryFrame> = (0..100)
+            .map(|i| frame("x.py", i, &format!("f{i}")))
+            .collect();
+        wire[0] = frame(&long_file, 1, &"g".repeat(1000));
+        ev.stacktrace = wire;
+        let out = decoder().decode(ev, &stats).unwrap();
+        let limits = Limits::default();
+        assert_eq!(out.stacktrace.len(), limits.max_frames);
+        // The innermost frames are kept, in order.
+        assert_eq!(out.stacktrace[1].function, "f1");
+        assert_eq!(
+            out.stacktrace.last().unwrap().line,
+            limits.max_frames as u32 - 1
+        );
+        let first = &out.stacktrace[0];
+        assert!(first.file.len() <= limits.max_frame_bytes);
+        assert!(first.file.ends_with("/tools.py"), "{}", first.file);
+        assert!(first.function.len() <= limits.max_frame_bytes);
+        // frames over the limit (1), the file (1) and the function (1).
+        assert_eq!(StreamStats::get(&stats.truncated_metadata), 3);
+    }
+
+    #[test]
+    fn emit_time_is_the_timestamp_in_native_units() {
+        let stats = StreamStats::default();
+        let mut ev = event("python.call.stop");
+        ev.timestamp_ns = 1_700_000_000_123_456_789;
+        let out = decoder().decode(ev.clone(), &stats).unwrap();
+        assert_eq!(out.emit_time, Some(1_700_000_000_123_456_789));
+
+        let mut micro = Decoder::new(DecodeConfig {
+            native_per_sec: 1_000_000,
+            ..DecodeConfig::default()
+        });
+        let out = micro.decode(ev.clone(), &stats).unwrap();
+        assert_eq!(out.emit_time, Some(1_700_000_000_123_456));
+
+        ev.timestamp_ns = 0;
+        assert_eq!(micro.decode(ev, &stats).unwrap().emit_time, None);
+    }
+
+    #[test]
+    fn an_event_from_a_worker_without_span_ids_still_decodes() {
+        // The bytes an old worker sends: fields 1..5 only, as its own
+        // generated code encodes them.
+        let old = TelemetryEvent {
+            event_parts: vec!["python".into(), "call".into(), "stop".into()],
+            measurements: HashMap::from([("duration".into(), int(9))]),
+            timestamp_ns: 1_000,
+            correlation_id: "c".into(),
+            ..Default::default()
+        };
+        let mut bytes = Vec::new();
+        prost::Message::encode(&old, &mut bytes).unwrap();
+        // Nothing past field 5 is on the wire.
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let (tag, wire_type) = prost::encoding::decode_key(&mut rest).unwrap();
+            assert!(tag <= 5, "field {tag}");
+            prost::encoding::skip_field(wire_type, tag, &mut rest, Default::default()).unwrap();
+        }
+        let parsed: TelemetryEvent = prost::Message::decode(&bytes[..]).unwrap();
+        let stats = StreamStats::default();
+        let out = decoder().decode(parsed, &stats).unwrap();
+        assert_eq!(out.span_id, None);
+        assert!(out.stacktrace.is_empty());
+        assert_eq!(out.emit_time, Some(1_000));
+        assert_eq!(
+            out.measurements,
+            vec![(Key::Known(Sym::duration), Number::Int(9))]
+        );
     }
 }

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::decode::{Decoded, Decoder, Rejected};
-use crate::proto::{telemetry_value, TelemetryEvent, TelemetryValue};
+use crate::proto::{telemetry_value, TelemetryEvent, TelemetryFrame, TelemetryValue};
 use crate::stats::StreamStats;
 
 /// What precedes the JSON object on a telemetry line.
@@ -30,6 +30,14 @@ struct Line {
     timestamp_ns: i64,
     #[serde(default)]
     correlation_id: String,
+    /// As in `TelemetryEvent`: a span's id (a JSON integer, 1..2^64-1);
+    /// anything else means no span id.
+    #[serde(default)]
+    span_id: Value,
+    /// As in `TelemetryEvent`: `[{"file": .., "line": .., "function": ..}]`,
+    /// innermost first; entries of another shape are skipped.
+    #[serde(default)]
+    stacktrace: Value,
 }
 
 /// Why a line gave no event.
@@ -135,7 +143,35 @@ fn to_event(line: Line) -> TelemetryEvent {
         metadata,
         timestamp_ns: line.timestamp_ns,
         correlation_id: line.correlation_id,
+        span_id: line.span_id.as_u64().unwrap_or(0),
+        stacktrace: frames(line.stacktrace),
     }
+}
+
+/// Traceback frames of a line (the decoder bounds them).
+fn frames(value: Value) -> Vec<TelemetryFrame> {
+    let Value::Array(items) = value else {
+        return Vec::new();
+    };
+    let text = |frame: &mut serde_json::Map<String, Value>, key: &str| match frame.remove(key) {
+        Some(Value::String(s)) => s,
+        _ => String::new(),
+    };
+    items
+        .into_iter()
+        .filter_map(|item| match item {
+            Value::Object(mut frame) => Some(TelemetryFrame {
+                file: text(&mut frame, "file"),
+                line: frame
+                    .get("line")
+                    .and_then(Value::as_u64)
+                    .and_then(|l| u32::try_from(l).ok())
+                    .unwrap_or(0),
+                function: text(&mut frame, "function"),
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -284,6 +320,44 @@ mod tests {
             let (result, stats) = decode(&line);
             assert_eq!(result.unwrap_err(), LineError::InvalidJson, "{bad}");
             assert_eq!(StreamStats::get(&stats.dropped_malformed), 1);
+        }
+    }
+
+    #[test]
+    fn a_line_carries_span_id_traceback_and_emit_time_and_loses_reserved_keys() {
+        let line = r#"SNAKEPIT_TELEMETRY_EVENT {"event_parts":["python","call","exception"],"measurements":{"duration":5,"monotonic_time":1},"metadata":{"worker_id":"evil","node":"evil@host","error_type":"ValueError"},"timestamp_ns":9,"span_id":18446744073709551615,"stacktrace":[{"file":"a.py","line":3,"function":"f"},7,{"line":-1}]}"#;
+        let (result, stats) = decode(line);
+        let d = result.unwrap();
+        assert_eq!(d.span_id, Some(u64::MAX));
+        assert_eq!(d.emit_time, Some(9));
+        assert_eq!(
+            d.stacktrace,
+            vec![
+                crate::decode::Frame {
+                    file: "a.py".into(),
+                    line: 3,
+                    function: "f".into()
+                },
+                crate::decode::Frame {
+                    file: String::new(),
+                    line: 0,
+                    function: String::new()
+                },
+            ]
+        );
+        assert_eq!(
+            d.metadata,
+            vec![(Key::Known(Sym::error_type), "ValueError".to_string())]
+        );
+        assert_eq!(StreamStats::get(&stats.reserved_keys_dropped), 3);
+
+        // A span id that is not a positive integer is no span id; the
+        // event still decodes.
+        for bad in [r#""12""#, "-1", "1.5", "null"] {
+            let line = format!(
+                r#"SNAKEPIT_TELEMETRY_EVENT {{"event_parts":["python","call","stop"],"span_id":{bad}}}"#
+            );
+            assert_eq!(decode(&line).0.unwrap().span_id, None, "{bad}");
         }
     }
 }

@@ -50,6 +50,10 @@ rustler::atoms! {
     // runtime_info keys.
     live_streams,
     delivery_queue,
+    // Python traceback frames: {:python, :frame, [function], [file: .., line: ..]}.
+    frame,
+    file,
+    line,
 }
 
 static CATALOG: OnceCell<Vec<Atom>> = OnceCell::new();

@@ -2,7 +2,8 @@
 //! everything else from Python becomes a binary.
 
 use rustler::{Encoder, Env, Term};
-use snakepit_telemetry_core::decode::{Decoded, Event, Key, Number};
+use snakepit_telemetry_core::catalog::Sym;
+use snakepit_telemetry_core::decode::{Decoded, Event, Frame, Key, Number};
 use snakepit_telemetry_core::stream::{CloseReason, Protocol, Status};
 
 use crate::atoms::{self, sym};
@@ -48,19 +49,62 @@ pub fn event<'a>(env: Env<'a>, event: &Decoded) -> Option<Term<'a>> {
     }
     let measurements = Term::map_from_term_arrays(env, &mkeys, &mvalues).ok()?;
 
-    let capacity = event.metadata.len() + 1;
+    let capacity = event.metadata.len() + 4;
     let mut keys = Vec::with_capacity(capacity);
     let mut values = Vec::with_capacity(capacity);
     for (k, v) in &event.metadata {
         keys.push(key(env, k)?);
         values.push(v.encode(env));
     }
+    // The decoder drops these keys from Python's metadata (reserved), so
+    // each is set once, here.
     if let Some(id) = &event.correlation_id {
-        keys.push(sym(snakepit_telemetry_core::catalog::Sym::correlation_id).encode(env));
+        keys.push(sym(Sym::correlation_id).encode(env));
         values.push(id.encode(env));
+    }
+    if let Some(t) = event.emit_time {
+        keys.push(sym(Sym::emit_time).encode(env));
+        values.push(t.encode(env));
+    }
+    if let Some(id) = event.span_id {
+        keys.push(sym(Sym::telemetry_span_context).encode(env));
+        values.push(id.encode(env));
+    }
+    if !event.stacktrace.is_empty() {
+        keys.push(sym(Sym::stacktrace).encode(env));
+        values.push(stacktrace(env, &event.stacktrace));
     }
     let metadata = Term::map_from_term_arrays(env, &keys, &values).ok()?;
     Some((name, measurements, metadata).encode(env))
+}
+
+/// A Python traceback as an Erlang stacktrace that `Exception.format/3` and
+/// `Exception.format_stacktrace/1` accept, with fixed atoms only: each frame
+/// is `{:python, :frame, [function], [file: charlist, line: pos_integer]}`
+/// (the Python function's name as the one "argument"; `line` only when
+/// known, `file` only when not empty).
+fn stacktrace<'a>(env: Env<'a>, frames: &[Frame]) -> Term<'a> {
+    frames
+        .iter()
+        .map(|f| {
+            let mut location: Vec<Term<'a>> = Vec::with_capacity(2);
+            if !f.file.is_empty() {
+                let chars: Vec<u32> = f.file.chars().map(u32::from).collect();
+                location.push((atoms::file(), chars).encode(env));
+            }
+            if f.line > 0 {
+                location.push((atoms::line(), f.line).encode(env));
+            }
+            (
+                atoms::python(),
+                atoms::frame(),
+                vec![f.function.as_str()],
+                location,
+            )
+                .encode(env)
+        })
+        .collect::<Vec<Term<'a>>>()
+        .encode(env)
 }
 
 /// A list of event tuples and the number of events that could not be encoded.

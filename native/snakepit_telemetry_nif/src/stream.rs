@@ -83,6 +83,8 @@ impl OpenOptions {
                 max_metadata: self.max_metadata,
                 max_key_bytes: self.max_key_bytes,
                 max_value_bytes: self.max_value_bytes,
+                // Traceback bounds are fixed (see the README's span table).
+                ..Limits::default()
             },
             native_per_sec: self.native_per_sec,
         }

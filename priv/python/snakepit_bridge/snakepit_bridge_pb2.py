@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15snakepit_bridge.proto\x12\x0fsnakepit.bridge\"a\n\x13TelemetryEventBatch\x12/\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.snakepit.bridge.TelemetryEvent\x12\x19\n\x11\x62\x61se_timestamp_ns\x18\x02 \x01(\x03\"\xe4\x02\n\x0eTelemetryEvent\x12\x13\n\x0b\x65vent_parts\x18\x01 \x03(\t\x12G\n\x0cmeasurements\x18\x02 \x03(\x0b\x32\x31.snakepit.bridge.TelemetryEvent.MeasurementsEntry\x12?\n\x08metadata\x18\x03 \x03(\x0b\x32-.snakepit.bridge.TelemetryEvent.MetadataEntry\x12\x14\n\x0ctimestamp_ns\x18\x04 \x01(\x03\x12\x16\n\x0e\x63orrelation_id\x18\x05 \x01(\t\x1aT\n\x11MeasurementsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.snakepit.bridge.TelemetryValue:\x02\x38\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"]\n\x0eTelemetryValue\x12\x13\n\tint_value\x18\x01 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x02 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x03 \x01(\tH\x00\x42\x07\n\x05value\"\xc8\x01\n\x10TelemetryControl\x12\x32\n\x06toggle\x18\x01 \x01(\x0b\x32 .snakepit.bridge.TelemetryToggleH\x00\x12<\n\x08sampling\x18\x02 \x01(\x0b\x32(.snakepit.bridge.TelemetrySamplingUpdateH\x00\x12\x37\n\x06\x66ilter\x18\x03 \x01(\x0b\x32%.snakepit.bridge.TelemetryEventFilterH\x00\x42\t\n\x07\x63ontrol\"\"\n\x0fTelemetryToggle\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\"H\n\x17TelemetrySamplingUpdate\x12\x15\n\rsampling_rate\x18\x01 \x01(\x01\x12\x16\n\x0e\x65vent_patterns\x18\x02 \x03(\t\"3\n\x14TelemetryEventFilter\x12\r\n\x05\x61llow\x18\x01 \x03(\t\x12\x0c\n\x04\x64\x65ny\x18\x02 \x03(\t2\xd1\x01\n\rBridgeService\x12Y\n\x0fStreamTelemetry\x12!.snakepit.bridge.TelemetryControl\x1a\x1f.snakepit.bridge.TelemetryEvent(\x01\x30\x01\x12\x65\n\x16StreamTelemetryBatches\x12!.snakepit.bridge.TelemetryControl\x1a$.snakepit.bridge.TelemetryEventBatch(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15snakepit_bridge.proto\x12\x0fsnakepit.bridge\"a\n\x13TelemetryEventBatch\x12/\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.snakepit.bridge.TelemetryEvent\x12\x19\n\x11\x62\x61se_timestamp_ns\x18\x02 \x01(\x03\"\xaa\x03\n\x0eTelemetryEvent\x12\x13\n\x0b\x65vent_parts\x18\x01 \x03(\t\x12G\n\x0cmeasurements\x18\x02 \x03(\x0b\x32\x31.snakepit.bridge.TelemetryEvent.MeasurementsEntry\x12?\n\x08metadata\x18\x03 \x03(\x0b\x32-.snakepit.bridge.TelemetryEvent.MetadataEntry\x12\x14\n\x0ctimestamp_ns\x18\x04 \x01(\x03\x12\x16\n\x0e\x63orrelation_id\x18\x05 \x01(\t\x12\x0f\n\x07span_id\x18\x06 \x01(\x06\x12\x33\n\nstacktrace\x18\x07 \x03(\x0b\x32\x1f.snakepit.bridge.TelemetryFrame\x1aT\n\x11MeasurementsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.snakepit.bridge.TelemetryValue:\x02\x38\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x0eTelemetryFrame\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0c\n\x04line\x18\x02 \x01(\r\x12\x10\n\x08\x66unction\x18\x03 \x01(\t\"]\n\x0eTelemetryValue\x12\x13\n\tint_value\x18\x01 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x02 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x03 \x01(\tH\x00\x42\x07\n\x05value\"\xc8\x01\n\x10TelemetryControl\x12\x32\n\x06toggle\x18\x01 \x01(\x0b\x32 .snakepit.bridge.TelemetryToggleH\x00\x12<\n\x08sampling\x18\x02 \x01(\x0b\x32(.snakepit.bridge.TelemetrySamplingUpdateH\x00\x12\x37\n\x06\x66ilter\x18\x03 \x01(\x0b\x32%.snakepit.bridge.TelemetryEventFilterH\x00\x42\t\n\x07\x63ontrol\"\"\n\x0fTelemetryToggle\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\"H\n\x17TelemetrySamplingUpdate\x12\x15\n\rsampling_rate\x18\x01 \x01(\x01\x12\x16\n\x0e\x65vent_patterns\x18\x02 \x03(\t\"3\n\x14TelemetryEventFilter\x12\r\n\x05\x61llow\x18\x01 \x03(\t\x12\x0c\n\x04\x64\x65ny\x18\x02 \x03(\t2\xd1\x01\n\rBridgeService\x12Y\n\x0fStreamTelemetry\x12!.snakepit.bridge.TelemetryControl\x1a\x1f.snakepit.bridge.TelemetryEvent(\x01\x30\x01\x12\x65\n\x16StreamTelemetryBatches\x12!.snakepit.bridge.TelemetryControl\x1a$.snakepit.bridge.TelemetryEventBatch(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,21 +38,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TELEMETRYEVENTBATCH']._serialized_start=42
   _globals['_TELEMETRYEVENTBATCH']._serialized_end=139
   _globals['_TELEMETRYEVENT']._serialized_start=142
-  _globals['_TELEMETRYEVENT']._serialized_end=498
-  _globals['_TELEMETRYEVENT_MEASUREMENTSENTRY']._serialized_start=365
-  _globals['_TELEMETRYEVENT_MEASUREMENTSENTRY']._serialized_end=449
-  _globals['_TELEMETRYEVENT_METADATAENTRY']._serialized_start=451
-  _globals['_TELEMETRYEVENT_METADATAENTRY']._serialized_end=498
-  _globals['_TELEMETRYVALUE']._serialized_start=500
-  _globals['_TELEMETRYVALUE']._serialized_end=593
-  _globals['_TELEMETRYCONTROL']._serialized_start=596
-  _globals['_TELEMETRYCONTROL']._serialized_end=796
-  _globals['_TELEMETRYTOGGLE']._serialized_start=798
-  _globals['_TELEMETRYTOGGLE']._serialized_end=832
-  _globals['_TELEMETRYSAMPLINGUPDATE']._serialized_start=834
-  _globals['_TELEMETRYSAMPLINGUPDATE']._serialized_end=906
-  _globals['_TELEMETRYEVENTFILTER']._serialized_start=908
-  _globals['_TELEMETRYEVENTFILTER']._serialized_end=959
-  _globals['_BRIDGESERVICE']._serialized_start=962
-  _globals['_BRIDGESERVICE']._serialized_end=1171
+  _globals['_TELEMETRYEVENT']._serialized_end=568
+  _globals['_TELEMETRYEVENT_MEASUREMENTSENTRY']._serialized_start=435
+  _globals['_TELEMETRYEVENT_MEASUREMENTSENTRY']._serialized_end=519
+  _globals['_TELEMETRYEVENT_METADATAENTRY']._serialized_start=521
+  _globals['_TELEMETRYEVENT_METADATAENTRY']._serialized_end=568
+  _globals['_TELEMETRYFRAME']._serialized_start=570
+  _globals['_TELEMETRYFRAME']._serialized_end=632
+  _globals['_TELEMETRYVALUE']._serialized_start=634
+  _globals['_TELEMETRYVALUE']._serialized_end=727
+  _globals['_TELEMETRYCONTROL']._serialized_start=730
+  _globals['_TELEMETRYCONTROL']._serialized_end=930
+  _globals['_TELEMETRYTOGGLE']._serialized_start=932
+  _globals['_TELEMETRYTOGGLE']._serialized_end=966
+  _globals['_TELEMETRYSAMPLINGUPDATE']._serialized_start=968
+  _globals['_TELEMETRYSAMPLINGUPDATE']._serialized_end=1040
+  _globals['_TELEMETRYEVENTFILTER']._serialized_start=1042
+  _globals['_TELEMETRYEVENTFILTER']._serialized_end=1093
+  _globals['_BRIDGESERVICE']._serialized_start=1096
+  _globals['_BRIDGESERVICE']._serialized_end=1305
 # @@protoc_insertion_point(module_scope)

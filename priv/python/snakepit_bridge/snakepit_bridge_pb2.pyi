@@ -15,7 +15,7 @@ class TelemetryEventBatch(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[TelemetryEvent, _Mapping]]] = ..., base_timestamp_ns: _Optional[int] = ...) -> None: ...
 
 class TelemetryEvent(_message.Message):
-    __slots__ = ("event_parts", "measurements", "metadata", "timestamp_ns", "correlation_id")
+    __slots__ = ("event_parts", "measurements", "metadata", "timestamp_ns", "correlation_id", "span_id", "stacktrace")
     class MeasurementsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -35,12 +35,26 @@ class TelemetryEvent(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_NS_FIELD_NUMBER: _ClassVar[int]
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
+    SPAN_ID_FIELD_NUMBER: _ClassVar[int]
+    STACKTRACE_FIELD_NUMBER: _ClassVar[int]
     event_parts: _containers.RepeatedScalarFieldContainer[str]
     measurements: _containers.MessageMap[str, TelemetryValue]
     metadata: _containers.ScalarMap[str, str]
     timestamp_ns: int
     correlation_id: str
-    def __init__(self, event_parts: _Optional[_Iterable[str]] = ..., measurements: _Optional[_Mapping[str, TelemetryValue]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., timestamp_ns: _Optional[int] = ..., correlation_id: _Optional[str] = ...) -> None: ...
+    span_id: int
+    stacktrace: _containers.RepeatedCompositeFieldContainer[TelemetryFrame]
+    def __init__(self, event_parts: _Optional[_Iterable[str]] = ..., measurements: _Optional[_Mapping[str, TelemetryValue]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., timestamp_ns: _Optional[int] = ..., correlation_id: _Optional[str] = ..., span_id: _Optional[int] = ..., stacktrace: _Optional[_Iterable[_Union[TelemetryFrame, _Mapping]]] = ...) -> None: ...
+
+class TelemetryFrame(_message.Message):
+    __slots__ = ("file", "line", "function")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    LINE_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    file: str
+    line: int
+    function: str
+    def __init__(self, file: _Optional[str] = ..., line: _Optional[int] = ..., function: _Optional[str] = ...) -> None: ...
 
 class TelemetryValue(_message.Message):
     __slots__ = ("int_value", "float_value", "string_value")

@@ -337,8 +337,8 @@ def test_both_rpcs_deliver_the_same(serve: Serve) -> None:
         client: BatchClient | Client = BatchClient(address) if batched else Client(address)
         try:
             assert wait_until(lambda s=s: s.stats()["active_stream"])
-            for parts, measurements, metadata, correlation_id, _ in raw:
-                s.emit_event(parts, measurements, metadata, correlation_id)
+            for parts, measurements, metadata, correlation_id, _, span_id, stack in raw:
+                s.emit_event(parts, measurements, metadata, correlation_id, None, span_id, stack)
             assert s.wait_drained(5)
             stats = s.stats()
             got = [normal(e)[:4] for e in client.take(int(stats["sent"]))]

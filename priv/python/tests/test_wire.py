@@ -161,8 +161,10 @@ def ev(
     correlation_id: Any = None,
     timestamp_ns: int = BASE,
     parts: tuple[str, ...] = ("python", "call", "stop"),
+    span_id: int = 0,
+    stack: tuple[tuple[str, int, str], ...] = (),
 ) -> wire.RawEvent:
-    return (parts, measurements, metadata, correlation_id, timestamp_ns)
+    return (parts, measurements, metadata, correlation_id, timestamp_ns, span_id, stack)
 
 
 # --------------------------------------------------------------- hand-picked
@@ -223,6 +225,17 @@ EDGE_CASES: list[tuple[str, list[wire.RawEvent]]] = [
     ),
     ("base zero", [ev(timestamp_ns=0), ev(timestamp_ns=5), ev(timestamp_ns=2**62)]),
     ("negative base", [ev(timestamp_ns=-5), ev(timestamp_ns=7)]),
+    (
+        "span ids",
+        [ev(span_id=1), ev(span_id=2**64 - 1), ev({"x": 1}, {"k": "v"}, "c", span_id=2**63)],
+    ),
+    (
+        "tracebacks",
+        [
+            ev(span_id=5, stack=(("a.py", 3, "f"), ("", 0, ""), ("é/☃.py", 2**32 - 1, "C.m"))),
+            ev(parts=("python", "call", "exception"), stack=(("b.py", 1, "g"),) * 40),
+        ],
+    ),
     (
         "varint timestamps",
         [ev(timestamp_ns=BASE)] + [ev(timestamp_ns=BASE + v) for v in VARINT_EDGES if v < 2**60],
@@ -376,6 +389,8 @@ def random_event(rng: random.Random, base: int) -> wire.RawEvent:
         random_metadata(rng),
         cid,
         min(INT64_MAX, max(0, base + offset)),  # time_ns() is always in range
+        rng.choice([0, 0, 1, rng.randrange(1, 2**64)]),
+        rng.choice([(), (), (("f.py", rng.randrange(0, 2**32), "fn"), ("", 0, "☃"))]),
     )
 
 
@@ -432,7 +447,7 @@ def framed(raw: wire.RawEvent) -> int:
 
 def test_max_bytes_splits_batches() -> None:
     events = [ev({"seq": i, "ratio": i / 3}, {"command": f"c{i % 7}"}, "cid") for i in range(1000)]
-    events = [(*e[:4], BASE + i * 1000) for i, e in enumerate(events)]
+    events = [(*e[:4], BASE + i * 1000, *e[5:]) for i, e in enumerate(events)]
     largest = max(framed(e) for e in events)
     encoder = wire.BatchEncoder()
     max_bytes = 2000

@@ -23,15 +23,19 @@ defmodule Snakepit.Telemetry.GrpcStreamTest do
       })
 
       assert_receive {:event, @stop, measurements, metadata}, 5_000
+      emit_time = metadata.emit_time
+      assert is_integer(emit_time) and emit_time <= System.system_time()
 
       assert measurements == %{
                "tokens" => 12,
                "ratio" => 0.5,
-               duration: System.convert_time_unit(1_500_000, :nanosecond, :native)
+               duration: System.convert_time_unit(1_500_000, :nanosecond, :native),
+               monotonic_time: emit_time - :erlang.time_offset()
              }
 
       assert metadata == %{
                "model" => "bert",
+               emit_time: emit_time,
                node: node(),
                pool_name: :inference_pool,
                worker_id: worker_id,

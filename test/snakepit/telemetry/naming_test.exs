@@ -46,6 +46,36 @@ defmodule Snakepit.Telemetry.NamingTest do
     if Mix.Tasks.SnakepitTelemetry.Catalog.render(readme, table) != readme do
       flunk("README.md's catalog table is stale: run `mix snakepit_telemetry.catalog`")
     end
+
+    spans = Naming.span_markdown_table()
+
+    if Mix.Tasks.SnakepitTelemetry.Catalog.render(readme, "spans", spans) != readme do
+      flunk("README.md's span table is stale: run `mix snakepit_telemetry.catalog`")
+    end
+  end
+
+  test "every Python span follows the :telemetry.span/3 conventions" do
+    spans = Naming.python_spans()
+    assert {"python.call", _} = List.keyfind(spans, "python.call", 0)
+    assert {"tool.execution", _} = List.keyfind(spans, "tool.execution", 0)
+
+    for {python, events} <- spans do
+      keys = fn action, field -> Keyword.keys(events[action][field]) end
+      meta = fn action -> events[action].metadata end
+      assert Enum.sort(keys.(:start, :measurements)) == [:monotonic_time, :system_time], python
+
+      for action <- [:stop, :exception] do
+        assert Enum.sort(keys.(action, :measurements)) == [:duration, :monotonic_time], python
+      end
+
+      for action <- [:start, :stop, :exception] do
+        assert :telemetry_span_context in meta.(action), python
+      end
+
+      for key <- [:kind, :reason, :stacktrace, :error_type, :error_message] do
+        assert key in meta.(:exception), "#{python}: #{key}"
+      end
+    end
   end
 
   test "the catalog covers the three layers and the system's own health" do

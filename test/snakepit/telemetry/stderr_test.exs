@@ -19,11 +19,19 @@ defmodule Snakepit.Telemetry.StderrTest do
     assert Stderr.handle_line(line, @ctx) == :ok
     assert_receive {:event, @stop, measurements, metadata}
 
-    assert measurements == %{duration: System.convert_time_unit(1500, :nanosecond, :native)}
+    # The emit time (timestamp_ns, in native units) and, for a stop event,
+    # this VM's monotonic time of that moment.
+    emit_time = System.convert_time_unit(1, :nanosecond, :native)
+
+    assert measurements == %{
+             duration: System.convert_time_unit(1500, :nanosecond, :native),
+             monotonic_time: emit_time - :erlang.time_offset()
+           }
 
     assert metadata == %{
              # Not a catalog key, and no test registers it as a custom one.
              "deployment_region" => "eu",
+             emit_time: emit_time,
              command: "predict",
              correlation_id: "c-9",
              node: node(),
@@ -89,10 +97,14 @@ defmodule Snakepit.Telemetry.StderrTest do
       metadata: %{tool: "t", "Odd Key": "é"}
     })
 
+    # Each backend stamps its own emit time (and so monotonic_time): the
+    # rest is identical.
     for name <- [@stop, @result] do
       assert_receive {:event, ^name, m1, md1}, 5_000
       assert_receive {:event, ^name, m2, md2}, 5_000
-      assert {m1, md1} == {m2, md2}
+      assert is_integer(md1.emit_time) and is_integer(md2.emit_time)
+      timeless = fn m, md -> {Map.delete(m, :monotonic_time), Map.delete(md, :emit_time)} end
+      assert timeless.(m1, md1) == timeless.(m2, md2)
     end
 
     # A span arrives on both paths too (each backend times it on its own).

@@ -117,7 +117,7 @@ class _Call:
                 # The response iterator was closed before it finished: the client went away.
                 self._span.fail(grpc.StatusCode.CANCELLED.name, "response stream closed early")
             else:
-                self._span.fail(type(exc).__name__, safe_str(exc))
+                self._span.fail(type(exc).__name__, safe_str(exc), traceback=exc.__traceback__)
         except Exception:
             errors.count()
 

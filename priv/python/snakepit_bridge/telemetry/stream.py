@@ -255,12 +255,15 @@ class TelemetryStream:
         metadata: Mapping[Any, Any] | None = None,
         correlation_id: str | None = None,
         sampled: bool | None = None,
+        span_id: int = 0,
+        stacktrace: tuple[tuple[str, int, str], ...] = (),
     ) -> None:
         """Queue one event without blocking; never raises (failures are counted).
 
         ``sampled`` is a sampling decision made earlier (see :meth:`sample`); spans
         pass it so their start and stop are kept or dropped together. ``None``
-        samples this event on its own.
+        samples this event on its own. Span events pass their ``span_id`` (see
+        :mod:`._internal.spans`), and an exception event its ``stacktrace``.
         """
         try:
             # The common case, kept to a few operations: a known-good name and a
@@ -270,11 +273,21 @@ class TelemetryStream:
                 parts = _known_names.get(event)
                 queue = self._queue
                 if parts is not None and len(queue) < self._fast_cap:
-                    queue.append((parts, measurements, metadata, correlation_id, time.time_ns()))
+                    queue.append(
+                        (
+                            parts,
+                            measurements,
+                            metadata,
+                            correlation_id,
+                            time.time_ns(),
+                            span_id,
+                            stacktrace,
+                        )
+                    )
                     if self._idle:
                         self.wake()
                     return
-            self._emit(event, measurements, metadata, correlation_id, sampled)
+            self._emit(event, measurements, metadata, correlation_id, sampled, span_id, stacktrace)
         except Exception:
             # _emit only raises before it counts anything, so the event is
             # dropped and counted here.
@@ -294,6 +307,8 @@ class TelemetryStream:
         raw_metadata: object,
         correlation_id: object,
         sampled: bool | None = None,
+        span_id: int = 0,
+        stacktrace: tuple[tuple[str, int, str], ...] = (),
     ) -> None:
         timestamp_ns = time.time_ns()
         control = self._control
@@ -329,7 +344,15 @@ class TelemetryStream:
 
         assert parts is not None
         # Converted later, on the stream thread (see _convert and wire.BatchEncoder).
-        item = (parts, raw_measurements, raw_metadata, correlation_id, timestamp_ns)
+        item = (
+            parts,
+            raw_measurements,
+            raw_metadata,
+            correlation_id,
+            timestamp_ns,
+            span_id if type(span_id) is int and 0 < span_id < 1 << 64 else 0,
+            stacktrace if type(stacktrace) is tuple else (),
+        )
         queue = self._queue
         with self._lock:
             if len(queue) >= self._queue_size:
@@ -694,7 +717,9 @@ class TelemetryStream:
             else:
                 report = dict(zip(STATS_MEASUREMENTS, values, strict=True))
                 metadata = {INSTANCE_ID_KEY: self._instance_id}
-                msg = encoder.encode([(STATS_EVENT, report, metadata, None, time.time_ns())])[0]
+                msg = encoder.encode(
+                    [(STATS_EVENT, report, metadata, None, time.time_ns(), *wire.NO_SPAN_FIELDS)]
+                )[0]
         except Exception:
             self._counts["internal_errors"] += 1
             return None

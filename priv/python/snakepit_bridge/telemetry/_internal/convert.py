@@ -27,6 +27,8 @@ class QueuedEvent(NamedTuple):
     metadata: dict[str, str]
     timestamp_ns: int
     correlation_id: str
+    span_id: int = 0
+    stacktrace: tuple[tuple[str, int, str], ...] = ()
 
 
 NAME_CACHE: dict[str, tuple[str, ...] | None] = {}
@@ -131,14 +133,14 @@ def metadata(raw: object) -> tuple[dict[str, str], int]:
 
 
 def from_raw(
-    raw: tuple[tuple[str, ...], Any, Any, Any, int],
+    raw: tuple[tuple[str, ...], Any, Any, Any, int, int, tuple[tuple[str, int, str], ...]],
 ) -> tuple[QueuedEvent | None, int, int]:
     """Convert an event as emit queued it: ``(event, measurements_dropped, errors)``.
 
     The event is ``None`` (and ``errors`` 1) when the correlation id cannot be
     made a string; the counts are those of :func:`measurements` and :func:`metadata`.
     """
-    parts, raw_measurements, raw_metadata, correlation_id, timestamp_ns = raw
+    parts, raw_measurements, raw_metadata, correlation_id, timestamp_ns, span_id, stack = raw
     try:
         values, dropped = measurements(raw_measurements)
         meta, errors = metadata(raw_metadata)
@@ -150,7 +152,7 @@ def from_raw(
             cid = str(correlation_id)
     except Exception:
         return None, 0, 1
-    return QueuedEvent(parts, values, meta, timestamp_ns, cid), dropped, errors
+    return QueuedEvent(parts, values, meta, timestamp_ns, cid, span_id, stack), dropped, errors
 
 
 def to_proto(event: QueuedEvent) -> pb.TelemetryEvent:
@@ -160,7 +162,10 @@ def to_proto(event: QueuedEvent) -> pb.TelemetryEvent:
         metadata=event.metadata,
         timestamp_ns=event.timestamp_ns,
         correlation_id=event.correlation_id,
+        span_id=event.span_id,
     )
+    for file, line, function in event.stacktrace:
+        msg.stacktrace.add(file=file, line=line if 0 < line < 1 << 32 else 0, function=function)
     values = msg.measurements
     for key, value in event.measurements.items():
         if type(value) is int:

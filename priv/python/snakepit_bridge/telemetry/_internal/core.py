@@ -18,7 +18,7 @@ from .. import backends
 from ..correlation import _current as _correlation_var
 from ..correlation import get_correlation_id
 from ..stream import TelemetryStream
-from . import defaults, errors
+from . import defaults, errors, spans
 from .convert import ERROR_MESSAGE_LIMIT as ERROR_MESSAGE_LIMIT
 from .convert import NAME_CACHE, safe_str, suffixed
 from .convert import event_parts as convert_event_parts
@@ -94,7 +94,7 @@ def emit(
             if parts is not None and len(queue) < stream._fast_cap:
                 if correlation_id is None:
                     correlation_id = _current_correlation_id()
-                queue.append((parts, measurements, metadata, correlation_id, _time_ns()))
+                queue.append((parts, measurements, metadata, correlation_id, _time_ns(), 0, ()))
                 if stream._idle:
                     stream.wake()
                 return
@@ -120,9 +120,21 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
     with the correlation ID in force at enter unless one was passed. On the grpc
     backend sampling is decided once at enter (with the rate for ``<name>.start``)
     and shared by the stop/exception, so a sampled span is never delivered half.
+
+    The three events carry the span's id (see :mod:`._internal.spans`), which
+    Elixir gives handlers as ``telemetry_span_context``; an exception event also
+    carries the traceback (bounded, innermost frames first).
     """
 
-    __slots__ = ("_backend", "_correlation_id", "_metadata", "_name", "_started", "_token")
+    __slots__ = (
+        "_backend",
+        "_correlation_id",
+        "_metadata",
+        "_name",
+        "_span_id",
+        "_started",
+        "_token",
+    )
 
     def __init__(
         self,
@@ -133,6 +145,7 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
         self._name = name
         self._correlation_id = correlation_id
         self._started = 0
+        self._span_id = 0
         self._backend: backends.Backend | None = None
         self._token: object = backends.NO_SPAN
         try:
@@ -179,9 +192,22 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
         """End the span successfully; for callers (the interceptor) that cannot use ``with``."""
         self._end(None, extra, ended)
 
-    def fail(self, error_type: str, error_message: str, ended: int | None = None) -> None:
-        """End the span as failed with the given error fields."""
-        self._end(backends.SpanFailure(error_type, error_message), None, ended)
+    def fail(
+        self,
+        error_type: str,
+        error_message: str,
+        ended: int | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        """End the span as failed with the given error fields.
+
+        ``traceback`` (e.g. a caught exception's ``__traceback__``) becomes the
+        exception event's stacktrace; without one it has none.
+        """
+        failure = backends.SpanFailure(error_type, error_message)
+        if traceback is not None:
+            failure = failure.with_traceback(traceback)
+        self._end(failure, None, ended)
 
     def _enter_fast(self, stream: TelemetryStream, names: _SpanNames) -> None:
         """The grpc backend's common case: queue ``<name>.start`` directly.
@@ -194,8 +220,17 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
             self._correlation_id = _current_correlation_id()
         self._backend = _FAST_SPAN
         self._token = (stream, names)
+        self._span_id = span_id = spans.new_span_id()
         now = _time_ns()
-        event = (names[0], {"system_time": now}, self._metadata, self._correlation_id, now)
+        event = (
+            names[0],
+            {"system_time": now},
+            self._metadata,
+            self._correlation_id,
+            now,
+            span_id,
+            (),
+        )
         _queue_fast(stream, event)
 
     def _end(
@@ -218,14 +253,25 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
     ) -> None:
         stream, names = self._token
         meta = self._metadata
+        stack: tuple[spans.Frame, ...] = ()
         if error is not None:
             parts = names[2]
             extra = backends.error_fields(error)
+            stack = spans.frames(error)
         else:
             parts = names[1]
         if extra:
             meta = {**meta, **extra}
-        _queue_fast(stream, (parts, {"duration": duration}, meta, self._correlation_id, _time_ns()))
+        event = (
+            parts,
+            {"duration": duration},
+            meta,
+            self._correlation_id,
+            _time_ns(),
+            self._span_id,
+            stack,
+        )
+        _queue_fast(stream, event)
 
 
 # A span name's (start, stop, exception) event parts.
@@ -260,8 +306,8 @@ def _queue_fast(stream: TelemetryStream, event: tuple[Any, ...]) -> None:
         if stream._idle:
             stream.wake()
     else:
-        parts, measurements, metadata, correlation_id, _ = event
-        stream.emit_event(parts, measurements, metadata, correlation_id, True)
+        parts, measurements, metadata, correlation_id, _, span_id, stack = event
+        stream.emit_event(parts, measurements, metadata, correlation_id, True, span_id, stack)
 
 
 def report_error(

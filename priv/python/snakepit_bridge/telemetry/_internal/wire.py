@@ -19,8 +19,12 @@ from typing import Any
 from .convert import INT64_MAX, INT64_MIN, coerce_measurement
 
 # A queued event as emit left it: validated name parts, the caller's measurements
-# and metadata (converted only here), correlation id and wall-clock nanoseconds.
-RawEvent = tuple[tuple[str, ...], Any, Any, Any, int]
+# and metadata (converted only here), correlation id, wall-clock nanoseconds, the
+# span id (0 outside spans) and, on a span's exception event, its traceback
+# frames (see .spans; empty otherwise).
+RawEvent = tuple[tuple[str, ...], Any, Any, Any, int, int, tuple[tuple[str, int, str], ...]]
+# The last two fields of an event outside any span.
+NO_SPAN_FIELDS: tuple[int, tuple[()]] = (0, ())
 
 _CACHE_LIMIT = 4096
 # Default size bound of one batch (the stream also keeps it within the
@@ -36,6 +40,7 @@ _CACHED_KEY_CHARS = 64
 _HEAD_LENGTHS = 16
 
 _pack_double = struct.Struct("<d").pack
+_pack_fixed64 = struct.Struct("<Q").pack
 
 
 def _varint_loop(value: int) -> bytes:
@@ -63,6 +68,11 @@ _TAG_MEASUREMENT = b"\x12"  # TelemetryEvent.measurements (map entry)
 _TAG_METADATA = b"\x1a"  # TelemetryEvent.metadata (map entry)
 _TAG_TIMESTAMP = b"\x20"  # TelemetryEvent.timestamp_ns, varint
 _TAG_CORRELATION = b"\x2a"  # TelemetryEvent.correlation_id
+_TAG_SPAN_ID = b"\x31"  # TelemetryEvent.span_id, fixed64
+_TAG_FRAME = b"\x3a"  # TelemetryEvent.stacktrace (a TelemetryFrame)
+_TAG_FRAME_FILE = b"\x0a"  # TelemetryFrame.file
+_TAG_FRAME_LINE = b"\x10"  # TelemetryFrame.line, varint
+_TAG_FRAME_FUNCTION = b"\x1a"  # TelemetryFrame.function
 _TAG_KEY = b"\x0a"  # map entry key
 _TAG_VALUE = b"\x12"  # map entry value
 _TAG_INT = b"\x08"  # TelemetryValue.int_value
@@ -185,10 +195,10 @@ class BatchEncoder:
         Raises (``_Unusual`` or whatever a cache-miss encoding raises) for
         anything else, and :meth:`_general` handles that event instead.
         """
-        parts, raw_measurements, raw_metadata, correlation_id, timestamp_ns = event
+        parts, raw_measurements, raw_metadata, correlation_id, timestamp_ns, span_id, stack = event
         name = self._names.get(parts)
-        if name is None:
-            raise _Unusual
+        if name is None or stack:
+            raise _Unusual  # a traceback (rare: failed spans) takes the general path
         chunks = [name]
         push = chunks.append
         v14 = _V14
@@ -243,11 +253,13 @@ class BatchEncoder:
             push(_string_field(_TAG_CORRELATION, correlation_id))
         elif correlation_id is not None and type(correlation_id) is not str:
             raise _Unusual  # falsy but not "" (0, False): str() of it, as convert does
+        if span_id:
+            push(_TAG_SPAN_ID + _pack_fixed64(span_id))
         return b"".join(chunks)
 
     def _general(self, event: RawEvent, base: int) -> tuple[bytes, int, int]:
         """Any event: converts like :mod:`.convert` and fills the caches."""
-        parts, raw_measurements, raw_metadata, correlation_id, timestamp_ns = event
+        parts, raw_measurements, raw_metadata, correlation_id, timestamp_ns, span_id, stack = event
         names = self._names
         name = names.get(parts)
         if name is None:
@@ -270,6 +282,10 @@ class BatchEncoder:
                 correlation_id = str(correlation_id)  # also when falsy, e.g. 0 -> "0"
             if correlation_id:
                 chunks.append(_string_field(_TAG_CORRELATION, correlation_id))
+        if span_id:
+            chunks.append(_TAG_SPAN_ID + _pack_fixed64(span_id))
+        for file, line, function in stack:
+            chunks.append(_delimited(_TAG_FRAME, frame_message(file, line, function)))
         return b"".join(chunks), dropped, errors
 
     def _measurements(self, raw: Any, chunks: list[bytes]) -> int:
@@ -341,6 +357,18 @@ class BatchEncoder:
                     pairs[(key, value)] = entry
             chunks.append(entry)
         return errors
+
+
+def frame_message(file: str, line: int, function: str) -> bytes:
+    """A ``TelemetryFrame`` message (empty fields left out, as protobuf does)."""
+    out = b""
+    if file:
+        out += _string_field(_TAG_FRAME_FILE, file)
+    if 0 < line < 1 << 32:
+        out += _TAG_FRAME_LINE + varint(line)
+    if function:
+        out += _string_field(_TAG_FRAME_FUNCTION, function)
+    return out
 
 
 def _metadata_entry(key: str, value: str) -> bytes:

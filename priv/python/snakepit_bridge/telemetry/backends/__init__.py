@@ -41,6 +41,11 @@ without its packages logs one warning and becomes ``none`` (counted too).
 
 Every backend counts its own ``dropped`` and ``errors`` (:meth:`Backend.stats`);
 a failing backend never raises into user code nor stops the others in a composite.
+
+A backend subclass implements :meth:`Backend.emit`; its spans then arrive as
+``<name>.start``/``.stop``/``.exception`` events. The span id and traceback of
+those events go to :meth:`Backend.emit_span_event`, which drops them and calls
+``emit`` unless overridden (``stderr`` writes them on its lines).
 """
 
 from __future__ import annotations

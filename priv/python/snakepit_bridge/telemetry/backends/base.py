@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, NamedTuple
 
-from .._internal import convert, errors
+from .._internal import convert, errors, spans
 from .._internal.convert import Scalar, safe_str
 
 __all__ = ["NO_SPAN", "Backend", "CompositeBackend", "NoneBackend", "SpanFailure", "error_fields"]
@@ -57,6 +57,7 @@ class _DefaultSpan(NamedTuple):
     parts: tuple[str, ...]
     metadata: dict[str, str]
     correlation_id: str
+    span_id: int
 
 
 def _correlation(value: object) -> str:
@@ -90,17 +91,41 @@ class Backend:
     ) -> None:
         """Deliver one validated event; must not block the caller for long."""
 
+    def emit_span_event(
+        self,
+        parts: tuple[str, ...],
+        measurements: dict[str, Scalar],
+        metadata: dict[str, str],
+        timestamp_ns: int,
+        correlation_id: str,
+        span_id: int,
+        stacktrace: tuple[spans.Frame, ...],
+    ) -> None:
+        """Deliver one event of a span (the default spans' path).
+
+        ``span_id`` is the same on a span's start, stop and exception events;
+        ``stacktrace`` is the bounded traceback of an exception event, innermost
+        frame first (see :mod:`.._internal.spans`), else empty. By default both are
+        left out and the event goes to :meth:`emit`; a backend that can carry them
+        (``stderr``) overrides this.
+        """
+        self.emit(parts, measurements, metadata, timestamp_ns, correlation_id)
+
     def span_start(self, name: str, metadata: dict[str, str], correlation_id: str) -> object:
         """Begin a span; the returned token is handed back to :meth:`span_end`."""
         parts = tuple(name.split("."))
-        self.emit(
+        token = _DefaultSpan(parts, metadata, correlation_id, spans.new_span_id())
+        now = time.time_ns()
+        self.emit_span_event(
             (*parts, "start"),
-            {"system_time": time.time_ns()},
+            {"system_time": now},
             metadata,
-            time.time_ns(),
+            now,
             correlation_id,
+            token.span_id,
+            (),
         )
-        return _DefaultSpan(parts, metadata, correlation_id)
+        return token
 
     def span_end(
         self,
@@ -114,15 +139,19 @@ class Backend:
             return
         meta = {**token.metadata, **extra} if extra else token.metadata
         suffix = "stop"
+        stack: tuple[spans.Frame, ...] = ()
         if error is not None:
             suffix = "exception"
             meta = {**meta, **error_fields(error)}
-        self.emit(
+            stack = spans.frames(error)
+        self.emit_span_event(
             (*token.parts, suffix),
             {"duration": duration_ns},
             meta,
             time.time_ns(),
             token.correlation_id,
+            token.span_id,
+            stack,
         )
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+from .._internal import spans
 from .._internal.convert import suffixed
 from .._internal.defaults import get_stream
 from ..stream import TelemetryStream
@@ -24,6 +25,7 @@ class _GrpcSpan(NamedTuple):
     metadata: Any
     correlation_id: object
     sampled: bool
+    span_id: int
 
 
 class GrpcBackend(Backend):
@@ -62,7 +64,7 @@ class GrpcBackend(Backend):
     def handle_span_start(self, name: object, metadata: object, correlation_id: object) -> object:
         """Sample once for the whole span (with the rate of ``<name>.start``)."""
         stream = self.stream
-        token = _GrpcSpan(stream, name, metadata, correlation_id, True)
+        token = _GrpcSpan(stream, name, metadata, correlation_id, True, spans.new_span_id())
         try:
             start = suffixed(name, "start")
             token = token._replace(sampled=stream.sample(start))
@@ -72,6 +74,7 @@ class GrpcBackend(Backend):
                 metadata,  # type: ignore[arg-type]
                 correlation_id,  # type: ignore[arg-type]
                 token.sampled,
+                token.span_id,
             )
         except Exception:
             self.count("errors")
@@ -88,9 +91,11 @@ class GrpcBackend(Backend):
             return
         try:
             meta = token.metadata
+            stack: tuple[spans.Frame, ...] = ()
             if error is not None:
                 suffix = "exception"
                 extra = error_fields(error)
+                stack = spans.frames(error)
             else:
                 suffix = "stop"
             if extra:
@@ -101,6 +106,8 @@ class GrpcBackend(Backend):
                 meta,
                 token.correlation_id,  # type: ignore[arg-type]
                 token.sampled,
+                token.span_id,
+                stack,
             )
         except Exception:
             self.count("errors")

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 from .._internal import env, errors
 from .._internal.convert import Scalar
+from .._internal.spans import Frame
 from .base import Backend
 
 __all__ = [
@@ -34,7 +35,7 @@ LINE_PREFIX = "SNAKEPIT_TELEMETRY_EVENT "
 STDERR_QUEUE_ENV = "SNAKEPIT_TELEMETRY_STDERR_QUEUE"
 DEFAULT_STDERR_QUEUE = 1024
 
-_Item = tuple[tuple[str, ...], dict[str, Scalar], dict[str, str], int, str]
+_Item = tuple[tuple[str, ...], dict[str, Scalar], dict[str, str], int, str, int, tuple[Frame, ...]]
 
 
 def _json_value(value: Scalar) -> Scalar:
@@ -52,8 +53,15 @@ def format_line(
     metadata: dict[str, str],
     timestamp_ns: int,
     correlation_id: str,
+    span_id: int = 0,
+    stacktrace: tuple[Frame, ...] = (),
 ) -> str:
-    """The exact line written for one event (without the newline)."""
+    """The exact line written for one event (without the newline).
+
+    Span events add ``span_id`` (an integer) and exception events ``stacktrace``
+    (``[{"file", "line", "function"}, ...]``, innermost first), as in
+    ``TelemetryEvent``.
+    """
     obj: dict[str, Any] = {
         "event_parts": list(parts),
         "measurements": {k: _json_value(v) for k, v in measurements.items()},
@@ -62,6 +70,10 @@ def format_line(
     }
     if correlation_id:
         obj["correlation_id"] = correlation_id
+    if span_id:
+        obj["span_id"] = span_id
+    if stacktrace:
+        obj["stacktrace"] = [{"file": f, "line": n, "function": fn} for f, n, fn in stacktrace]
     return LINE_PREFIX + json.dumps(obj, separators=(",", ":"), allow_nan=False)
 
 
@@ -91,12 +103,25 @@ class StderrBackend(Backend):
         timestamp_ns: int,
         correlation_id: str,
     ) -> None:
+        self.emit_span_event(parts, measurements, metadata, timestamp_ns, correlation_id, 0, ())
+
+    def emit_span_event(
+        self,
+        parts: tuple[str, ...],
+        measurements: dict[str, Scalar],
+        metadata: dict[str, str],
+        timestamp_ns: int,
+        correlation_id: str,
+        span_id: int,
+        stacktrace: tuple[Frame, ...],
+    ) -> None:
+        item = (parts, measurements, metadata, timestamp_ns, correlation_id, span_id, stacktrace)
         with self._cond:
             if len(self._queue) >= self._queue_size:
                 dropped = True
             else:
                 dropped = False
-                self._queue.append((parts, measurements, metadata, timestamp_ns, correlation_id))
+                self._queue.append(item)
                 if self._thread is None:
                     self._start_writer()
                 elif len(self._queue) == 1:
