@@ -14,12 +14,16 @@ defmodule Snakepit.Telemetry.Cluster do
       subscriber that exits is dropped by `:pg` itself.
     * `nodes/0`, `workers_by_node/0`, `events_per_second/0`,
       `total_queue_depth/0`, `drops_by_node/0`: cluster-wide answers, asked of
-      the nodes that are in the group right now (a node that leaves drops out
-      as soon as `:pg` notices).
-    * Control across nodes: `Snakepit.Telemetry.GrpcStream.toggle/2`,
-      `update_sampling/3` and `update_filter/2` with a worker id reach the
+      the nodes that are in the group right now, all in parallel, each
+      bounded by `query_timeout_ms` (`:cluster` config, default 500 ms). A
+      node that does not answer in time is **not left out**: its entry is
+      `{:error, reason}` (`:timeout`, `:noconnection`, ...). A node that
+      leaves the cluster drops out of `nodes/0` as soon as `:pg` notices.
+    * Control across nodes: `Snakepit.Telemetry.GrpcStream.toggle/3`,
+      `update_sampling/4` and `update_filter/3` with a worker id reach the
       node where that worker is registered (GrpcStream joins the
-      `{:worker, id}` group).
+      `{:worker, id}` group); with `:all` or `{:pool, name}` they act on every
+      node of the group (see GrpcStream, "Control across the cluster").
 
   Correlation IDs cross nodes with `Snakepit.Telemetry.Correlation.erpc/3`.
   """
@@ -30,7 +34,14 @@ defmodule Snakepit.Telemetry.Cluster do
   @scope :snakepit_telemetry
   @handler "snakepit-telemetry-cluster"
   @rate_interval_ms 1_000
-  @call_timeout 5_000
+  # Drop counters that are policy (asked for: sampling, filters, toggle),
+  # not losses. Every other `dropped_*` counter, and the native counters of
+  # whole messages, are losses.
+  @policy_drops [:dropped_sampled, :dropped_filtered, :dropped_disabled]
+  @loss_counters [:malformed_messages, :oversized_messages, :interrupted_sends]
+
+  @typedoc "Why a node gave no answer: `:timeout`, `:noconnection`, or what it raised."
+  @type no_answer :: {:error, term()}
 
   @doc false
   def scope, do: @scope
@@ -58,8 +69,8 @@ defmodule Snakepit.Telemetry.Cluster do
   def nodes,
     do: @scope |> :pg.get_members(:nodes) |> Enum.map(&node/1) |> Enum.uniq() |> Enum.sort()
 
-  @doc "`%{node => %{pool_name => [worker_id]}}` for every node."
-  @spec workers_by_node() :: %{node() => %{term() => [String.t()]}}
+  @doc "`%{node => %{pool_name => [worker_id]}}` for every node (`{:error, reason}` if it gave no answer)."
+  @spec workers_by_node() :: %{node() => %{term() => [String.t()]} | no_answer()}
   def workers_by_node do
     ask(GrpcStream, :list_streams, [], fn streams ->
       streams |> Enum.group_by(& &1.pool_name, & &1.worker_id)
@@ -67,30 +78,83 @@ defmodule Snakepit.Telemetry.Cluster do
   end
 
   @doc "Catalog events executed per second on each node, over the last second."
-  @spec events_per_second() :: %{node() => non_neg_integer()}
+  @spec events_per_second() :: %{node() => non_neg_integer() | no_answer()}
   def events_per_second, do: ask(__MODULE__, :local_rate, [], & &1)
 
-  @doc "Events waiting in the Python queues of every worker in the cluster."
-  @spec total_queue_depth() :: non_neg_integer()
+  @doc """
+  Events waiting on their way to handlers, across the cluster:
+  `%{total: n, by_node: %{node => depth | {:error, reason}}}`, where each
+  node's depth is
+
+      %{queued: python + native, python: n, native: n, python_age_ms: ms | nil}
+
+  `native` is read now: events the NIF decoded that the workers' delivery
+  processes have not handled yet. `python` is the sum of the workers' Python
+  queue lengths from their latest stats report, `python_age_ms` the age of
+  the oldest of those reports (`nil`: no report yet). `total` sums the nodes
+  that answered; the others are named in `by_node`.
+  """
+  @spec total_queue_depth() :: %{
+          total: non_neg_integer(),
+          by_node: %{node() => map() | no_answer()}
+        }
   def total_queue_depth do
-    GrpcStream
-    |> ask(:list_streams, [], fn streams ->
-      Enum.sum(Enum.map(streams, &Map.get(&1.python, :queue_len, 0)))
-    end)
-    |> Map.values()
-    |> Enum.sum()
+    by_node = ask(__MODULE__, :local_queue_depth, [], & &1)
+    total = for({_node, %{queued: n}} <- by_node, do: n) |> Enum.sum()
+    %{total: total, by_node: by_node}
   end
 
-  @doc "Events dropped so far on each node's workers, Python and native hops together."
-  @spec drops_by_node() :: %{node() => non_neg_integer()}
+  @doc """
+  Events dropped so far on each node's workers, in two kinds:
+  `%{node => %{policy: n, loss: n} | {:error, reason}}`. `policy` counts
+  what was asked for (`dropped_sampled`, `dropped_filtered`,
+  `dropped_disabled`, on the Python or the native hop); `loss` everything
+  else: events shed or refused on the way (queue full, invalid, oversized,
+  malformed, unknown, receiver down, ...) and whole messages refused.
+  """
+  @spec drops_by_node() :: %{
+          node() => %{policy: non_neg_integer(), loss: non_neg_integer()} | no_answer()
+        }
   def drops_by_node do
     ask(GrpcStream, :list_streams, [], fn streams ->
       streams
       |> Enum.flat_map(&(Map.to_list(&1.stats) ++ Map.to_list(&1.python)))
-      |> Enum.filter(fn {key, _} -> key |> Atom.to_string() |> String.starts_with?("dropped_") end)
-      |> Enum.map(&elem(&1, 1))
-      |> Enum.sum()
+      |> Enum.reduce(%{policy: 0, loss: 0}, fn {key, n}, acc ->
+        case drop_kind(key) do
+          nil -> acc
+          kind -> Map.update!(acc, kind, &(&1 + n))
+        end
+      end)
     end)
+  end
+
+  defp drop_kind(key) when key in @policy_drops, do: :policy
+  defp drop_kind(key) when key in @loss_counters, do: :loss
+
+  defp drop_kind(key) do
+    name = Atom.to_string(key)
+
+    cond do
+      String.starts_with?(name, "enforced_") -> :policy
+      String.starts_with?(name, "dropped_") -> :loss
+      true -> nil
+    end
+  end
+
+  @doc false
+  # This node's part of total_queue_depth/0.
+  def local_queue_depth do
+    streams = GrpcStream.list_streams()
+    python = Enum.sum(Enum.map(streams, &Map.get(&1.python, :queue_len, 0)))
+    native = Enum.sum(Enum.map(streams, & &1.pending))
+    ages = for %{python_age_ms: age} when is_integer(age) <- streams, do: age
+
+    %{
+      queued: python + native,
+      python: python,
+      native: native,
+      python_age_ms: if(ages == [], do: nil, else: Enum.max(ages))
+    }
   end
 
   @doc false
@@ -101,19 +165,21 @@ defmodule Snakepit.Telemetry.Cluster do
     end
   end
 
-  # Runs Module.fun(args) on every node of the group; nodes that do not
-  # answer in time are left out (they are leaving or gone).
+  # Runs Module.fun(args) on every node of the group, in parallel, each
+  # bounded by query_timeout_ms; a node that gives no answer is named with
+  # {:error, reason}, never left out.
   defp ask(module, fun, args, summarize) do
     nodes = nodes()
+    timeout = Snakepit.Telemetry.Config.cluster()[:query_timeout_ms]
 
     nodes
-    |> :erpc.multicall(module, fun, args, @call_timeout)
+    |> :erpc.multicall(module, fun, args, timeout)
     |> Enum.zip(nodes)
-    |> Enum.flat_map(fn
-      {{:ok, value}, node} -> [{node, summarize.(value)}]
-      {_failed, _node} -> []
+    |> Map.new(fn
+      {{:ok, value}, node} -> {node, summarize.(value)}
+      {{:error, {:erpc, reason}}, node} -> {node, {:error, reason}}
+      {{class, reason}, node} -> {node, {:error, {class, reason}}}
     end)
-    |> Map.new()
   end
 
   ## Handler

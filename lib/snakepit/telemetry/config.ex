@@ -44,19 +44,23 @@ defmodule Snakepit.Telemetry.Config do
           deny: []
         ],
         python: [queue_size: 1024, stats_interval_ms: 1_000, flush_interval_ms: 10],
+        # Cluster-wide calls (Snakepit.Telemetry.Cluster, GrpcStream control):
+        # how long to wait for each node, in parallel.
+        cluster: [query_timeout_ms: 500, control_timeout_ms: 2_000],
         pools: %{
           inference: [control: [sampling_rate: 0.1], python: [queue_size: 4096]]
         }
 
-  A pool's settings are merged key by key over the global ones.
+  A pool's settings are merged key by key over the global ones (`:cluster`
+  is global only).
   `worker_env/1` gives the environment variables to start a pool's Python
   workers with, so that Python begins with the same defaults that Elixir
   applies when the stream opens.
 
   ## Validation
 
-  `validate/0` checks the `:stream`, `:control`, `:python` and `:pools`
-  settings against a schema: each section is a keyword list of known keys,
+  `validate/0` checks the `:stream`, `:control`, `:python`, `:cluster` and
+  `:pools` settings against a schema: each section is a keyword list of known keys,
   each value of the expected type (millisecond and size settings are
   integers in `0..4_294_967_295`, some of them positive; `backoff_max_ms`
   is at least `backoff_initial_ms`; `:pools` is a map of pool name to a
@@ -99,6 +103,7 @@ defmodule Snakepit.Telemetry.Config do
   ]
   @control [enabled: true, sampling_rate: 1.0, sampling_rules: [], allow: [], deny: []]
   @python [queue_size: 1024, stats_interval_ms: 1_000, flush_interval_ms: 10]
+  @cluster [query_timeout_ms: 500, control_timeout_ms: 2_000]
 
   @defaults %{stream: @stream, control: @control, python: @python}
 
@@ -136,7 +141,8 @@ defmodule Snakepit.Telemetry.Config do
       queue_size: :pos_integer,
       stats_interval_ms: :non_neg_integer,
       flush_interval_ms: :non_neg_integer
-    ]
+    ],
+    cluster: [query_timeout_ms: :pos_integer, control_timeout_ms: :pos_integer]
   }
   @sections [:stream, :control, :python]
   @max_integer 4_294_967_295
@@ -152,6 +158,7 @@ defmodule Snakepit.Telemetry.Config do
   def validate do
     with {:ok, pools} <- pools(),
          :ok <- each(@sections, &check_global/1),
+         {:ok, _} <- fetch_cluster(),
          :ok <- each(pools, &check_pool/1),
          :ok <- check_backoff(nil),
          :ok <- each(Map.keys(pools), &check_backoff/1) do
@@ -171,6 +178,31 @@ defmodule Snakepit.Telemetry.Config do
          :ok <- check_pool_section(pools, pool, section),
          :ok <- if(section == :stream, do: check_backoff(pool), else: :ok) do
       {:ok, merged(section, pool)}
+    end
+  end
+
+  @doc """
+  The `:cluster` settings (global only), defaults included: `{:ok, keyword}`
+  or `{:error, message}`.
+  """
+  @spec fetch_cluster() :: {:ok, keyword()} | {:error, String.t()}
+  def fetch_cluster do
+    opts = Application.get_env(:snakepit_telemetry, :cluster, [])
+
+    with :ok <- check_section("cluster", :cluster, opts) do
+      {:ok, Keyword.merge(@cluster, opts)}
+    end
+  end
+
+  @doc """
+  The `:cluster` settings; on an invalid setting (changed at run time) the
+  built-in defaults, so cluster calls never raise on configuration.
+  """
+  @spec cluster() :: keyword()
+  def cluster do
+    case fetch_cluster() do
+      {:ok, opts} -> opts
+      {:error, _message} -> @cluster
     end
   end
 

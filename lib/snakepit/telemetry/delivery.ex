@@ -124,7 +124,7 @@ defmodule Snakepit.Telemetry.Delivery do
 
   defp execute({@python_stats, measurements, metadata}, state) do
     :telemetry.execute(@python_stats, measurements, Map.merge(metadata, state.metadata))
-    python_report(state.key, measurements, Map.get(metadata, :instance_id))
+    python_report(state.key, measurements, metadata)
   end
 
   defp execute({event, measurements, metadata}, state) do
@@ -137,7 +137,8 @@ defmodule Snakepit.Telemetry.Delivery do
   # one: the previous instance's last counters are kept in `base`, so the
   # worker's figures (and the drops reported from them) stay cumulative and
   # nothing is counted twice or lost.
-  defp python_report(key, measurements, instance) do
+  defp python_report(key, measurements, metadata) do
+    instance = Map.get(metadata, :instance_id)
     python = Registrations.python(key)
     counters = Map.drop(python.current, @python_gauges)
 
@@ -146,7 +147,28 @@ defmodule Snakepit.Telemetry.Delivery do
         Enum.any?(counters, fn {key, old} -> Map.get(measurements, key, 0) < old end)
 
     base = if restarted?, do: add_counters(python.base, counters), else: python.base
-    Registrations.put_python(key, %{current: measurements, instance: instance, base: base})
+    # When Python took these figures (its emit time), else now.
+    at = Map.get_lazy(metadata, :emit_time, &System.system_time/0)
+
+    Registrations.put_python(key, %{
+      current: measurements,
+      instance: instance,
+      base: base,
+      at: at
+    })
+  end
+
+  @doc false
+  # How old the worker's latest Python report is, in ms (nil: none yet).
+  @spec python_age_ms(reference()) :: non_neg_integer() | nil
+  def python_age_ms(key) do
+    case Registrations.python(key) do
+      %{at: at} when is_integer(at) ->
+        max(0, System.convert_time_unit(System.system_time() - at, :native, :millisecond))
+
+      _ ->
+        nil
+    end
   end
 
   defp add_counters(a, b), do: Map.merge(a, b, fn _k, x, y -> x + y end)

@@ -54,24 +54,57 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
   ## Control
 
-  `toggle/2`, `update_sampling/3` and `update_filter/2` take a worker id,
-  `{:pool, pool_name}` or `:all`. The desired state is remembered per worker
-  (see `Snakepit.Telemetry.Control` for how sampling rules combine), shown by
+  `toggle/3`, `update_sampling/4` and `update_filter/3` take a target (see
+  `t:target/0`). The desired state is remembered per worker (see
+  `Snakepit.Telemetry.Control` for how sampling rules combine), shown by
   `list_streams/0`, sent at once when the stream is open, and sent again
-  whenever the stream (re)opens. `:ok` means the state is recorded and its
-  control messages are on their way to Python (now, or as soon as the stream
-  opens).
+  whenever the stream (re)opens. Control and status calls never wait behind
+  events (handlers run in the delivery processes).
 
-  Control and status calls never wait behind events (handlers run in the
-  delivery processes). A worker id registered on another node of the cluster is controlled on
-  that node (see `Snakepit.Telemetry.Cluster`). The change travels as data
-  (`t:change/0`), never as a function, so nodes running different code can
-  control each other; a change or request the server does not know is
-  answered with `{:error, {:invalid_control, change}}` or
-  `{:error, {:invalid_request, request}}`, never a crash. An unreachable
-  node gives `{:error, {:node_unreachable, node}}`; a server that does not
-  answer within 5 s, on this node or another, `{:error, {:timeout, node}}`
-  (the change may still be applied later), never "unreachable".
+  ## Control across the cluster
+
+  The replies say what happened where:
+
+    * **A worker id** reaches the node where that worker is registered (the
+      `{:worker, id}` process group). `:ok` means that node recorded the
+      change and its control messages are on their way to Python (now, or
+      as soon as the stream opens). Worker ids are unique in the cluster:
+      `register_worker/1` answers `{:error, {:already_registered, node}}`
+      for an id another node has. Two nodes registering one id at the same
+      moment can both succeed; control by that id then answers
+      `{:error, {:ambiguous_worker, nodes}}`, never one of them at random,
+      and `{node, worker_id}` addresses the worker of that id on one node.
+    * **`:all` and `{:pool, name}`** act on every node that runs the
+      application (`Snakepit.Telemetry.Cluster.nodes/0`), asked in parallel.
+      `:ok` means **every** one of those nodes recorded the change (for a
+      pool: every node answered and at least one has the pool; nodes without
+      it have nothing to change). Otherwise the reply is
+      `{:error, {:nodes, %{node => reason}}}`, naming every node that did
+      not confirm, and only those: the others did record it. `reason` is
+      `:timeout` (no answer within `control_timeout_ms`: the change may
+      still be applied when the request arrives), `:node_unreachable`,
+      `:not_running`, or the node's own refusal (e.g. `[{worker_id,
+      :control_queue_full}]`). `{:error, :unknown_pool}`: no node has the
+      pool. On a single node the same rules give `:ok` or
+      `{:error, {:nodes, %{node() => reason}}}`.
+    * **Errors for one worker**: `{:error, :unknown_worker}`,
+      `{:error, {:timeout, node}}` (may have been applied),
+      `{:error, {:node_unreachable, node}}`, `{:error, {:not_running, node}}`,
+      or the node's refusal. A timeout is never reported as unreachable.
+
+  Every call waits at most `control_timeout_ms` (`:cluster` config, default
+  2 s) for any node, whatever the target. Changes are idempotent, so a
+  retry is safe, and each carries a version (the caller's wall clock, then
+  its node and a counter): a node applies a change only if it is newer than
+  the last change of the same kind (toggle, filter, the sampling rule of the
+  same pattern list) it applied to that worker. A node frozen while changes
+  were sent to it applies, once it thaws, the latest one and never an older
+  one after it. (The versions assume the nodes' wall clocks roughly agree.)
+
+  The change travels as data (`t:change/0`), never as a function, so nodes
+  running different code can control each other; a change or request the
+  server does not know is answered with `{:error, {:invalid_control,
+  change}}` or `{:error, {:invalid_request, request}}`, never a crash.
 
   ## Lifecycle
 
@@ -124,7 +157,9 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
   ## Status and counters
 
-  `list_streams/0` reports per worker: `:status` (`:connecting`, `:open`,
+  `list_streams/0` reports per worker: `:pending` (events decoded and not
+  yet handled by its delivery process, read now), `:python_age_ms` (age of
+  its latest Python stats report, `nil` before the first), `:status` (`:connecting`, `:open`,
   `:backing_off` or `{:failed, reason}`), `:protocol` (`:batches` or
   `:events`: the RPC of the current or latest open stream; `nil` before the
   first open), `:control`, `:reconnects`, `:delivery` (the pid of the
@@ -168,7 +203,13 @@ defmodule Snakepit.Telemetry.GrpcStream do
   alias Snakepit.Telemetry.{Cluster, Config, Control, Delivery, Native, Registrations}
 
   @type worker_id :: String.t()
-  @type target :: worker_id() | {:pool, term()} | :all
+  @typedoc """
+  What a control call acts on: a worker id (wherever in the cluster it is
+  registered), `{node, worker_id}` (the worker of that id on that node),
+  `{:pool, name}` (that pool's workers on every node) or `:all` (every
+  worker on every node). See "Control across the cluster".
+  """
+  @type target :: worker_id() | {node(), worker_id()} | {:pool, term()} | :all
 
   @typedoc """
   A worker to stream from: `:worker_id` (string), `:pool_name` (atom or
@@ -191,6 +232,8 @@ defmodule Snakepit.Telemetry.GrpcStream do
           control: map(),
           reconnects: non_neg_integer(),
           delivery: pid(),
+          pending: non_neg_integer(),
+          python_age_ms: non_neg_integer() | nil,
           stats: %{atom() => non_neg_integer()},
           python: %{atom() => non_neg_integer()}
         }
@@ -203,9 +246,6 @@ defmodule Snakepit.Telemetry.GrpcStream do
   @type change ::
           {:toggle, boolean()} | {:sampling, number(), [String.t()]} | {:filter, keyword()}
 
-  # How long a control call to a worker's GrpcStream (maybe on another node)
-  # may take.
-  @control_timeout_ms 5_000
   # At most one "stream lost" warning per worker per this interval.
   @lost_log_interval_ms 60_000
 
@@ -259,7 +299,8 @@ defmodule Snakepit.Telemetry.GrpcStream do
   Starts streaming telemetry from a worker.
 
   Returns `:ok` once the stream is being opened (its progress shows in
-  `list_streams/0`), `{:error, :already_registered}`,
+  `list_streams/0`), `{:error, :already_registered}` (this node has the id),
+  `{:error, {:already_registered, node}}` (another node of the cluster has it),
   `{:error, {:invalid_worker_ctx, reason}}` for bad input, or
   `{:error, {:invalid_config, message}}` when the pool's settings are
   invalid (see `Snakepit.Telemetry.Config`).
@@ -326,33 +367,125 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
   # A worker id registered on another node is controlled there. The change
   # travels as data (a `t:change/0`), never as a function: a node running
-  # other code could not call a function defined here.
-  defp control(worker_id, change, __MODULE__ = server) when is_binary(worker_id) do
-    destination =
-      case :pg.get_members(Cluster.scope(), {:worker, worker_id}) do
-        [] -> server
-        pids -> Enum.find(pids, hd(pids), &(node(&1) == node()))
-      end
+  # other code could not call a function defined here. Every request carries
+  # a version (see version/0): a node applies a change only if it is newer
+  # than the last change of the same kind it applied to that worker.
+  defp control(worker_id, change, __MODULE__) when is_binary(worker_id) do
+    case :pg.get_members(Cluster.scope(), {:worker, worker_id}) do
+      # Not registered anywhere the process groups know of: asked here, so
+      # the answer is this node's (`{:error, :unknown_worker}`).
+      [] ->
+        call_control(__MODULE__, worker_id, change, version())
 
-    try do
-      GenServer.call(destination, {:control, worker_id, change}, @control_timeout_ms)
-    catch
-      # A timeout is a timeout, on this node or another: never "unreachable".
-      :exit, {:timeout, _} ->
-        {:error, {:timeout, destination_node(destination)}}
+      [pid] ->
+        call_control(pid, worker_id, change, version())
 
-      :exit, _reason when is_pid(destination) and node(destination) != node() ->
-        {:error, {:node_unreachable, node(destination)}}
-
-      :exit, {:noproc, _} ->
-        {:error, :not_running}
+      pids ->
+        {:error, {:ambiguous_worker, pids |> Enum.map(&node/1) |> Enum.uniq() |> Enum.sort()}}
     end
   end
 
-  defp control(target, change, server), do: GenServer.call(server, {:control, target, change})
+  defp control({node, worker_id}, change, __MODULE__)
+       when is_atom(node) and node != :pool and is_binary(worker_id) do
+    call_control({__MODULE__, node}, worker_id, change, version())
+  end
+
+  defp control(target, change, __MODULE__)
+       when target == :all or (tuple_size(target) == 2 and elem(target, 0) == :pool) do
+    cluster_control(target, change)
+  end
+
+  defp control(target, _change, __MODULE__), do: {:error, {:invalid_target, target}}
+
+  # A server of the caller's own (not the application's): asked alone.
+  defp control(target, change, server) do
+    GenServer.call(server, {:control, target, change, version()})
+  end
+
+  # One control request to one GrpcStream, bounded by control_timeout_ms.
+  defp call_control(destination, target, change, version) do
+    case call_node(destination, {:control, target, change, version}) do
+      {:ok, reply} -> reply
+      {:error, :timeout} -> {:error, {:timeout, destination_node(destination)}}
+      {:error, :not_running} when destination == __MODULE__ -> {:error, :not_running}
+      {:error, reason} -> {:error, {reason, destination_node(destination)}}
+    end
+  end
+
+  # `{:ok, reply}`, or why the node gave none: `:timeout` (the request may
+  # still be applied when it arrives), `:node_unreachable` or `:not_running`.
+  defp call_node(destination, request) do
+    {:ok, GenServer.call(destination, request, Config.cluster()[:control_timeout_ms])}
+  catch
+    :exit, {:timeout, _} -> {:error, :timeout}
+    :exit, {:noproc, _} -> {:error, :not_running}
+    :exit, {{:nodedown, _}, _} -> {:error, :node_unreachable}
+    :exit, {:noconnection, _} -> {:error, :node_unreachable}
+    :exit, _ -> {:error, :node_unreachable}
+  end
+
+  # `:all` and `{:pool, name}`: every node that runs the application (the
+  # Cluster process group), asked in parallel with the same version.
+  defp cluster_control(target, change) do
+    version = version()
+
+    nodes =
+      case Cluster.nodes() do
+        [] -> [node()]
+        nodes -> nodes
+      end
+
+    nodes
+    |> Task.async_stream(
+      fn n ->
+        destination = if n == node(), do: __MODULE__, else: {__MODULE__, n}
+        {n, call_node(destination, {:control, target, change, version})}
+      end,
+      max_concurrency: length(nodes),
+      timeout: :infinity,
+      ordered: false
+    )
+    |> Map.new(fn {:ok, {n, result}} -> {n, node_result(result)} end)
+    |> summarize_nodes(target)
+  end
+
+  defp node_result({:ok, :ok}), do: :ok
+  defp node_result({:ok, {:error, reason}}), do: reason
+  defp node_result({:ok, other}), do: {:unexpected_reply, other}
+  defp node_result({:error, reason}), do: reason
+
+  # `:ok` when every node recorded the change (for a pool: every node
+  # answered, and at least one has the pool); else every node that did not
+  # confirm, with its reason.
+  defp summarize_nodes(results, target) do
+    pool? = match?({:pool, _}, target)
+    absent? = fn reason -> pool? and reason == :unknown_pool end
+
+    failed =
+      for {n, reason} <- results, reason != :ok, not absent?.(reason), into: %{}, do: {n, reason}
+
+    cond do
+      failed != %{} ->
+        {:error, {:nodes, failed}}
+
+      pool? and Enum.all?(results, fn {_n, reason} -> absent?.(reason) end) ->
+        {:error, :unknown_pool}
+
+      true ->
+        :ok
+    end
+  end
 
   defp destination_node(pid) when is_pid(pid), do: node(pid)
+  defp destination_node({_name, node}), do: node
   defp destination_node(_name), do: node()
+
+  # Orders control changes across nodes: the wall clock first (nodes'
+  # clocks are assumed roughly in step), then the node and a counter to
+  # break ties. A change older than one already applied is ignored.
+  defp version do
+    {System.system_time(), node(), System.unique_integer([:positive, :monotonic])}
+  end
 
   ## Server
 
@@ -378,6 +511,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
         worker =
           registration.ctx
           |> new_worker(stream_opts, registration.control, true, registration.key)
+          |> Map.put(:versions, Map.get(registration, :versions, %{}))
           |> start_delivery()
 
         :pg.join(Cluster.scope(), {:worker, worker_id}, self())
@@ -389,28 +523,24 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
   @impl GenServer
   def handle_call({:register, ctx}, _from, state) do
-    if Map.has_key?(state.workers, ctx.worker_id) do
-      {:reply, {:error, :already_registered}, state}
-    else
-      with {:ok, stream_opts} <- Config.fetch(:stream, ctx.pool_name),
-           {:ok, control} <- Config.fetch_control(ctx.pool_name),
-           worker = new_worker(ctx, stream_opts, control, false, make_ref()),
-           timeout = ctx[:connect_timeout_ms] || stream_opts[:connect_timeout_ms],
-           worker = start_delivery(worker),
-           {:ok, worker} <- open_or_stop(worker, timeout, state) do
-        Registrations.put(ctx.worker_id, registration(worker))
-        :pg.join(Cluster.scope(), {:worker, ctx.worker_id}, self())
-        {:reply, :ok, put_worker(state, worker)}
-      else
-        {:error, {:invalid_address, text}} ->
-          {:reply, {:error, {:invalid_worker_ctx, {:address, text}}}, state}
+    elsewhere =
+      for pid <- :pg.get_members(Cluster.scope(), {:worker, ctx.worker_id}),
+          node(pid) != node(),
+          do: node(pid)
 
-        {:error, message} when is_binary(message) ->
-          {:reply, {:error, {:invalid_config, message}}, state}
+    cond do
+      Map.has_key?(state.workers, ctx.worker_id) ->
+        {:reply, {:error, :already_registered}, state}
 
-        {:error, reason} ->
-          {:reply, {:error, reason}, state}
-      end
+      # Worker ids are unique across the cluster (as far as its process
+      # groups know: two nodes registering one id at the same moment can
+      # both succeed, and control by that id then answers
+      # {:error, {:ambiguous_worker, nodes}}).
+      elsewhere != [] ->
+        {:reply, {:error, {:already_registered, Enum.min(elsewhere)}}, state}
+
+      true ->
+        register(ctx, state)
     end
   end
 
@@ -436,14 +566,19 @@ defmodule Snakepit.Telemetry.GrpcStream do
     {:reply, streams, state}
   end
 
-  def handle_call({:control, target, change}, _from, state) do
+  def handle_call({:control, target, change, version}, _from, state) do
     with :ok <- check_change(change),
          {:ok, ids} <- targets(state, target) do
-      {reply, state} = Enum.reduce(ids, {:ok, state}, &apply_control(&1, change, &2))
+      {reply, state} = Enum.reduce(ids, {:ok, state}, &apply_control(&1, change, version, &2))
       {:reply, reply, state}
     else
       error -> {:reply, error, state}
     end
+  end
+
+  # From a node without versions: applied as of now.
+  def handle_call({:control, target, change}, from, state) do
+    handle_call({:control, target, change, version()}, from, state)
   end
 
   # A request from a node running other code, or a bad caller: answered,
@@ -491,9 +626,33 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
   ## Streams
 
+  defp register(ctx, state) do
+    with {:ok, stream_opts} <- Config.fetch(:stream, ctx.pool_name),
+         {:ok, control} <- Config.fetch_control(ctx.pool_name),
+         worker = new_worker(ctx, stream_opts, control, false, make_ref()),
+         timeout = ctx[:connect_timeout_ms] || stream_opts[:connect_timeout_ms],
+         worker = start_delivery(worker),
+         {:ok, worker} <- open_or_stop(worker, timeout, state) do
+      Registrations.put(ctx.worker_id, registration(worker))
+      :pg.join(Cluster.scope(), {:worker, ctx.worker_id}, self())
+      {:reply, :ok, put_worker(state, worker)}
+    else
+      {:error, {:invalid_address, text}} ->
+        {:reply, {:error, {:invalid_worker_ctx, {:address, text}}}, state}
+
+      {:error, message} when is_binary(message) ->
+        {:reply, {:error, {:invalid_config, message}}, state}
+
+      {:error, reason} ->
+        {:reply, {:error, reason}, state}
+    end
+  end
+
   defp new_worker(ctx, stream_opts, control, reopened?, key) do
     %{
       key: key,
+      # The version of the last applied change of each kind (see version/0).
+      versions: %{},
       delivery: nil,
       delivery_ref: nil,
       worker_id: ctx.worker_id,
@@ -519,7 +678,9 @@ defmodule Snakepit.Telemetry.GrpcStream do
     }
   end
 
-  defp registration(worker), do: %{ctx: ctx(worker), control: worker.control, key: worker.key}
+  defp registration(worker) do
+    %{ctx: ctx(worker), control: worker.control, key: worker.key, versions: worker.versions}
+  end
 
   ## Delivery processes
 
@@ -847,12 +1008,26 @@ defmodule Snakepit.Telemetry.GrpcStream do
   defp change(control, {:filter, filter}), do: Control.put_filter(control, filter)
   defp change(_control, other), do: {:error, {:invalid_control, other}}
 
-  defp apply_control(worker_id, change, {reply, state}) do
+  defp apply_control(worker_id, change, version, {reply, state}) do
     worker = state.workers[worker_id]
+    kind = change_kind(change)
+    applied = Map.get(worker.versions, kind)
 
     case change(worker.control, change) do
+      # A newer change of this kind is in place already (this one was
+      # delayed, e.g. by a frozen node): it stays, the older one is dropped.
+      {:ok, _control} when applied != nil and applied >= version ->
+        {reply, state}
+
       {:ok, control} ->
-        Registrations.put(worker_id, registration(%{worker | control: control}))
+        versions = Map.put(worker.versions, kind, version)
+
+        Registrations.put(
+          worker_id,
+          registration(%{worker | control: control, versions: versions})
+        )
+
+        state = put_in(state.workers[worker_id].versions, versions)
 
         sent =
           if worker.status == :open,
@@ -865,6 +1040,11 @@ defmodule Snakepit.Telemetry.GrpcStream do
         {merge_reply(reply, worker_id, error), state}
     end
   end
+
+  # Changes of one kind replace each other; the version is kept per kind.
+  defp change_kind({:toggle, _}), do: :toggle
+  defp change_kind({:sampling, _rate, patterns}), do: {:sampling, patterns}
+  defp change_kind({:filter, _}), do: :filter
 
   # Sends what changed between two control states.
   defp send_all(handle, new, old) do
@@ -901,7 +1081,9 @@ defmodule Snakepit.Telemetry.GrpcStream do
       reconnects: worker.reconnects,
       delivery: worker.delivery,
       stats: add_stats(worker.totals, current),
-      python: python_totals(worker)
+      pending: if(worker.handle, do: Native.stream_pending(worker.handle), else: 0),
+      python: python_totals(worker),
+      python_age_ms: Delivery.python_age_ms(worker.key)
     }
   end
 

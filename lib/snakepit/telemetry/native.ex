@@ -89,6 +89,10 @@ defmodule Snakepit.Telemetry.Native do
   @spec stream_ack(reference(), non_neg_integer()) :: :ok
   def stream_ack(_handle, _n), do: not_loaded()
   def stream_stats(_handle), do: not_loaded()
+
+  @doc "Events decoded and not yet acknowledged by the receiver (a level)."
+  @spec stream_pending(reference()) :: non_neg_integer()
+  def stream_pending(_handle), do: not_loaded()
   def runtime_info, do: not_loaded()
   def catalog_events, do: not_loaded()
   def catalog_metadata_keys, do: not_loaded()

@@ -15,7 +15,7 @@ defmodule Snakepit.Telemetry.Registrations do
 
   @table __MODULE__
   @python Module.concat(__MODULE__, Python)
-  @no_python %{current: %{}, instance: nil, base: %{}}
+  @no_python %{current: %{}, instance: nil, base: %{}, at: nil}
 
   def start_link(_opts), do: GenServer.start_link(__MODULE__, nil, name: __MODULE__)
 
@@ -35,7 +35,7 @@ defmodule Snakepit.Telemetry.Registrations do
   @spec all() :: [{String.t(), map()}]
   def all, do: :ets.tab2list(@table)
 
-  @doc "A registration's Python counters: `%{current:, instance:, base:}`."
+  @doc "A registration's Python counters: `%{current:, instance:, base:, at:}`."
   @spec python(reference()) :: map()
   def python(key) do
     case :ets.lookup(@python, key) do

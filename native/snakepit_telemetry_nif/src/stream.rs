@@ -268,6 +268,13 @@ fn stream_redirect(handle: ResourceArc<StreamHandle>, receiver: LocalPid) -> usi
     lost
 }
 
+/// Events on their way to the stream's receiver or being handled there:
+/// decoded and not yet acknowledged (a level, not a counter).
+#[rustler::nif]
+fn stream_pending(handle: ResourceArc<StreamHandle>) -> usize {
+    handle.credit.pending()
+}
+
 #[rustler::nif]
 fn stream_stats<'a>(env: Env<'a>, handle: ResourceArc<StreamHandle>) -> Term<'a> {
     stats_map(env, &handle.stats)

@@ -9,45 +9,10 @@ defmodule Snakepit.Telemetry.ClusterTest do
   @moduletag timeout: 120_000
 
   setup_all do
-    unless Node.alive?() do
-      {_, 0} = System.cmd("epmd", ["-daemon"])
-
-      {:ok, _} =
-        Node.start(:"snakepit_test_#{System.unique_integer([:positive])}@127.0.0.1", :longnames)
-    end
-
-    :ok
+    ClusterHelpers.ensure_distributed!()
   end
 
-  # Starts a peer node running :snakepit_telemetry and a Python worker
-  # registered there; returns {peer, node, worker_id}.
-  defp start_node!(label) do
-    {:ok, peer, node} =
-      :peer.start(%{
-        name: :"#{label}_#{System.unique_integer([:positive])}",
-        host: ~c"127.0.0.1",
-        longnames: true,
-        args: Enum.flat_map(:code.get_path(), &[~c"-pa", &1])
-      })
-
-    on_exit(fn -> safe_stop(peer) end)
-    {:ok, _} = :erpc.call(node, Application, :ensure_all_started, [:snakepit_telemetry])
-    worker_id = "#{label}-worker"
-
-    :ok = :erpc.call(node, ClusterHelpers, :start_registered_worker, [worker_id])
-
-    await(fn ->
-      :erpc.call(node, GrpcStream, :list_streams, []) |> Enum.any?(&(&1.status == :open))
-    end)
-
-    {peer, node, worker_id}
-  end
-
-  defp safe_stop(peer) do
-    :peer.stop(peer)
-  catch
-    :exit, _ -> :ok
-  end
+  defp start_node!(label), do: ClusterHelpers.start_node!(label)
 
   defp remote_command(node, command), do: :erpc.call(node, ClusterHelpers, :command, [command])
 
@@ -82,8 +47,9 @@ defmodule Snakepit.Telemetry.ClusterTest do
     workers = Cluster.workers_by_node()
     assert workers[b] == %{cluster_pool: [worker_b]}
     assert workers[c] == %{cluster_pool: [worker_c]}
-    assert is_integer(Cluster.total_queue_depth())
-    assert Map.has_key?(Cluster.drops_by_node(), c)
+    assert %{total: total, by_node: %{^b => %{queued: _}}} = Cluster.total_queue_depth()
+    assert is_integer(total)
+    assert %{policy: _, loss: _} = Cluster.drops_by_node()[c]
     await(fn -> Map.has_key?(Cluster.events_per_second(), b) end)
 
     :peer.stop(peer_c)
