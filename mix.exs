@@ -36,6 +36,7 @@ defmodule Mix.Tasks.Compile.SnakepitNative do
 
     root = Path.dirname(Mix.Project.project_file())
     app_path = Mix.Project.app_path()
+    # A dependency is built into its host's _build, outside its directory.
     dependency? = not inside?(Mix.Project.build_path(), root)
     target_dir = target_dir(root, app_path, dependency?)
 
@@ -110,7 +111,7 @@ defmodule Mix.Tasks.Compile.SnakepitNative do
     case File.read_link(priv) do
       {:ok, _} ->
         File.rm!(priv)
-        File.cp_r!(source, priv)
+        if File.dir?(source), do: File.cp_r!(source, priv), else: File.mkdir_p!(priv)
 
       {:error, _} ->
         File.mkdir_p!(priv)
