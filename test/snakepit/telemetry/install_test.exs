@@ -56,7 +56,7 @@ defmodule Snakepit.Telemetry.InstallTest do
     nif = Path.join([app, "priv", "native", "snakepit_telemetry_nif.so"])
     assert File.regular?(nif)
     assert {:error, _} = File.read_link(Path.join(app, "priv"))
-    assert File.regular?(Path.join([app, "priv", "python", "snakepit_bridge", "__init__.py"]))
+    assert File.regular?(Path.join([app, "priv", "python", "pyproject.toml"]))
 
     assert snapshot(Path.join(@root, "priv")) == dep_priv,
            "the build wrote into the dependency's priv/"
