@@ -40,7 +40,8 @@ defmodule Mix.Tasks.Compile.SnakepitNative do
     dependency? = not inside?(Mix.Project.build_path(), root)
     target_dir = target_dir(root, app_path, dependency?)
 
-    unless File.exists?(Path.join([app_path, "priv", "native", "#{@crate}.so"])) do
+    # cargo is --quiet; say why a first build in this target directory is slow.
+    unless library(target_dir) do
       Mix.shell().info(
         "==> snakepit_telemetry: building the NIF with cargo (release) in #{target_dir}; " <>
           "a first build takes minutes"
@@ -68,6 +69,13 @@ defmodule Mix.Tasks.Compile.SnakepitNative do
     end
   end
 
+  # The library cargo built in target_dir, or nil.
+  defp library(target_dir) do
+    ["lib#{@crate}.so", "lib#{@crate}.dylib"]
+    |> Enum.map(&Path.join([target_dir, "release", &1]))
+    |> Enum.find(&File.exists?/1)
+  end
+
   defp inside?(path, dir) do
     path = Path.expand(path)
     dir = Path.expand(dir)
@@ -76,13 +84,8 @@ defmodule Mix.Tasks.Compile.SnakepitNative do
 
   defp install(root, app_path, target_dir, dependency?) do
     source =
-      Enum.find(
-        Enum.map(
-          ["lib#{@crate}.so", "lib#{@crate}.dylib"],
-          &Path.join([target_dir, "release", &1])
-        ),
-        &File.exists?/1
-      ) || Mix.raise("snakepit_telemetry: cargo built no library for #{@crate} in #{target_dir}")
+      library(target_dir) ||
+        Mix.raise("snakepit_telemetry: cargo built no library for #{@crate} in #{target_dir}")
 
     priv = Path.join(app_path, "priv")
     if dependency?, do: own_priv(Path.join(root, "priv"), priv)
