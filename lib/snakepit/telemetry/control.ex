@@ -159,6 +159,21 @@ defmodule Snakepit.Telemetry.Control do
       String.match?(p, ~r/\A[A-Za-z0-9_.*?\[\]!-]+\z/)
   end
 
+  @doc """
+  The state as `Snakepit.Telemetry.Native.stream_open/4` takes it (its
+  `:control` option): rules oldest first, as `{rate, patterns}`.
+  """
+  @spec to_native(t()) :: map()
+  def to_native(%__MODULE__{} = state) do
+    %{
+      enabled: state.enabled,
+      default_rate: state.default_rate,
+      rules: Enum.map(state.rules, &{&1.rate, &1.patterns}),
+      allow: state.allow,
+      deny: state.deny
+    }
+  end
+
   @doc "A plain map for `list_streams/0` and logs."
   @spec to_map(t()) :: map()
   def to_map(%__MODULE__{} = state), do: Map.from_struct(state)

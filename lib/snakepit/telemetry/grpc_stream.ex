@@ -238,7 +238,11 @@ defmodule Snakepit.Telemetry.GrpcStream do
     # Whole messages, not events: batches that could not be parsed, and
     # messages over max_message_bytes (reported with `bytes`, the largest).
     :malformed_messages,
-    :oversized_messages
+    :oversized_messages,
+    # Control the NIF enforces itself on a `StreamTelemetry` worker.
+    :enforced_disabled,
+    :enforced_filtered,
+    :enforced_sampled
   ]
   @python_drops [
     :dropped_queue_full,
@@ -612,7 +616,8 @@ defmodule Snakepit.Telemetry.GrpcStream do
       |> Map.merge(%{
         connect_timeout_ms: connect_timeout_ms,
         native_per_sec: state.native_per_sec,
-        receiver: worker.delivery
+        receiver: worker.delivery,
+        control: Control.to_native(worker.control)
       })
 
     with {:ok, handle} <- Native.stream_open(self(), stream_id, worker.address, options) do

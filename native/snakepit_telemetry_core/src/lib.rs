@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod credit;
 pub mod custom;
 pub mod decode;
+pub mod enforce;
 pub mod json;
 pub mod stats;
 pub mod stream;

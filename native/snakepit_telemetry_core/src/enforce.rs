@@ -1,0 +1,554 @@
+//! Control enforced on the native side, for workers that do not apply it
+//! themselves the way Elixir means it.
+//!
+//! Snakepit v0.13's Python (`snakepit_bridge.telemetry.stream.TelemetryStream`)
+//! serves only `StreamTelemetry`, one event per message, and treats control
+//! messages differently from this project's Python:
+//!
+//! * a sampling update's `event_patterns` are ignored: its rate becomes the
+//!   rate of *every* event, so a rule meant for `"python.call.*"` would
+//!   sample everything;
+//! * each event is sampled alone: a span's start and stop are decided
+//!   independently;
+//! * toggle, sampling and filters are applied when an event is emitted, and
+//!   an event emitted before the first stream opened was buffered under the
+//!   defaults (on, rate 1.0, no filters): control sent on open never reaches
+//!   it.
+//!
+//! On a stream that fell back to `StreamTelemetry` (protocol `:events`), the
+//! stream task therefore keeps the worker's whole control state itself
+//! ([`ControlState`], seeded when the stream opens and updated by every
+//! control message that passes through it) and applies it to what it
+//! receives ([`Enforcer`]): toggle, allow/deny, and per-pattern sampling
+//! with whole spans. The worker is only sent what it applies correctly:
+//! toggle and filters as they are, and instead of each sampling update a
+//! neutral one (rate 1.0, no patterns) so that it samples nothing itself;
+//! see [`for_event_worker`]. Each drop is counted under its own reason
+//! (`enforced_disabled`, `enforced_filtered`, `enforced_sampled`).
+//!
+//! The semantics are those of `Snakepit.Telemetry.Control` and the Python
+//! `ControlState`: globs are Python's `fnmatch` globs over dotted Python
+//! names; deny wins over allow and an empty allow list allows every event;
+//! an event's rate is that of the newest rule with a matching pattern, else
+//! the default rate; a span's sampling decision is taken at its start (with
+//! the rate for `<name>.start`) and holds for its stop or exception; the
+//! order of checks is toggle, filter, sampling. The worker's own stats
+//! event (`telemetry.python.stats`) is never dropped.
+//!
+//! ## Span identity and its limits
+//!
+//! Events from a v0.13 worker carry no span id. A span is identified by its
+//! correlation id and its name (the event name without `.start`, `.stop`
+//! or `.exception`), and the decisions of open spans with the same identity
+//! are kept last in, first out, which is right for nested spans. Two spans
+//! with the same name and correlation id (often the empty one, which v0.13
+//! sends when there is none) that overlap without nesting, e.g. in two
+//! threads, may swap decisions: every stop still follows some start's
+//! decision, so the number of whole spans kept stays right, but a kept stop
+//! may belong to a dropped start. Decisions are only recorded while some
+//! rate is below 1.0; at most [`MAX_OPEN_SPANS`] are kept (then they are
+//! forgotten all at once), and an end whose start was not recorded is
+//! sampled alone with its own rate.
+
+use std::collections::HashMap;
+
+use crate::custom;
+use crate::decode::{Decoded, Event};
+use crate::proto::{telemetry_control, TelemetryControl, TelemetrySamplingUpdate};
+use crate::stats::StreamStats;
+
+/// Most sampling rules kept; the oldest go first (as in `Control`).
+pub const MAX_RULES: usize = 32;
+/// Most open span decisions remembered.
+pub const MAX_OPEN_SPANS: usize = 4_096;
+/// Most per-name verdicts cached (then the cache starts over).
+const MAX_CACHED_NAMES: usize = 4_096;
+/// The worker's stats event: never sampled, filtered or disabled.
+const STATS_EVENT: &str = "telemetry.python.stats";
+
+/// One element of a compiled glob.
+#[derive(Clone, Debug, PartialEq)]
+enum Token {
+    /// `*`: any run of characters, dots included.
+    Star,
+    /// `?`: any one character.
+    Any,
+    Char(char),
+    /// `[...]` / `[!...]`: one character in (or not in) the ranges.
+    Set {
+        negated: bool,
+        ranges: Vec<(char, char)>,
+    },
+}
+
+/// A Python `fnmatch` glob (`fnmatch.fnmatchcase`, which `fnmatch.fnmatch`
+/// is on POSIX): `*` matches any run of characters (dots included), `?` one
+/// character, `[seq]` one character of `seq` (with `a-z` ranges; `[!seq]`
+/// negates; a `]` right after `[` or `[!` is literal; a `[` without a
+/// closing `]` is literal), everything else itself. The whole name must
+/// match.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Glob {
+    tokens: Vec<Token>,
+}
+
+impl Glob {
+    pub fn new(pattern: &str) -> Glob {
+        let chars: Vec<char> = pattern.chars().collect();
+        let mut tokens = Vec::with_capacity(chars.len());
+        let mut i = 0;
+        while i < chars.len() {
+            let c = chars[i];
+            i += 1;
+            match c {
+                '*' => {
+                    if tokens.last() != Some(&Token::Star) {
+                        tokens.push(Token::Star);
+                    }
+                }
+                '?' => tokens.push(Token::Any),
+                '[' => match parse_set(&chars, i) {
+                    Some((token, next)) => {
+                        tokens.push(token);
+                        i = next;
+                    }
+                    None => tokens.push(Token::Char('[')),
+                },
+                c => tokens.push(Token::Char(c)),
+            }
+        }
+        Glob { tokens }
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        let name: Vec<char> = name.chars().collect();
+        let tokens = &self.tokens;
+        // Greedy match with backtracking to the last star: linear in
+        // practice, O(len(name) * len(pattern)) at worst.
+        let (mut t, mut n) = (0, 0);
+        let mut star: Option<(usize, usize)> = None;
+        while n < name.len() {
+            match tokens.get(t) {
+                Some(Token::Star) => {
+                    star = Some((t, n));
+                    t += 1;
+                    continue;
+                }
+                Some(token) if token_matches(token, name[n]) => {
+                    t += 1;
+                    n += 1;
+                    continue;
+                }
+                _ => {}
+            }
+            match star {
+                Some((st, sn)) => {
+                    t = st + 1;
+                    n = sn + 1;
+                    star = Some((st, sn + 1));
+                }
+                None => return false,
+            }
+        }
+        tokens[t..].iter().all(|token| *token == Token::Star)
+    }
+}
+
+fn token_matches(token: &Token, c: char) -> bool {
+    match token {
+        Token::Star => true,
+        Token::Any => true,
+        Token::Char(x) => *x == c,
+        Token::Set { negated, ranges } => {
+            ranges.iter().any(|(lo, hi)| (*lo..=*hi).contains(&c)) != *negated
+        }
+    }
+}
+
+/// Parses a set whose `[` is just before `start`; `None` if it has no
+/// closing `]` (the `[` is then literal). Returns the token and the index
+/// after the `]`.
+fn parse_set(chars: &[char], start: usize) -> Option<(Token, usize)> {
+    let mut j = start;
+    if chars.get(j) == Some(&'!') {
+        j += 1;
+    }
+    if chars.get(j) == Some(&']') {
+        j += 1;
+    }
+    while j < chars.len() && chars[j] != ']' {
+        j += 1;
+    }
+    if j >= chars.len() {
+        return None;
+    }
+    let mut body = &chars[start..j];
+    let negated = body.first() == Some(&'!');
+    if negated {
+        body = &body[1..];
+    }
+    // Like fnmatch: `a-z` is a range, a `-` at either end is literal, and a
+    // reversed range such as `z-a` matches nothing, its two ends included.
+    let mut ranges = Vec::new();
+    let mut k = 0;
+    while k < body.len() {
+        let lo = body[k];
+        if k + 2 < body.len() && body[k + 1] == '-' {
+            let hi = body[k + 2];
+            if lo <= hi {
+                ranges.push((lo, hi));
+            }
+            k += 3;
+        } else {
+            ranges.push((lo, lo));
+            k += 1;
+        }
+    }
+    Some((Token::Set { negated, ranges }, j + 1))
+}
+
+/// Globs of which any may match.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Globs {
+    patterns: Vec<String>,
+    globs: Vec<Glob>,
+}
+
+impl Globs {
+    fn new(patterns: Vec<String>) -> Globs {
+        let globs = patterns.iter().map(|p| Glob::new(p)).collect();
+        Globs { patterns, globs }
+    }
+
+    fn any(&self, name: &str) -> bool {
+        self.globs.iter().any(|g| g.matches(name))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.globs.is_empty()
+    }
+}
+
+/// A sampling rule: `rate` for events matching any of its patterns.
+#[derive(Clone, Debug, PartialEq)]
+struct Rule {
+    rate: f64,
+    globs: Globs,
+}
+
+/// The control state a worker should be in, as Elixir's
+/// `Snakepit.Telemetry.Control` keeps it (see there for how rules combine).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ControlState {
+    enabled: bool,
+    default_rate: f64,
+    /// Oldest first.
+    rules: Vec<Rule>,
+    allow: Globs,
+    deny: Globs,
+}
+
+impl Default for ControlState {
+    fn default() -> Self {
+        ControlState {
+            enabled: true,
+            default_rate: 1.0,
+            rules: Vec::new(),
+            allow: Globs::default(),
+            deny: Globs::default(),
+        }
+    }
+}
+
+/// Clamps into 0..=1; NaN means no usable rate, so 1.0 (as in Python).
+fn clamp_rate(rate: f64) -> f64 {
+    if rate.is_nan() {
+        1.0
+    } else {
+        rate.clamp(0.0, 1.0)
+    }
+}
+
+impl ControlState {
+    /// The state after `enabled`, the default rate, the rules (oldest
+    /// first, as `{rate, patterns}`) and the filter lists were applied to
+    /// the default state, in the order Elixir sends them on open.
+    pub fn new(
+        enabled: bool,
+        default_rate: f64,
+        rules: Vec<(f64, Vec<String>)>,
+        allow: Vec<String>,
+        deny: Vec<String>,
+    ) -> ControlState {
+        let mut state = ControlState {
+            enabled,
+            default_rate: clamp_rate(default_rate),
+            ..ControlState::default()
+        };
+        for (rate, patterns) in rules {
+            state.put_sampling(rate, patterns);
+        }
+        state.allow = Globs::new(allow);
+        state.deny = Globs::new(deny);
+        state
+    }
+
+    /// Applies one control message, as a worker of this project does.
+    pub fn apply(&mut self, control: &TelemetryControl) {
+        match &control.control {
+            Some(telemetry_control::Control::Toggle(t)) => self.enabled = t.enabled,
+            Some(telemetry_control::Control::Sampling(s)) => {
+                self.put_sampling(s.sampling_rate, s.event_patterns.clone())
+            }
+            Some(telemetry_control::Control::Filter(f)) => {
+                self.allow = Globs::new(f.allow.clone());
+                self.deny = Globs::new(f.deny.clone());
+            }
+            None => {}
+        }
+    }
+
+    fn put_sampling(&mut self, rate: f64, patterns: Vec<String>) {
+        let rate = clamp_rate(rate);
+        if patterns.is_empty() {
+            self.default_rate = rate;
+            return;
+        }
+        self.rules.retain(|r| r.globs.patterns != patterns);
+        self.rules.push(Rule {
+            rate,
+            globs: Globs::new(patterns),
+        });
+        let excess = self.rules.len().saturating_sub(MAX_RULES);
+        self.rules.drain(..excess);
+    }
+
+    /// Whether any event may be sampled out.
+    pub fn sampling(&self) -> bool {
+        self.default_rate < 1.0 || self.rules.iter().any(|r| r.rate < 1.0)
+    }
+
+    /// Deny wins; an empty allow list allows everything.
+    pub fn allowed(&self, name: &str) -> bool {
+        !self.deny.any(name) && (self.allow.is_empty() || self.allow.any(name))
+    }
+
+    /// The rate of the newest rule matching `name`, else the default rate.
+    pub fn rate_for(&self, name: &str) -> f64 {
+        self.rules
+            .iter()
+            .rev()
+            .find(|r| r.globs.any(name))
+            .map_or(self.default_rate, |r| r.rate)
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+}
+
+/// What a `StreamTelemetry` worker is sent in place of `control`: toggle
+/// and filter as they are (the worker applies them correctly, only late),
+/// and for a sampling update a neutral one (rate 1.0, no patterns), so the
+/// worker never takes a pattern rule's rate, nor the default rate, as the
+/// rate of every event; the stream samples instead. `None`: send nothing.
+pub fn for_event_worker(control: TelemetryControl) -> Option<TelemetryControl> {
+    match control.control {
+        Some(telemetry_control::Control::Sampling(ref s)) if !s.event_patterns.is_empty() => None,
+        Some(telemetry_control::Control::Sampling(_)) => Some(TelemetryControl {
+            control: Some(telemetry_control::Control::Sampling(
+                TelemetrySamplingUpdate {
+                    sampling_rate: 1.0,
+                    event_patterns: Vec::new(),
+                },
+            )),
+        }),
+        _ => Some(control),
+    }
+}
+
+/// Why the stream dropped an event it enforces control on.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Dropped {
+    Disabled,
+    Filtered,
+    Sampled,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum SpanEdge {
+    Start,
+    End,
+}
+
+/// The span an event belongs to: its name without the last part, for
+/// `.start`, `.stop` and `.exception` events.
+fn span_edge(name: &str) -> Option<(&str, SpanEdge)> {
+    let (base, last) = name.rsplit_once('.')?;
+    match last {
+        "start" => Some((base, SpanEdge::Start)),
+        "stop" | "exception" => Some((base, SpanEdge::End)),
+        _ => None,
+    }
+}
+
+/// Applies a [`ControlState`] to decoded events (see the module docs).
+#[derive(Debug)]
+pub struct Enforcer {
+    state: ControlState,
+    /// Filter verdict and rate per dotted name, for the current state.
+    verdicts: HashMap<String, (bool, f64)>,
+    /// Decisions of open spans by (correlation id, span name), innermost
+    /// last.
+    spans: HashMap<(String, String), Vec<bool>>,
+    open_spans: usize,
+    rng: u64,
+}
+
+impl Enforcer {
+    pub fn new(state: ControlState) -> Enforcer {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Enforcer::with_seed(state, seed ^ (&seed as *const u64 as u64))
+    }
+
+    /// With a fixed random seed, for tests.
+    pub fn with_seed(state: ControlState, seed: u64) -> Enforcer {
+        Enforcer {
+            state,
+            verdicts: HashMap::new(),
+            spans: HashMap::new(),
+            open_spans: 0,
+            rng: seed | 1,
+        }
+    }
+
+    pub fn state(&self) -> &ControlState {
+        &self.state
+    }
+
+    /// Applies a control message to the state.
+    pub fn apply(&mut self, control: &TelemetryControl) {
+        self.state.apply(control);
+        self.verdicts.clear();
+    }
+
+    /// A uniform number in [0, 1) (xorshift64*).
+    fn random(&mut self) -> f64 {
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn keep(&mut self, rate: f64) -> bool {
+        rate >= 1.0 || (rate > 0.0 && self.random() < rate)
+    }
+
+    fn verdict(&mut self, name: &str) -> (bool, f64) {
+        if let Some(v) = self.verdicts.get(name) {
+            return *v;
+        }
+        let v = (self.state.allowed(name), self.state.rate_for(name));
+        if self.verdicts.len() >= MAX_CACHED_NAMES {
+            self.verdicts.clear();
+        }
+        self.verdicts.insert(name.to_string(), v);
+        v
+    }
+
+    /// `None` to deliver the event named `name` (dotted Python name), or why
+    /// it is dropped.
+    pub fn admit(&mut self, name: &str, correlation_id: Option<&str>) -> Option<Dropped> {
+        if name == STATS_EVENT {
+            return None;
+        }
+        if !self.state.enabled {
+            return Some(Dropped::Disabled);
+        }
+        let (allowed, rate) = self.verdict(name);
+        let sampled = match span_edge(name) {
+            Some((base, SpanEdge::Start)) => {
+                let keep = self.keep(rate);
+                if self.state.sampling() {
+                    self.remember(correlation_id.unwrap_or(""), base, keep);
+                }
+                keep
+            }
+            Some((base, SpanEdge::End)) => match self.recall(correlation_id.unwrap_or(""), base) {
+                Some(keep) => keep,
+                None => self.keep(rate),
+            },
+            None => self.keep(rate),
+        };
+        if !allowed {
+            Some(Dropped::Filtered)
+        } else if !sampled {
+            Some(Dropped::Sampled)
+        } else {
+            None
+        }
+    }
+
+    fn remember(&mut self, correlation_id: &str, span: &str, keep: bool) {
+        if self.open_spans >= MAX_OPEN_SPANS {
+            self.spans.clear();
+            self.open_spans = 0;
+        }
+        self.spans
+            .entry((correlation_id.to_string(), span.to_string()))
+            .or_default()
+            .push(keep);
+        self.open_spans += 1;
+    }
+
+    fn recall(&mut self, correlation_id: &str, span: &str) -> Option<bool> {
+        if self.spans.is_empty() {
+            return None;
+        }
+        let key = (correlation_id.to_string(), span.to_string());
+        let stack = self.spans.get_mut(&key)?;
+        let keep = stack.pop();
+        if stack.is_empty() {
+            self.spans.remove(&key);
+        }
+        if keep.is_some() {
+            self.open_spans -= 1;
+        }
+        keep
+    }
+
+    /// Drops from `events[from..]` what the state does not let through,
+    /// counting each drop in `stats`; returns how many are left there.
+    pub fn retain(&mut self, events: &mut Vec<Decoded>, from: usize, stats: &StreamStats) -> usize {
+        let mut kept = from;
+        for i in from..events.len() {
+            let verdict = match python_name(&events[i]) {
+                Some(name) => self.admit(&name, events[i].correlation_id.as_deref()),
+                None => None,
+            };
+            match verdict {
+                None => {
+                    events.swap(kept, i);
+                    kept += 1;
+                }
+                Some(Dropped::Disabled) => StreamStats::add(&stats.enforced_disabled, 1),
+                Some(Dropped::Filtered) => StreamStats::add(&stats.enforced_filtered, 1),
+                Some(Dropped::Sampled) => StreamStats::add(&stats.enforced_sampled, 1),
+            }
+        }
+        events.truncate(kept);
+        kept - from
+    }
+}
+
+/// The dotted Python name of a decoded event.
+fn python_name(event: &Decoded) -> Option<std::borrow::Cow<'static, str>> {
+    match event.event {
+        Event::Catalog(id) => id.spec().python.map(std::borrow::Cow::Borrowed),
+        Event::Custom(id) => custom::event_name(id).map(std::borrow::Cow::Owned),
+    }
+}
