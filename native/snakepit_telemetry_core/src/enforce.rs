@@ -552,3 +552,352 @@ fn python_name(event: &Decoded) -> Option<std::borrow::Cow<'static, str>> {
         Event::Custom(id) => custom::event_name(id).map(std::borrow::Cow::Owned),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::{DecodeConfig, Decoder};
+    use crate::proto::{TelemetryEvent, TelemetryEventFilter, TelemetryToggle};
+
+    const NAMES: &[&str] = &[
+        "python.call.stop",
+        "python.call.start",
+        "tool.execution.start",
+        "tool.result_size",
+        "]x",
+        "ax",
+        "[x",
+        "x[",
+        "-",
+        "a",
+        "b",
+        "zx",
+        "x",
+        "p",
+        "python.callx",
+        "python.call",
+        "snakepit.serialization.unserializable_marker",
+        "qython.gc.stop",
+    ];
+
+    /// Pattern, and the names of `NAMES` that Python's
+    /// `fnmatch.fnmatchcase` matches (computed with CPython 3.12).
+    const FNMATCH: &[(&str, &[&str])] = &[
+        ("python.call.*", &["python.call.stop", "python.call.start"]),
+        (
+            "python.*",
+            &[
+                "python.call.stop",
+                "python.call.start",
+                "python.callx",
+                "python.call",
+            ],
+        ),
+        ("*", NAMES),
+        ("*.stop", &["python.call.stop", "qython.gc.stop"]),
+        ("tool.?xecution.start", &["tool.execution.start"]),
+        (
+            "[pt]*",
+            &[
+                "python.call.stop",
+                "python.call.start",
+                "tool.execution.start",
+                "tool.result_size",
+                "p",
+                "python.callx",
+                "python.call",
+            ],
+        ),
+        (
+            "[!p]*",
+            &[
+                "tool.execution.start",
+                "tool.result_size",
+                "]x",
+                "ax",
+                "[x",
+                "x[",
+                "-",
+                "a",
+                "b",
+                "zx",
+                "x",
+                "snakepit.serialization.unserializable_marker",
+                "qython.gc.stop",
+            ],
+        ),
+        ("[a-c]*", &["ax", "a", "b"]),
+        ("[z-a]x", &[]),
+        ("[]]x", &["]x"]),
+        ("[!]]x", &["ax", "[x", "zx"]),
+        ("[x", &["[x"]),
+        ("x[", &["x["]),
+        ("[-a]", &["-", "a"]),
+        ("[a-]", &["-", "a"]),
+        ("python.call.st[oa]p", &["python.call.stop"]),
+        (
+            "*call*",
+            &[
+                "python.call.stop",
+                "python.call.start",
+                "python.callx",
+                "python.call",
+            ],
+        ),
+        ("**.stop", &["python.call.stop", "qython.gc.stop"]),
+        ("python.call", &["python.call"]),
+        ("?", &["-", "a", "b", "x", "p"]),
+        ("[p-q]ython.*.stop", &["python.call.stop", "qython.gc.stop"]),
+        ("tool.*.*", &["tool.execution.start"]),
+    ];
+
+    #[test]
+    fn globs_match_like_python_fnmatch() {
+        for (pattern, expected) in FNMATCH {
+            let glob = Glob::new(pattern);
+            let got: Vec<&str> = NAMES.iter().copied().filter(|n| glob.matches(n)).collect();
+            assert_eq!(&got, expected, "pattern {pattern:?}");
+        }
+    }
+
+    fn sampling(rate: f64, patterns: &[&str]) -> TelemetryControl {
+        TelemetryControl {
+            control: Some(telemetry_control::Control::Sampling(
+                TelemetrySamplingUpdate {
+                    sampling_rate: rate,
+                    event_patterns: patterns.iter().map(|p| p.to_string()).collect(),
+                },
+            )),
+        }
+    }
+
+    fn toggle(enabled: bool) -> TelemetryControl {
+        TelemetryControl {
+            control: Some(telemetry_control::Control::Toggle(TelemetryToggle {
+                enabled,
+            })),
+        }
+    }
+
+    fn filter(allow: &[&str], deny: &[&str]) -> TelemetryControl {
+        TelemetryControl {
+            control: Some(telemetry_control::Control::Filter(TelemetryEventFilter {
+                allow: allow.iter().map(|p| p.to_string()).collect(),
+                deny: deny.iter().map(|p| p.to_string()).collect(),
+            })),
+        }
+    }
+
+    #[test]
+    fn rules_combine_like_elixir_control() {
+        let mut s = ControlState::default();
+        assert!(!s.sampling());
+        s.apply(&sampling(0.5, &[]));
+        s.apply(&sampling(0.0, &["python.call.*"]));
+        s.apply(&sampling(0.2, &["python.*"]));
+        assert_eq!(s.rate_for("tool.result_size"), 0.5);
+        // The newest matching rule wins.
+        assert_eq!(s.rate_for("python.call.stop"), 0.2);
+        // The same pattern list replaces its rule and becomes the newest.
+        s.apply(&sampling(0.0, &["python.call.*"]));
+        assert_eq!(s.rate_for("python.call.stop"), 0.0);
+        assert_eq!(s.rate_for("python.gc.completed"), 0.2);
+        // Clamped; NaN means 1.0.
+        s.apply(&sampling(7.0, &[]));
+        assert_eq!(s.default_rate, 1.0);
+        s.apply(&sampling(f64::NAN, &["python.*"]));
+        assert_eq!(s.rate_for("python.gc.completed"), 1.0);
+        // At most MAX_RULES; the oldest go first.
+        for i in 0..40 {
+            s.apply(&sampling(0.0, &[&format!("r{i}.*")]));
+        }
+        assert_eq!(s.rules.len(), MAX_RULES);
+        assert_eq!(s.rate_for("python.call.stop"), 1.0);
+        assert_eq!(s.rate_for("r39.x"), 0.0);
+        assert_eq!(s.rate_for("r7.x"), 1.0);
+
+        // Deny wins; an empty allow list allows everything.
+        s.apply(&filter(&[], &["tool.*"]));
+        assert!(s.allowed("python.call.stop") && !s.allowed("tool.result_size"));
+        s.apply(&filter(&["python.*", "tool.*"], &["tool.result_size"]));
+        assert!(s.allowed("tool.execution.start") && !s.allowed("tool.result_size"));
+        assert!(!s.allowed("snakepit.serialization.unserializable_marker"));
+
+        let seeded = ControlState::new(
+            false,
+            0.25,
+            vec![(0.0, vec!["python.call.*".into()])],
+            vec![],
+            vec!["tool.*".into()],
+        );
+        assert!(!seeded.enabled());
+        assert_eq!(seeded.rate_for("python.call.start"), 0.0);
+        assert_eq!(seeded.rate_for("python.gc.completed"), 0.25);
+        assert!(!seeded.allowed("tool.result_size"));
+    }
+
+    #[test]
+    fn an_event_worker_is_never_sent_a_sampling_rate_or_a_pattern_rule() {
+        assert_eq!(for_event_worker(sampling(0.0, &["python.call.*"])), None);
+        assert_eq!(
+            for_event_worker(sampling(0.3, &[])),
+            Some(sampling(1.0, &[]))
+        );
+        assert_eq!(for_event_worker(toggle(false)), Some(toggle(false)));
+        let f = filter(&["python.*"], &["tool.*"]);
+        assert_eq!(for_event_worker(f.clone()), Some(f));
+    }
+
+    #[test]
+    fn toggle_filter_and_sampling_drop_with_their_reasons() {
+        let mut e = Enforcer::with_seed(ControlState::default(), 7);
+        assert_eq!(e.admit("tool.result_size", None), None);
+        e.apply(&filter(&[], &["tool.*"]));
+        assert_eq!(
+            e.admit("tool.result_size", None),
+            Some(Dropped::Filtered)
+        );
+        e.apply(&sampling(0.0, &["python.call.*"]));
+        assert_eq!(
+            e.admit("python.call.stop", Some("c")),
+            Some(Dropped::Sampled)
+        );
+        assert_eq!(e.admit("python.gc.completed", None), None);
+        e.apply(&toggle(false));
+        assert_eq!(
+            e.admit("python.gc.completed", None),
+            Some(Dropped::Disabled)
+        );
+        // The worker's own stats are never dropped.
+        assert_eq!(e.admit(STATS_EVENT, None), None);
+        e.apply(&toggle(true));
+        assert_eq!(e.admit("python.gc.completed", None), None);
+    }
+
+    #[test]
+    fn spans_are_sampled_whole() {
+        let mut e = Enforcer::with_seed(ControlState::default(), 42);
+        e.apply(&sampling(0.5, &["tool.execution.*"]));
+        let mut kept = 0;
+        for i in 0..2_000 {
+            let cid = format!("c{i}");
+            let start = e.admit("tool.execution.start", Some(&cid)).is_none();
+            // An event between start and stop is sampled on its own.
+            e.admit("tool.result_size", Some(&cid));
+            let end = if i % 3 == 0 {
+                "tool.execution.exception"
+            } else {
+                "tool.execution.stop"
+            };
+            let stop = e.admit(end, Some(&cid)).is_none();
+            assert_eq!(start, stop, "span {i}");
+            kept += usize::from(start);
+        }
+        // Binomial(2000, 0.5): mean 1000, sd 22; 8 sd either side.
+        assert!((820..=1180).contains(&kept), "{kept} spans kept");
+        assert!(e.spans.is_empty() && e.open_spans == 0);
+    }
+
+    #[test]
+    fn nested_spans_with_one_identity_pair_up_innermost_first() {
+        let mut e = Enforcer::with_seed(ControlState::default(), 3);
+        e.apply(&sampling(0.5, &[]));
+        for _ in 0..500 {
+            // The empty correlation id, as v0.13 sends without one.
+            let outer = e.admit("python.call.start", None).is_none();
+            let inner = e.admit("python.call.start", None).is_none();
+            assert_eq!(e.admit("python.call.stop", None).is_none(), inner);
+            assert_eq!(e.admit("python.call.exception", None).is_none(), outer);
+        }
+        assert!(e.spans.is_empty());
+    }
+
+    #[test]
+    fn a_decision_outlives_a_rate_change_and_unknown_ends_are_sampled_alone() {
+        let mut e = Enforcer::with_seed(ControlState::default(), 1);
+        e.apply(&sampling(0.0, &["python.call.*"]));
+        assert_eq!(
+            e.admit("python.call.start", Some("a")),
+            Some(Dropped::Sampled)
+        );
+        e.apply(&sampling(1.0, &["python.call.*"]));
+        // Decided at the start: dropped too, though the rate is now 1.0.
+        assert_eq!(
+            e.admit("python.call.stop", Some("a")),
+            Some(Dropped::Sampled)
+        );
+        // A stop whose start was never seen takes its own rate.
+        assert_eq!(e.admit("python.call.stop", Some("b")), None);
+        // Open spans are bounded.
+        e.apply(&sampling(0.5, &[]));
+        for i in 0..(MAX_OPEN_SPANS + 10) {
+            e.admit("python.call.start", Some(&i.to_string()));
+        }
+        assert!(e.open_spans <= MAX_OPEN_SPANS);
+    }
+
+    #[test]
+    fn retain_keeps_order_and_counts_each_reason() {
+        let stats = StreamStats::default();
+        let mut decoder = Decoder::new(DecodeConfig::default());
+        let names = [
+            "python.call.start",
+            "tool.result_size",
+            "python.gc.completed",
+            "python.call.stop",
+            "telemetry.python.stats",
+        ];
+        let mut events: Vec<Decoded> = names
+            .iter()
+            .map(|n| {
+                let ev = TelemetryEvent {
+                    event_parts: n.split('.').map(String::from).collect(),
+                    ..Default::default()
+                };
+                decoder.decode(ev, &stats).unwrap()
+            })
+            .collect();
+        let mut e = Enforcer::with_seed(ControlState::default(), 9);
+        e.apply(&sampling(0.0, &["python.call.*"]));
+        e.apply(&filter(&[], &["tool.*"]));
+        let kept = e.retain(&mut events, 1, &stats);
+        assert_eq!(kept, 2);
+        let left: Vec<_> = events
+            .iter()
+            .map(|d| d.event.spec().unwrap().python.unwrap())
+            .collect();
+        // The first event was before `from`: not looked at.
+        assert_eq!(
+            left,
+            ["python.call.start", "python.gc.completed", "telemetry.python.stats"]
+        );
+        assert_eq!(StreamStats::get(&stats.enforced_filtered), 1);
+        assert_eq!(StreamStats::get(&stats.enforced_sampled), 1);
+
+        e.apply(&toggle(false));
+        assert_eq!(e.retain(&mut events, 0, &stats), 1);
+        assert_eq!(StreamStats::get(&stats.enforced_disabled), 2);
+    }
+
+    #[test]
+    fn registered_custom_events_are_enforced_by_name() {
+        custom::register_event("enforce_test.inference.start").unwrap();
+        custom::register_event("enforce_test.inference.stop").unwrap();
+        let stats = StreamStats::default();
+        let mut decoder = Decoder::new(DecodeConfig::default());
+        let mut events: Vec<Decoded> = ["enforce_test.inference.start", "enforce_test.inference.stop"]
+            .iter()
+            .map(|n| {
+                let ev = TelemetryEvent {
+                    event_parts: n.split('.').map(String::from).collect(),
+                    ..Default::default()
+                };
+                decoder.decode(ev, &stats).unwrap()
+            })
+            .collect();
+        let mut e = Enforcer::with_seed(ControlState::default(), 5);
+        e.apply(&sampling(0.0, &["enforce_test.*"]));
+        assert_eq!(e.retain(&mut events, 0, &stats), 0);
+        assert_eq!(StreamStats::get(&stats.enforced_sampled), 2);
+    }
+}

@@ -13,6 +13,7 @@ pub mod custom;
 pub mod decode;
 pub mod enforce;
 pub mod json;
+mod snakepit_v013;
 pub mod stats;
 pub mod stream;
 pub mod wire;

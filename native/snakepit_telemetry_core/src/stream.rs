@@ -1917,4 +1917,137 @@ mod tests {
         assert_eq!(StreamStats::get(&h.stats.received), 3);
         assert_eq!(StreamStats::get(&h.stats.dropped_malformed), 1);
     }
+
+    fn sampling(rate: f64, patterns: &[&str]) -> TelemetryControl {
+        TelemetryControl {
+            control: Some(telemetry_control::Control::Sampling(
+                crate::proto::TelemetrySamplingUpdate {
+                    sampling_rate: rate,
+                    event_patterns: patterns.iter().map(|p| p.to_string()).collect(),
+                },
+            )),
+        }
+    }
+
+    fn toggle(enabled: bool) -> TelemetryControl {
+        TelemetryControl {
+            control: Some(telemetry_control::Control::Toggle(TelemetryToggle {
+                enabled,
+            })),
+        }
+    }
+
+    /// A control state set before the stream opened: python.call.* at 0.0,
+    /// tool.* denied.
+    fn seeded_control() -> StreamConfig {
+        StreamConfig {
+            control: ControlState::new(
+                true,
+                1.0,
+                vec![(0.0, vec!["python.call.*".into()])],
+                vec![],
+                vec!["tool.*".into()],
+            ),
+            ..StreamConfig::default()
+        }
+    }
+
+    fn mixed_events() -> Vec<TelemetryEvent> {
+        vec![
+            event("python.call.start", "s1"),
+            event("python.gc.completed", "g1"),
+            event("tool.result_size", "t1"),
+            event("python.call.stop", "s1"),
+            event("python.memory.sampled", "m1"),
+        ]
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_telemetry_worker_gets_control_enforced_from_the_first_event() {
+        // Events a worker buffered before the call opened reach the stream
+        // before any control message: the seeded state applies to them.
+        let (worker, mut controls) = worker(mixed_events(), true);
+        let address = serve_tcp(worker).await;
+        let mut h = start(address, seeded_control());
+        expect_status(&mut h, Status::Connecting).await;
+        expect_status(&mut h, Status::Open(Protocol::Events)).await;
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            match next(&mut h).await {
+                Seen::Events(batch) => got.extend(batch),
+                Seen::Status(status) => panic!("unexpected {status:?}"),
+            }
+        }
+        assert_eq!(
+            python_names(&got),
+            ["python.gc.completed", "python.memory.sampled"]
+        );
+        assert_eq!(StreamStats::get(&h.stats.enforced_sampled), 2);
+        assert_eq!(StreamStats::get(&h.stats.enforced_filtered), 1);
+        assert_eq!(StreamStats::get(&h.stats.received), 5);
+        // What the owner sends on open: the worker gets toggle and filter,
+        // and a neutral rate in place of each sampling update.
+        let deny = TelemetryControl {
+            control: Some(telemetry_control::Control::Filter(
+                crate::proto::TelemetryEventFilter {
+                    allow: vec![],
+                    deny: vec!["tool.*".into()],
+                },
+            )),
+        };
+        for control in [
+            toggle(true),
+            sampling(0.5, &[]),
+            sampling(0.0, &["python.call.*"]),
+            deny.clone(),
+            toggle(false),
+        ] {
+            h.controls_tx.send(control).await.unwrap();
+        }
+        let mut seen = Vec::new();
+        while seen.len() < 5 {
+            let control = tokio::time::timeout(Duration::from_secs(10), controls.recv())
+                .await
+                .expect("controls arrive")
+                .expect("worker alive");
+            seen.push(control);
+        }
+        assert_eq!(
+            seen,
+            [enable(), toggle(true), sampling(1.0, &[]), deny, toggle(false)]
+        );
+        assert_eq!(StreamStats::get(&h.stats.controls_sent), 5);
+        h.stop.take().unwrap().send(()).unwrap();
+        h.task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batches_worker_applies_control_itself() {
+        let (worker, mut controls) = batch_worker(vec![mixed_events()], true);
+        let address = serve_tcp(worker).await;
+        let mut h = start(address, seeded_control());
+        expect_status(&mut h, Status::Connecting).await;
+        expect_status(&mut h, Status::Open(Protocol::Batches)).await;
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            match next(&mut h).await {
+                Seen::Events(batch) => got.extend(batch),
+                Seen::Status(status) => panic!("unexpected {status:?}"),
+            }
+        }
+        assert_eq!(StreamStats::get(&h.stats.enforced_sampled), 0);
+        assert_eq!(StreamStats::get(&h.stats.enforced_filtered), 0);
+        // Pattern rules go to the worker as they are.
+        h.controls_tx
+            .send(sampling(0.0, &["python.call.*"]))
+            .await
+            .unwrap();
+        assert_eq!(controls.recv().await, Some(enable()));
+        assert_eq!(
+            controls.recv().await,
+            Some(sampling(0.0, &["python.call.*"]))
+        );
+        h.stop.take().unwrap().send(()).unwrap();
+        h.task.await.unwrap();
+    }
 }
