@@ -28,6 +28,12 @@ defmodule Snakepit.Telemetry.Control do
   `allow` and `deny` are glob lists over dotted Python names. Deny wins; an
   empty allow list allows every event. Filters and toggle apply after
   sampling rules are chosen, to every event.
+
+  Globs are Python's `fnmatch` globs (`*` matches dots too). This project's
+  Python applies the state itself. A worker that only serves
+  `StreamTelemetry` (e.g. Snakepit v0.13's Python) does not apply it this
+  way; the NIF enforces it for such a worker, with the same semantics (see
+  `to_native/1` and `Snakepit.Telemetry.GrpcStream`).
   """
 
   @max_rules 32

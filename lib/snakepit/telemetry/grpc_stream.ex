@@ -62,6 +62,14 @@ defmodule Snakepit.Telemetry.GrpcStream do
   control messages are on their way to Python (now, or as soon as the stream
   opens).
 
+  A worker on `StreamTelemetry` (protocol `:events`, e.g. Snakepit v0.13's
+  Python) does not apply sampling rules, whole spans or early filters the
+  way `Snakepit.Telemetry.Control` means them, so the NIF enforces the
+  worker's state on what it receives (seeded at open from the remembered
+  state, updated by the same control messages) and sends such a worker no
+  sampling rule or rate; its drops count as `enforced_disabled`,
+  `enforced_filtered` and `enforced_sampled`.
+
   Control and status calls never wait behind events (handlers run in the
   delivery processes). A worker id registered on another node of the cluster is controlled on
   that node (see `Snakepit.Telemetry.Cluster`). The change travels as data
@@ -138,7 +146,9 @@ defmodule Snakepit.Telemetry.GrpcStream do
   event that does not decode counts in `dropped_malformed` and the rest of
   its batch is delivered), `oversized_messages` and `oversized_bytes_max`
   (messages refused for exceeding `max_message_bytes`, and the largest such
-  size), `open_timeouts`, `keepalive_timeouts`, ...) and `:python` (the
+  size), `open_timeouts`, `keepalive_timeouts`, `enforced_disabled`,
+  `enforced_filtered`, `enforced_sampled` (control the NIF enforced on a
+  `StreamTelemetry` worker), ...) and `:python` (the
   worker's own counters, e.g. `dropped_queue_full`, from the
   `[:snakepit, :telemetry, :python, :stats]` reports, summed over the
   worker's Python processes; `queue_len` is the latest).
