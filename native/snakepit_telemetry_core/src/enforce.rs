@@ -753,10 +753,7 @@ mod tests {
         let mut e = Enforcer::with_seed(ControlState::default(), 7);
         assert_eq!(e.admit("tool.result_size", None), None);
         e.apply(&filter(&[], &["tool.*"]));
-        assert_eq!(
-            e.admit("tool.result_size", None),
-            Some(Dropped::Filtered)
-        );
+        assert_eq!(e.admit("tool.result_size", None), Some(Dropped::Filtered));
         e.apply(&sampling(0.0, &["python.call.*"]));
         assert_eq!(
             e.admit("python.call.stop", Some("c")),
@@ -869,7 +866,11 @@ mod tests {
         // The first event was before `from`: not looked at.
         assert_eq!(
             left,
-            ["python.call.start", "python.gc.completed", "telemetry.python.stats"]
+            [
+                "python.call.start",
+                "python.gc.completed",
+                "telemetry.python.stats"
+            ]
         );
         assert_eq!(StreamStats::get(&stats.enforced_filtered), 1);
         assert_eq!(StreamStats::get(&stats.enforced_sampled), 1);
@@ -885,16 +886,19 @@ mod tests {
         custom::register_event("enforce_test.inference.stop").unwrap();
         let stats = StreamStats::default();
         let mut decoder = Decoder::new(DecodeConfig::default());
-        let mut events: Vec<Decoded> = ["enforce_test.inference.start", "enforce_test.inference.stop"]
-            .iter()
-            .map(|n| {
-                let ev = TelemetryEvent {
-                    event_parts: n.split('.').map(String::from).collect(),
-                    ..Default::default()
-                };
-                decoder.decode(ev, &stats).unwrap()
-            })
-            .collect();
+        let mut events: Vec<Decoded> = [
+            "enforce_test.inference.start",
+            "enforce_test.inference.stop",
+        ]
+        .iter()
+        .map(|n| {
+            let ev = TelemetryEvent {
+                event_parts: n.split('.').map(String::from).collect(),
+                ..Default::default()
+            };
+            decoder.decode(ev, &stats).unwrap()
+        })
+        .collect();
         let mut e = Enforcer::with_seed(ControlState::default(), 5);
         e.apply(&sampling(0.0, &["enforce_test.*"]));
         assert_eq!(e.retain(&mut events, 0, &stats), 0);

@@ -79,6 +79,9 @@ mod tests {
         }
     }
 
+    /// Keys and values of a measurements or metadata dict.
+    type Pairs<'a> = Vec<(&'a str, Py<'a>)>;
+
     /// `TelemetryStream.emit` of v0.13: the message it puts on the stream.
     fn v013_event(
         name: &str,
@@ -283,7 +286,7 @@ mod tests {
 
     #[test]
     fn snakepit_catalog_events_with_its_keys_fold_to_atoms() {
-        let cases: Vec<(&str, Vec<(&str, Py)>, Vec<(&str, Py)>)> = vec![
+        let cases: Vec<(&str, Pairs, Pairs)> = vec![
             ("python.call.start", vec![("count", Py::Int(1))], vec![]),
             (
                 "python.call.stop",

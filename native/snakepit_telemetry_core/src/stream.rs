@@ -2014,7 +2014,13 @@ mod tests {
         }
         assert_eq!(
             seen,
-            [enable(), toggle(true), sampling(1.0, &[]), deny, toggle(false)]
+            [
+                enable(),
+                toggle(true),
+                sampling(1.0, &[]),
+                deny,
+                toggle(false)
+            ]
         );
         assert_eq!(StreamStats::get(&h.stats.controls_sent), 5);
         h.stop.take().unwrap().send(()).unwrap();

@@ -156,15 +156,28 @@ defmodule Snakepit.Telemetry.OldWorkerTest do
   test "toggled off: events the worker buffered never reach handlers, counted as enforced_disabled" do
     worker = start_old_worker!()
     ref = make_ref()
-    :telemetry.attach("old-drops-#{inspect(ref)}", @dropped, fn _, m, meta, pid ->
-      send(pid, {:dropped, m, meta})
-    end, self())
+
+    :telemetry.attach(
+      "old-drops-#{inspect(ref)}",
+      @dropped,
+      fn _, m, meta, pid ->
+        send(pid, {:dropped, m, meta})
+      end,
+      self()
+    )
 
     on_exit(fn -> :telemetry.detach("old-drops-#{inspect(ref)}") end)
 
     # Emitted before any stream: the worker buffers them under its defaults.
     command!(worker, %{cmd: "span", name: "python.call", correlation_prefix: "b", count: 10})
-    command!(worker, %{cmd: "emit", event: "tool.result_size", measurements: %{bytes: 1}, count: 5})
+
+    command!(worker, %{
+      cmd: "emit",
+      event: "tool.result_size",
+      measurements: %{bytes: 1},
+      count: 5
+    })
+
     forward_events(@all)
     worker_id = register_with_control!(worker, enabled: false)
 
@@ -183,7 +196,14 @@ defmodule Snakepit.Telemetry.OldWorkerTest do
 
   test "filtered: denied events never reach handlers, counted as enforced_filtered" do
     worker = start_old_worker!()
-    command!(worker, %{cmd: "emit", event: "tool.result_size", measurements: %{bytes: 1}, count: 7})
+
+    command!(worker, %{
+      cmd: "emit",
+      event: "tool.result_size",
+      measurements: %{bytes: 1},
+      count: 7
+    })
+
     command!(worker, %{cmd: "marker"})
     forward_events(@all)
     worker_id = register_with_control!(worker, deny: ["tool.*"])
@@ -208,7 +228,14 @@ defmodule Snakepit.Telemetry.OldWorkerTest do
     sync_controls(worker, worker_id, ["zz.*"])
 
     command!(worker, %{cmd: "span", name: "python.call", correlation_prefix: "p", count: 50})
-    command!(worker, %{cmd: "emit", event: "tool.result_size", measurements: %{bytes: 3}, count: 30})
+
+    command!(worker, %{
+      cmd: "emit",
+      event: "tool.result_size",
+      measurements: %{bytes: 3},
+      count: 30
+    })
+
     command!(worker, %{cmd: "showcase"})
 
     events = collect_until_sentinel(worker, worker_id)

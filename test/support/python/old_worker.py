@@ -236,7 +236,10 @@ def run_command(stream: OldStream, cmd: dict[str, Any]) -> dict[str, Any]:
         count = int(cmd.get("count", 1))
         for _ in range(count):
             stream.emit(
-                cmd["event"], cmd.get("measurements", {}), cmd.get("metadata"), cmd.get("correlation_id")
+                cmd["event"],
+                cmd.get("measurements", {}),
+                cmd.get("metadata"),
+                cmd.get("correlation_id"),
             )
         return {"count": count}
     if name == "span":
@@ -290,7 +293,11 @@ def main() -> int:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),))
     port = server.add_insecure_port(args.listen)
-    address = args.listen if args.listen.startswith("unix:") else f"{args.listen.rsplit(':', 1)[0]}:{port}"
+    address = (
+        args.listen
+        if args.listen.startswith("unix:")
+        else f"{args.listen.rsplit(':', 1)[0]}:{port}"
+    )
     server.start()
     print(f"{READY} {address}", flush=True)
     for line in sys.stdin:
