@@ -19,6 +19,10 @@ defmodule Snakepit.Telemetry.PythonWorker do
     * `:python` - the interpreter; default `SNAKEPIT_TELEMETRY_PYTHON`, then
       the project's `.venv/bin/python`, then `python3` on the PATH.
     * `:args` - extra worker arguments, e.g. `["--queue-size", "64"]`.
+    * `:script` - another worker script that speaks the same stdout protocol
+      (`SNAKEPIT_TELEMETRY_READY`, `SNAKEPIT_TELEMETRY_ACK`), e.g. the tests'
+      Snakepit v0.13-style `test/support/python/old_worker.py`; default the
+      command worker.
     * `:env` - extra environment variables, e.g.
       `Snakepit.Telemetry.Config.worker_env(pool)`.
     * `:ready_timeout` - milliseconds to wait for the worker to listen (10 000).
@@ -51,6 +55,7 @@ defmodule Snakepit.Telemetry.PythonWorker do
     listen: "127.0.0.1:0",
     python: nil,
     args: [],
+    script: nil,
     env: [],
     ready_timeout: 10_000,
     stderr_telemetry: nil
@@ -121,7 +126,7 @@ defmodule Snakepit.Telemetry.PythonWorker do
   defp start_port(python, opts) do
     python_path = Path.join(:code.priv_dir(:snakepit_telemetry), "python")
 
-    args = ["-u", @command_worker, "--listen", opts[:listen]] ++ opts[:args]
+    args = ["-u", opts[:script] || @command_worker, "--listen", opts[:listen]] ++ opts[:args]
 
     env =
       [{~c"PYTHONPATH", String.to_charlist(python_path)}] ++

@@ -78,6 +78,22 @@ fn check_ident(name: &str, what: &str) -> Result<(), String> {
     }
 }
 
+/// A symbol as a Rust identifier: raw (`r#type`) when it is a keyword.
+fn ident(name: &str) -> String {
+    const KEYWORDS: &[&str] = &[
+        "as", "async", "await", "break", "const", "continue", "crate", "dyn", "else", "enum",
+        "extern", "false", "fn", "for", "if", "impl", "in", "let", "loop", "match", "mod", "move",
+        "mut", "pub", "ref", "return", "static", "struct", "trait", "true", "type", "unsafe",
+        "use", "where", "while", "abstract", "become", "box", "do", "final", "gen", "macro",
+        "override", "priv", "try", "typeof", "unsized", "virtual", "yield",
+    ];
+    if KEYWORDS.contains(&name) {
+        format!("r#{name}")
+    } else {
+        name.to_string()
+    }
+}
+
 fn generate(catalog: &Catalog) -> Result<String, String> {
     // Symbols in first-seen order: segments, measurement keys, metadata keys.
     let mut symbols: Vec<String> = Vec::new();
@@ -138,7 +154,7 @@ fn generate(catalog: &Catalog) -> Result<String, String> {
     .unwrap();
     writeln!(w, "symbols! {{").unwrap();
     for s in &symbols {
-        writeln!(w, "    {s} => {s:?},").unwrap();
+        writeln!(w, "    {} => {s:?},", ident(s)).unwrap();
     }
     writeln!(w, "}}\n").unwrap();
     writeln!(w, "mod table {{").unwrap();
@@ -152,25 +168,34 @@ fn generate(catalog: &Catalog) -> Result<String, String> {
         "    pub static EXTRA_METADATA_KEYS: &[Sym] = &[{}];\n",
         EXTRA_METADATA_KEYS
             .iter()
-            .map(|k| format!("Sym::{k}"))
+            .map(|k| format!("Sym::{}", ident(k)))
             .collect::<Vec<_>>()
             .join(", ")
     )
     .unwrap();
     writeln!(w, "    pub static EVENTS: &[EventSpec] = &[").unwrap();
     for e in &catalog.event {
-        let name: Vec<String> = e.event.split('.').map(|s| format!("Sym::{s}")).collect();
+        let name: Vec<String> = e
+            .event
+            .split('.')
+            .map(|s| format!("Sym::{}", ident(s)))
+            .collect();
         let measurements: Vec<String> = e
             .measurements
             .iter()
             .map(|(k, u)| {
                 format!(
-                    "MeasurementSpec {{ key: Sym::{k}, unit: {} }}",
+                    "MeasurementSpec {{ key: Sym::{}, unit: {} }}",
+                    ident(k),
                     unit(u).expect("checked")
                 )
             })
             .collect();
-        let metadata: Vec<String> = e.metadata.iter().map(|k| format!("Sym::{k}")).collect();
+        let metadata: Vec<String> = e
+            .metadata
+            .iter()
+            .map(|k| format!("Sym::{}", ident(k)))
+            .collect();
         writeln!(w, "        EventSpec {{").unwrap();
         writeln!(w, "            python: {:?},", e.python).unwrap();
         writeln!(w, "            name: &[{}],", name.join(", ")).unwrap();

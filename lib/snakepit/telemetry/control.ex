@@ -28,6 +28,12 @@ defmodule Snakepit.Telemetry.Control do
   `allow` and `deny` are glob lists over dotted Python names. Deny wins; an
   empty allow list allows every event. Filters and toggle apply after
   sampling rules are chosen, to every event.
+
+  Globs are Python's `fnmatch` globs (`*` matches dots too). This project's
+  Python applies the state itself. A worker that only serves
+  `StreamTelemetry` (e.g. Snakepit v0.13's Python) does not apply it this
+  way; the NIF enforces it for such a worker, with the same semantics (see
+  `to_native/1` and `Snakepit.Telemetry.GrpcStream`).
   """
 
   @max_rules 32
@@ -157,6 +163,21 @@ defmodule Snakepit.Telemetry.Control do
   defp valid_pattern?(p) do
     is_binary(p) and p != "" and byte_size(p) <= @max_pattern_bytes and
       String.match?(p, ~r/\A[A-Za-z0-9_.*?\[\]!-]+\z/)
+  end
+
+  @doc """
+  The state as `Snakepit.Telemetry.Native.stream_open/4` takes it (its
+  `:control` option): rules oldest first, as `{rate, patterns}`.
+  """
+  @spec to_native(t()) :: map()
+  def to_native(%__MODULE__{} = state) do
+    %{
+      enabled: state.enabled,
+      default_rate: state.default_rate,
+      rules: Enum.map(state.rules, &{&1.rate, &1.patterns}),
+      allow: state.allow,
+      deny: state.deny
+    }
   end
 
   @doc "A plain map for `list_streams/0` and logs."

@@ -61,6 +61,14 @@ defmodule Snakepit.Telemetry.GrpcStream do
   whenever the stream (re)opens. Control and status calls never wait behind
   events (handlers run in the delivery processes).
 
+  A worker on `StreamTelemetry` (protocol `:events`, e.g. Snakepit v0.13's
+  Python) does not apply sampling rules, whole spans or early filters the
+  way `Snakepit.Telemetry.Control` means them, so the NIF enforces the
+  worker's state on what it receives (seeded at open from the remembered
+  state, updated by the same control messages) and sends such a worker no
+  sampling rule or rate; its drops count as `enforced_disabled`,
+  `enforced_filtered` and `enforced_sampled`.
+
   ## Control across the cluster
 
   The replies say what happened where:
@@ -173,7 +181,9 @@ defmodule Snakepit.Telemetry.GrpcStream do
   event that does not decode counts in `dropped_malformed` and the rest of
   its batch is delivered), `oversized_messages` and `oversized_bytes_max`
   (messages refused for exceeding `max_message_bytes`, and the largest such
-  size), `open_timeouts`, `keepalive_timeouts`, ...) and `:python` (the
+  size), `open_timeouts`, `keepalive_timeouts`, `enforced_disabled`,
+  `enforced_filtered`, `enforced_sampled` (control the NIF enforced on a
+  `StreamTelemetry` worker), ...) and `:python` (the
   worker's own counters, e.g. `dropped_queue_full`, from the
   `[:snakepit, :telemetry, :python, :stats]` reports, summed over the
   worker's Python processes; `queue_len` is the latest).
@@ -278,7 +288,11 @@ defmodule Snakepit.Telemetry.GrpcStream do
     # Whole messages, not events: batches that could not be parsed, and
     # messages over max_message_bytes (reported with `bytes`, the largest).
     :malformed_messages,
-    :oversized_messages
+    :oversized_messages,
+    # Control the NIF enforces itself on a `StreamTelemetry` worker.
+    :enforced_disabled,
+    :enforced_filtered,
+    :enforced_sampled
   ]
   @python_drops [
     :dropped_queue_full,
@@ -773,7 +787,8 @@ defmodule Snakepit.Telemetry.GrpcStream do
       |> Map.merge(%{
         connect_timeout_ms: connect_timeout_ms,
         native_per_sec: state.native_per_sec,
-        receiver: worker.delivery
+        receiver: worker.delivery,
+        control: Control.to_native(worker.control)
       })
 
     with {:ok, handle} <- Native.stream_open(self(), stream_id, worker.address, options) do

@@ -54,17 +54,28 @@ defmodule Snakepit.Telemetry.Native do
     end
   end
 
+  @default_control %{enabled: true, default_rate: 1.0, rules: [], allow: [], deny: []}
+
   @doc """
   Opens a stream. Its statuses go to `owner`; its events go to
   `options.receiver` (a local pid; `owner` when absent), which acknowledges
-  them with `stream_ack/2`.
+  them with `stream_ack/2`. `options.control` is the worker's control state
+  at open (`%{enabled:, default_rate:, rules: [{rate, patterns}], allow:,
+  deny:}`, rules oldest first; default: on, rate 1.0, no rules or filters):
+  a stream that falls back to `StreamTelemetry` enforces it on what it
+  receives until control messages change it.
   """
   def stream_open(owner, stream_id, address, options) do
-    receiver = if is_map(options), do: Map.get(options, :receiver, owner), else: owner
-    stream_open_nif(owner, receiver, stream_id, address, options)
+    {receiver, control} =
+      if is_map(options),
+        do: {Map.get(options, :receiver, owner), Map.get(options, :control, @default_control)},
+        else: {owner, @default_control}
+
+    stream_open_nif(owner, receiver, stream_id, address, options, control)
   end
 
-  def stream_open_nif(_owner, _receiver, _stream_id, _address, _options), do: not_loaded()
+  def stream_open_nif(_owner, _receiver, _stream_id, _address, _options, _control),
+    do: not_loaded()
 
   @doc """
   Points the stream's events at `receiver`, after its previous receiver

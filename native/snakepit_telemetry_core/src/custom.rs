@@ -29,6 +29,8 @@ pub enum RegisterError {
 #[derive(Default)]
 struct Tables {
     events: HashMap<String, u32>,
+    /// Event names by id.
+    event_names: Vec<String>,
     keys: HashMap<String, u32>,
 }
 
@@ -65,7 +67,11 @@ pub fn register_event(python_name: &str) -> Result<u32, RegisterError> {
         return Err(RegisterError::InCatalog(python_name.to_string()));
     }
     let mut tables = tables().write().unwrap_or_else(|e| e.into_inner());
-    intern(&mut tables.events, python_name, MAX_EVENTS)
+    let id = intern(&mut tables.events, python_name, MAX_EVENTS)?;
+    if id as usize == tables.event_names.len() {
+        tables.event_names.push(python_name.to_string());
+    }
+    Ok(id)
 }
 
 /// Registers a measurement or metadata key that should arrive as an atom.
@@ -81,6 +87,12 @@ pub fn register_key(key: &str) -> Result<u32, RegisterError> {
 pub fn event(python_name: &str) -> Option<u32> {
     let tables = tables().read().unwrap_or_else(|e| e.into_inner());
     tables.events.get(python_name).copied()
+}
+
+/// The dotted Python name of a registered event.
+pub fn event_name(id: u32) -> Option<String> {
+    let tables = tables().read().unwrap_or_else(|e| e.into_inner());
+    tables.event_names.get(id as usize).cloned()
 }
 
 /// The id of a registered key.
@@ -99,6 +111,7 @@ mod tests {
         assert_eq!(register_event("custom_test.inference.stop"), Ok(a));
         assert_eq!(event("custom_test.inference.stop"), Some(a));
         assert_eq!(event("custom_test.inference.nope"), None);
+        assert_eq!(event_name(a).as_deref(), Some("custom_test.inference.stop"));
         assert_ne!(register_event("custom_test.inference.start").unwrap(), a);
 
         for bad in ["", "Upper.case", "a..b", "a.b-c", "9lives"] {

@@ -1,6 +1,6 @@
 //! Per-stream counters. Every event that enters a stream is accounted for:
-//! `received == delivered + dropped_*` once the stream has gone quiet (or
-//! closed). Events a stream holds back while its owner is busy count once
+//! `received == delivered + dropped_* + enforced_*` once the stream has gone
+//! quiet (or closed). Events a stream holds back while its owner is busy count once
 //! they are handed on: when the owner has acknowledged everything before
 //! them, when they fill a batch or the credit, or when the stream closes.
 //! Whole messages whose events cannot be known (`malformed_messages`,
@@ -54,6 +54,9 @@ counters! {
     oversized_bytes_max: "The largest refused message seen, in bytes (a high-water mark, not a count).",
     open_timeouts: "Open attempts (connect, HTTP/2 handshake, response headers of the telemetry call) that did not finish within the open timeout.",
     keepalive_timeouts: "Open streams closed because an HTTP/2 PING was not answered within the keepalive timeout.",
+    enforced_disabled: "Events of a StreamTelemetry (one event per message) worker dropped by the stream because telemetry is toggled off (see crate::enforce).",
+    enforced_filtered: "Events of a StreamTelemetry worker dropped by the stream because the allow/deny filter refuses them.",
+    enforced_sampled: "Events of a StreamTelemetry worker sampled out by the stream (per-pattern rates, spans whole).",
 }
 
 impl StreamStats {

@@ -14,6 +14,11 @@
 //! worker that accepts and never answers, or stops answering later, ends
 //! the attempt or the stream instead of hanging it.
 //!
+//! A worker on `StreamTelemetry` is taken for one that may not apply control
+//! the way Elixir means it (Snakepit v0.13's Python does not): on such a
+//! stream the task enforces the control state itself and sends the worker
+//! no sampling rule (see [`crate::enforce`]).
+//!
 //! The stream reads only while its [`Credit`] allows: events handed to the
 //! sink stay pending until the owner releases them, and while too many are
 //! pending the call is left unread, so HTTP/2 flow control pushes back on
@@ -41,6 +46,7 @@ use tonic::Streaming;
 
 use crate::credit::Credit;
 use crate::decode::{DecodeConfig, Decoded, Decoder};
+use crate::enforce::{self, ControlState, Enforcer};
 use crate::proto::{telemetry_control, TelemetryControl, TelemetryToggle};
 use crate::stats::StreamStats;
 use crate::wire::{self, Framing, Wire, WireCodec};
@@ -133,6 +139,11 @@ pub struct StreamConfig {
     /// Otherwise h2 closes a paused connection (`ENHANCE_YOUR_CALM`).
     pub connection_window_bytes: u32,
     pub decode: DecodeConfig,
+    /// The worker's control state when the stream opens (the owner sends
+    /// it again once open): what a `StreamTelemetry` stream enforces before
+    /// the owner's control messages reach it, e.g. on the events a worker
+    /// buffered before the call opened.
+    pub control: ControlState,
 }
 
 impl Default for StreamConfig {
@@ -148,6 +159,7 @@ impl Default for StreamConfig {
             stream_window_bytes: 256 * 1024,
             connection_window_bytes: 32 * 1024 * 1024,
             decode: DecodeConfig::default(),
+            control: ControlState::default(),
         }
     }
 }
@@ -301,6 +313,10 @@ async fn session<S: Sink>(
     sink.status(Status::Open(inbound.protocol()));
 
     let mut decoder = Decoder::new(config.decode.clone());
+    // Every control passes through the enforcer's state; only a
+    // `StreamTelemetry` stream applies it (see crate::enforce).
+    let enforcing = inbound.protocol() == Protocol::Events;
+    let mut enforcer = Enforcer::new(config.control.clone());
     // Set while the owner has too many events pending: the call is left
     // unread (controls and stop still work) until half the credit is back.
     let mut paused = false;
@@ -338,10 +354,16 @@ async fn session<S: Sink>(
         tokio::select! {
             control = controls.recv() => match control {
                 Some(control) => {
+                    enforcer.apply(&control);
+                    let control = if enforcing {
+                        enforce::for_event_worker(control)
+                    } else {
+                        Some(control)
+                    };
                     // The outbound buffer is as large as the owner's queue, so
                     // this only fails once the call itself is gone; the
                     // inbound side reports that.
-                    if outbound.try_send(control).is_ok() {
+                    if control.is_some_and(|control| outbound.try_send(control).is_ok()) {
                         StreamStats::add(&stats.controls_sent, 1);
                     }
                 }
@@ -355,9 +377,9 @@ async fn session<S: Sink>(
                     Err(status) => return call_failed(&status, &inbound, stats),
                 };
                 let room = config.max_batch.saturating_sub(held.wire).max(1);
-                if let Some(reason) =
-                    drain_ready(first, &mut inbound, &mut decoder, stats, room, credit, held)
-                {
+                let enforcer = enforcing.then_some(&mut enforcer);
+                let mut fold = Fold { decoder: &mut decoder, enforcer, stats, credit, held };
+                if let Some(reason) = drain_ready(first, &mut inbound, &mut fold, room) {
                     return reason;
                 }
             }
@@ -386,6 +408,16 @@ impl Inbound {
     }
 }
 
+/// Where decoded events go: decoded, checked against the enforced control
+/// (on `StreamTelemetry` streams), held, and their credit taken.
+struct Fold<'a> {
+    decoder: &'a mut Decoder,
+    enforcer: Option<&'a mut Enforcer>,
+    stats: &'a StreamStats,
+    credit: &'a Credit,
+    held: &'a mut Held,
+}
+
 /// Decodes `first` and every further message that is already buffered onto
 /// `held`, without waiting, until `max` wire events were read or the owner's
 /// `credit` is used up (it is taken as events are decoded). A message is
@@ -394,18 +426,15 @@ impl Inbound {
 fn drain_ready(
     first: Wire,
     inbound: &mut Inbound,
-    decoder: &mut Decoder,
-    stats: &StreamStats,
+    fold: &mut Fold<'_>,
     max: usize,
-    credit: &Credit,
-    held: &mut Held,
 ) -> Option<CloseReason> {
-    let mut seen = decode_wire(first, decoder, stats, credit, held);
-    while seen < max && credit.available() {
+    let mut seen = decode_wire(first, fold);
+    while seen < max && fold.credit.available() {
         match inbound.message().now_or_never() {
-            Some(Ok(Some(wire))) => seen += decode_wire(wire, decoder, stats, credit, held),
+            Some(Ok(Some(wire))) => seen += decode_wire(wire, fold),
             Some(Ok(None)) => return Some(CloseReason::EndOfStream),
-            Some(Err(status)) => return Some(call_failed(&status, inbound, stats)),
+            Some(Err(status)) => return Some(call_failed(&status, inbound, fold.stats)),
             None => break,
         }
     }
@@ -415,17 +444,15 @@ fn drain_ready(
 /// Decodes one message's events onto `held` and takes their credit;
 /// returns how many wire events it counts for (an empty or malformed
 /// message counts as one, so draining always ends).
-fn decode_wire(
-    wire: Wire,
-    decoder: &mut Decoder,
-    stats: &StreamStats,
-    credit: &Credit,
-    held: &mut Held,
-) -> usize {
+fn decode_wire(wire: Wire, fold: &mut Fold<'_>) -> usize {
     let seen = wire.len();
-    let added = wire::fold(wire, decoder, stats, &mut held.events);
-    credit.take(added);
-    held.wire += seen;
+    let before = fold.held.events.len();
+    let mut added = wire::fold(wire, fold.decoder, fold.stats, &mut fold.held.events);
+    if let Some(enforcer) = fold.enforcer.as_deref_mut() {
+        added = enforcer.retain(&mut fold.held.events, before, fold.stats);
+    }
+    fold.credit.take(added);
+    fold.held.wire += seen;
     seen
 }
 
@@ -1889,5 +1916,144 @@ mod tests {
         assert_eq!(positions_or_ids(&events), ["a", "b"]);
         assert_eq!(StreamStats::get(&h.stats.received), 3);
         assert_eq!(StreamStats::get(&h.stats.dropped_malformed), 1);
+    }
+
+    fn sampling(rate: f64, patterns: &[&str]) -> TelemetryControl {
+        TelemetryControl {
+            control: Some(telemetry_control::Control::Sampling(
+                crate::proto::TelemetrySamplingUpdate {
+                    sampling_rate: rate,
+                    event_patterns: patterns.iter().map(|p| p.to_string()).collect(),
+                },
+            )),
+        }
+    }
+
+    fn toggle(enabled: bool) -> TelemetryControl {
+        TelemetryControl {
+            control: Some(telemetry_control::Control::Toggle(TelemetryToggle {
+                enabled,
+            })),
+        }
+    }
+
+    /// A control state set before the stream opened: python.call.* at 0.0,
+    /// tool.* denied.
+    fn seeded_control() -> StreamConfig {
+        StreamConfig {
+            control: ControlState::new(
+                true,
+                1.0,
+                vec![(0.0, vec!["python.call.*".into()])],
+                vec![],
+                vec!["tool.*".into()],
+            ),
+            ..StreamConfig::default()
+        }
+    }
+
+    fn mixed_events() -> Vec<TelemetryEvent> {
+        vec![
+            event("python.call.start", "s1"),
+            event("python.gc.completed", "g1"),
+            event("tool.result_size", "t1"),
+            event("python.call.stop", "s1"),
+            event("python.memory.sampled", "m1"),
+        ]
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_telemetry_worker_gets_control_enforced_from_the_first_event() {
+        // Events a worker buffered before the call opened reach the stream
+        // before any control message: the seeded state applies to them.
+        let (worker, mut controls) = worker(mixed_events(), true);
+        let address = serve_tcp(worker).await;
+        let mut h = start(address, seeded_control());
+        expect_status(&mut h, Status::Connecting).await;
+        expect_status(&mut h, Status::Open(Protocol::Events)).await;
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            match next(&mut h).await {
+                Seen::Events(batch) => got.extend(batch),
+                Seen::Status(status) => panic!("unexpected {status:?}"),
+            }
+        }
+        assert_eq!(
+            python_names(&got),
+            ["python.gc.completed", "python.memory.sampled"]
+        );
+        assert_eq!(StreamStats::get(&h.stats.enforced_sampled), 2);
+        assert_eq!(StreamStats::get(&h.stats.enforced_filtered), 1);
+        assert_eq!(StreamStats::get(&h.stats.received), 5);
+        // What the owner sends on open: the worker gets toggle and filter,
+        // and a neutral rate in place of each sampling update.
+        let deny = TelemetryControl {
+            control: Some(telemetry_control::Control::Filter(
+                crate::proto::TelemetryEventFilter {
+                    allow: vec![],
+                    deny: vec!["tool.*".into()],
+                },
+            )),
+        };
+        for control in [
+            toggle(true),
+            sampling(0.5, &[]),
+            sampling(0.0, &["python.call.*"]),
+            deny.clone(),
+            toggle(false),
+        ] {
+            h.controls_tx.send(control).await.unwrap();
+        }
+        let mut seen = Vec::new();
+        while seen.len() < 5 {
+            let control = tokio::time::timeout(Duration::from_secs(10), controls.recv())
+                .await
+                .expect("controls arrive")
+                .expect("worker alive");
+            seen.push(control);
+        }
+        assert_eq!(
+            seen,
+            [
+                enable(),
+                toggle(true),
+                sampling(1.0, &[]),
+                deny,
+                toggle(false)
+            ]
+        );
+        assert_eq!(StreamStats::get(&h.stats.controls_sent), 5);
+        h.stop.take().unwrap().send(()).unwrap();
+        h.task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batches_worker_applies_control_itself() {
+        let (worker, mut controls) = batch_worker(vec![mixed_events()], true);
+        let address = serve_tcp(worker).await;
+        let mut h = start(address, seeded_control());
+        expect_status(&mut h, Status::Connecting).await;
+        expect_status(&mut h, Status::Open(Protocol::Batches)).await;
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            match next(&mut h).await {
+                Seen::Events(batch) => got.extend(batch),
+                Seen::Status(status) => panic!("unexpected {status:?}"),
+            }
+        }
+        assert_eq!(StreamStats::get(&h.stats.enforced_sampled), 0);
+        assert_eq!(StreamStats::get(&h.stats.enforced_filtered), 0);
+        // Pattern rules go to the worker as they are.
+        h.controls_tx
+            .send(sampling(0.0, &["python.call.*"]))
+            .await
+            .unwrap();
+        assert_eq!(controls.recv().await, Some(enable()));
+        assert_eq!(
+            controls.recv().await,
+            Some(sampling(0.0, &["python.call.*"]))
+        );
+        h.stop.take().unwrap().send(()).unwrap();
+        h.task.await.unwrap();
     }
 }

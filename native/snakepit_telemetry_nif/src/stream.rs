@@ -20,6 +20,7 @@ use std::time::Duration;
 use rustler::{Atom, Encoder, Env, LocalPid, NifMap, ResourceArc, Term};
 use snakepit_telemetry_core::credit::Credit;
 use snakepit_telemetry_core::decode::{DecodeConfig, Decoded, Limits};
+use snakepit_telemetry_core::enforce::ControlState;
 use snakepit_telemetry_core::proto::{
     telemetry_control::Control, TelemetryControl, TelemetryEventFilter, TelemetrySamplingUpdate,
     TelemetryToggle,
@@ -70,6 +71,31 @@ pub struct OpenOptions {
     max_metadata: usize,
     max_key_bytes: usize,
     max_value_bytes: usize,
+}
+
+/// A `Snakepit.Telemetry.Control` state, as the NIF takes it: rules oldest
+/// first, each `{rate, patterns}`. The stream enforces it on a worker that
+/// only serves `StreamTelemetry` until the owner's control messages arrive
+/// (see `snakepit_telemetry_core::enforce`).
+#[derive(NifMap)]
+pub struct ControlOptions {
+    enabled: bool,
+    default_rate: f64,
+    rules: Vec<(f64, Vec<String>)>,
+    allow: Vec<String>,
+    deny: Vec<String>,
+}
+
+impl ControlOptions {
+    fn state(self) -> ControlState {
+        ControlState::new(
+            self.enabled,
+            self.default_rate,
+            self.rules,
+            self.allow,
+            self.deny,
+        )
+    }
 }
 
 impl OpenOptions {
@@ -130,6 +156,7 @@ fn stream_open(
     stream_id: u64,
     address: String,
     options: OpenOptions,
+    control: ControlOptions,
 ) -> Result<ResourceArc<StreamHandle>, (Atom, String)> {
     let address =
         Address::parse(&address).map_err(|e| (atoms::invalid_address(), e.to_string()))?;
@@ -149,6 +176,7 @@ fn stream_open(
         max_batch: options.max_batch,
         max_message_bytes: options.max_message_bytes,
         decode: options.decode_config(),
+        control: control.state(),
         // The HTTP/2 windows are chosen together with the credit; see
         // StreamConfig.
         ..StreamConfig::default()

@@ -29,6 +29,20 @@ defmodule Snakepit.Telemetry.ControlTest do
            ]
   end
 
+  test "to_native gives the NIF the state, rules oldest first with float rates" do
+    {:ok, s} = Control.new(enabled: false, sampling_rate: 0, deny: ["tool.*"])
+    {:ok, s} = Control.put_sampling(s, 1, ["python.*"])
+    {:ok, s} = Control.put_sampling(s, 0.5, ["tool.*"])
+
+    assert Control.to_native(s) == %{
+             enabled: false,
+             default_rate: 0.0,
+             rules: [{1.0, ["python.*"]}, {0.5, ["tool.*"]}],
+             allow: [],
+             deny: ["tool.*"]
+           }
+  end
+
   test "at most 32 rules are kept, the oldest go first" do
     {:ok, s} = Control.new()
 
