@@ -78,6 +78,9 @@ defmodule Snakepit.Telemetry.ClusterControlTest do
 
     {_, 0} = System.cmd("kill", ["-STOP", to_string(os_pid)])
     on_exit(fn -> System.cmd("kill", ["-CONT", to_string(os_pid)]) end)
+    # A stop signal takes effect thread by thread: wait until every thread
+    # of the node's OS process is stopped.
+    await(fn -> stopped?(os_pid) end)
 
     try do
       # Every query answers, and names the node that did not.
@@ -165,6 +168,19 @@ defmodule Snakepit.Telemetry.ClusterControlTest do
     %{policy: policy} = Cluster.drops_by_node()[node()]
     assert policy == stream(worker_id).python.dropped_sampled
     assert is_integer(Cluster.total_queue_depth().by_node[node()].python_age_ms)
+  end
+
+  # Whether every thread of an OS process is stopped (state T in
+  # /proc/PID/task/*/stat).
+  defp stopped?(os_pid) do
+    states =
+      for stat <- Path.wildcard("/proc/#{os_pid}/task/*/stat"),
+          {:ok, text} <- [File.read(stat)],
+          # The state follows the command name, which is in parentheses.
+          [_, rest] <- [String.split(text, ") ", parts: 2)],
+          do: String.first(rest)
+
+    states != [] and Enum.all?(states, &(&1 in ["T", "t"]))
   end
 
   @doc false
