@@ -81,7 +81,6 @@ import json
 import os
 import random
 import runpy
-import stat
 import sys
 import threading
 import time
@@ -96,6 +95,7 @@ from snakepit_bridge.telemetry import (
     SERVICE_NAME,
     TelemetryInterceptor,
     TelemetryStream,
+    add_port,
     add_to_server,
     backend_stats,
     correlation,
@@ -119,7 +119,6 @@ WORKLOAD_DONE = "SNAKEPIT_TELEMETRY_WORKLOAD_DONE"
 STOP_GRACE_S = 0.5
 PING_METHOD = f"/{SERVICE_NAME}/Ping"
 CALL_TIMEOUT_S = 5.0
-_WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]", "localhost"}
 
 
 class CommandError(Exception):
@@ -491,26 +490,14 @@ def _spins_for(work_us: int) -> int:
 
 
 def _bind(server: grpc.Server, listen: str) -> str:
-    """Bind ``listen`` and return the address to advertise in the READY line."""
-    if listen.startswith("unix:"):
-        path = listen[len("unix:") :]
-        if not os.path.isabs(path):
-            raise SystemExit(f"unix socket path must be absolute: {listen}")
-        try:  # a stale socket from a crashed run would make the bind fail
-            if stat.S_ISSOCK(os.stat(path).st_mode):
-                os.unlink(path)
-        except FileNotFoundError:
-            pass
-        server.add_insecure_port(listen)
-        return listen
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise SystemExit(f"--listen must be HOST:PORT or unix:/abs/path.sock, got {listen!r}")
-    port = server.add_insecure_port(listen)
-    if port == 0:
-        raise SystemExit(f"could not bind {listen}")
-    shown = "127.0.0.1" if host in _WILDCARD_HOSTS else host
-    return f"{shown}:{port}"
+    """Bind ``listen`` and return the address to advertise in the READY line.
+
+    ``telemetry.add_port``: a ``unix:`` socket is made 0600 in a 0700 directory.
+    """
+    try:
+        return add_port(server, listen)
+    except ValueError as exc:
+        raise SystemExit(f"--listen: {exc}") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
