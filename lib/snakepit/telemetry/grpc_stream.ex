@@ -180,7 +180,8 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
   ## Status and counters
 
-  `list_streams/0` reports per worker: `:pending` (events decoded and not
+  `list_streams/0` reports per worker: `:authenticated` (registered with a
+  secret; the secret itself is never shown), `:pending` (events decoded and not
   yet handled by its delivery process, read now), `:python_age_ms` (age of
   its latest Python stats report, `nil` before the first), `:status` (`:connecting`, `:open`,
   `:backing_off` or `{:failed, reason}`), `:protocol` (`:batches` or
