@@ -16,7 +16,10 @@ spans. Protocol (stdout, one line each):
 * ``SNAKEPIT_TELEMETRY_READY <address>`` once the server listens;
 * ``SNAKEPIT_TELEMETRY_ACK <cmd> <json>`` after each stdin command
   (``<cmd>`` is ``error`` for bad JSON or an unknown command);
-* ``SNAKEPIT_TELEMETRY_WORKLOAD_DONE {"calls": N}`` when a workload finishes.
+* ``SNAKEPIT_TELEMETRY_WORKLOAD_DONE {"calls": N}`` when a workload finishes;
+* ``SNAKEPIT_TELEMETRY_LOG <LEVEL> <message>`` for each warning (or worse) the
+  ``snakepit_bridge`` package logs, e.g. the once-per-process warning of a
+  worker started without a secret (``PythonWorker.lines/1`` keeps them).
 
 Commands (one JSON object per stdin line, ACK payload after the arrow):
 
@@ -78,6 +81,7 @@ import argparse
 import contextlib
 import gc
 import json
+import logging
 import os
 import random
 import runpy
@@ -116,6 +120,7 @@ from snakepit_bridge.telemetry.gc_events import flush_gc_events, gc_events_from_
 READY = "SNAKEPIT_TELEMETRY_READY"
 ACK = "SNAKEPIT_TELEMETRY_ACK"
 WORKLOAD_DONE = "SNAKEPIT_TELEMETRY_WORKLOAD_DONE"
+LOG = "SNAKEPIT_TELEMETRY_LOG"
 STOP_GRACE_S = 0.5
 PING_METHOD = f"/{SERVICE_NAME}/Ping"
 CALL_TIMEOUT_S = 5.0
@@ -140,6 +145,21 @@ class Output:
         with self._lock:
             self._out.write(text + "\n")
             self._out.flush()
+
+
+class _LogLines(logging.Handler):
+    """The package's warnings as ``SNAKEPIT_TELEMETRY_LOG`` output lines."""
+
+    def __init__(self, out: Output) -> None:
+        super().__init__(logging.WARNING)
+        self._out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage().replace("\n", " ")
+            self._out.line(f"{LOG} {record.levelname} {text}")
+        except Exception:
+            self.handleError(record)
 
 
 def _int_arg(cmd: dict[str, Any], key: str, default: int | None = None) -> int:
@@ -544,6 +564,9 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
     opts = parse_args(argv)
     stdin = stdin if stdin is not None else sys.stdin
     out = Output(sys.stdout)
+    package_log = logging.getLogger("snakepit_bridge")
+    package_log.addHandler(_LogLines(out))
+    package_log.propagate = False
     stream = TelemetryStream(opts.queue_size)
     set_stream(stream)
 

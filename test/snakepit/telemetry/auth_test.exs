@@ -45,6 +45,19 @@ defmodule Snakepit.Telemetry.AuthTest do
     })
   end
 
+  # Emits 50 events at a time until told to stop; returns how many.
+  defp emit_until_stopped(worker, sent) do
+    receive do
+      :stop -> sent
+    after
+      0 ->
+        emit!(worker, 50)
+        # Within the queue bound: every event must arrive, none shed.
+        assert %{"drained" => true} = command!(worker, %{cmd: "wait_drained", timeout_ms: 10_000})
+        emit_until_stopped(worker, sent + 50)
+    end
+  end
+
   defp receive_stops(0), do: :ok
 
   defp receive_stops(n) do
@@ -62,17 +75,15 @@ defmodule Snakepit.Telemetry.AuthTest do
     receive_stops(10)
 
     # Intruders on both RPCs, while the owner's worker keeps emitting.
-    emitter =
-      Task.async(fn ->
-        for _ <- 1..20, do: emit!(worker, 50)
-      end)
+    emitter = Task.async(fn -> emit_until_stopped(worker, 0) end)
 
     results =
       for mode <- ["none", "wrong"], rpc <- ["batches", "events"] do
         {mode, rpc, intrude(address, mode, rpc)}
       end
 
-    Task.await(emitter, 30_000)
+    send(emitter.pid, :stop)
+    emitted = Task.await(emitter, 30_000)
 
     for {mode, rpc, result} <- results do
       assert result == "UNAUTHENTICATED 0", "#{mode} #{rpc}: #{result}"
@@ -80,7 +91,8 @@ defmodule Snakepit.Telemetry.AuthTest do
 
     # Every event of the owner arrived: its call was never replaced,
     # toggled off or reconnected.
-    receive_stops(1_000)
+    assert emitted >= 50
+    receive_stops(emitted)
     emit!(worker, 10)
     receive_stops(10)
 
@@ -211,6 +223,16 @@ defmodule Snakepit.Telemetry.AuthTest do
       end)
 
     assert length(String.split(log, "registered without a secret")) == 2
+
+    # Python serves a second call too, and has warned once (the command
+    # worker prints the package's warnings as SNAKEPIT_TELEMETRY_LOG lines).
+    capture_log(fn -> register!(plain) end)
+    assert command!(plain, %{cmd: "stats"})["streams_opened"] == 2
+
+    assert [warning] =
+             Enum.filter(PythonWorker.lines(plain), &(&1 =~ "SNAKEPIT_TELEMETRY_LOG WARNING"))
+
+    assert warning =~ "without a secret"
   end
 
   test "an old worker ignores the secret it is sent and streams" do
