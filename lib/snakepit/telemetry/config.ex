@@ -53,9 +53,12 @@ defmodule Snakepit.Telemetry.Config do
 
   A pool's settings are merged key by key over the global ones (`:cluster`
   is global only).
-  `worker_env/1` gives the environment variables to start a pool's Python
+  `worker_env/2` gives the environment variables to start a pool's Python
   workers with, so that Python begins with the same defaults that Elixir
-  applies when the stream opens.
+  applies when the stream opens (and, with `secret:`, the worker's
+  `Snakepit.Telemetry.Secret`). `socket_path/1` gives a worker's default
+  telemetry address on this host: a unix socket in a private (0700)
+  directory, `socket_dir/0`.
 
   ## Validation
 
@@ -286,7 +289,8 @@ defmodule Snakepit.Telemetry.Config do
   A private directory for the workers' telemetry sockets: created once per
   VM, with a random name, under `$XDG_RUNTIME_DIR` (else `System.tmp_dir!/0`),
   mode 0700, so only this OS user can reach the sockets in it. Returns
-  `{:ok, dir}` or `{:error, reason}`. See `socket_path/1`.
+  `{:ok, dir}` or `{:error, reason}`. See `socket_path/1`. The directory is
+  not removed when the VM stops (sockets are the workers' to remove).
   """
   @spec socket_dir() :: {:ok, Path.t()} | {:error, term()}
   def socket_dir do

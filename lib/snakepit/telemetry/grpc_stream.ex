@@ -598,6 +598,12 @@ defmodule Snakepit.Telemetry.GrpcStream do
       Map.has_key?(state.workers, ctx.worker_id) ->
         {:reply, {:error, :already_registered}, state}
 
+      # The NIF resource of a secret made on another node is not usable here.
+      ctx[:secret] != nil and not Secret.local?(ctx.secret) ->
+        {:reply,
+         {:error, {:invalid_worker_ctx, {:secret, "made on another node: wrap the string here"}}},
+         state}
+
       # Worker ids are unique across the cluster (as far as its process
       # groups know: two nodes registering one id at the same moment can
       # both succeed, and control by that id then answers

@@ -25,6 +25,11 @@ defmodule Snakepit.Telemetry.Secret do
   reports and logs of the processes that keep it (GrpcStream, the
   registrations table) show no secret, even formatted by Erlang. `expose/1`
   gives the value, for the worker's environment only.
+
+  A secret belongs to the node that made it (the resource does not cross
+  nodes): to register a worker on another node, send the string there and
+  `wrap/1` it on that node; `register_worker/2` refuses a secret from
+  another node (`{:error, {:invalid_worker_ctx, {:secret, why}}}`).
   """
 
   alias Snakepit.Telemetry.Native
@@ -32,7 +37,7 @@ defmodule Snakepit.Telemetry.Secret do
   @enforce_keys [:ref]
   defstruct [:ref]
 
-  @opaque t :: %__MODULE__{ref: reference()}
+  @type t :: %__MODULE__{ref: reference()}
 
   @env "SNAKEPIT_TELEMETRY_SECRET"
   @header "x-snakepit-telemetry-secret"
@@ -71,6 +76,11 @@ defmodule Snakepit.Telemetry.Secret do
   end
 
   def wrap(_value), do: {:error, {:invalid_secret, "expected a string"}}
+
+  @doc "Whether the secret was made on this node (see the moduledoc)."
+  @spec local?(t()) :: boolean()
+  def local?(%__MODULE__{ref: ref}) when is_reference(ref), do: node(ref) == node()
+  def local?(_secret), do: false
 
   @doc """
   The secret's value. Only for handing it to the worker at spawn

@@ -262,7 +262,23 @@ defmodule Snakepit.Telemetry.AuthTest do
       Config.worker_env(nil, secret: "has spaces in it, so it is not a secret")
     end
 
+    # A secret made on another node (its resource is not usable here).
+    here = Atom.to_string(node())
+    there = String.duplicate("x", byte_size(here))
+    remote_ref = make_ref() |> :erlang.term_to_binary() |> :binary.replace(here, there)
+    remote = %Secret{ref: :erlang.binary_to_term(remote_ref)}
+    refute Secret.local?(remote)
+
+    assert {:error, {:invalid_worker_ctx, {:secret, "made on another node" <> _}}} =
+             GrpcStream.register_worker(
+               worker_id: "remote-secret",
+               pool_name: :p,
+               address: "127.0.0.1:1",
+               secret: remote
+             )
+
     s = Secret.new()
+    assert Secret.local?(s)
     assert {"SNAKEPIT_TELEMETRY_SECRET", Secret.expose(s)} in Config.worker_env(nil, secret: s)
     refute List.keymember?(Config.worker_env(nil), "SNAKEPIT_TELEMETRY_SECRET", 0)
     assert inspect(s) == "#Snakepit.Telemetry.Secret<redacted>"
