@@ -51,8 +51,8 @@ defmodule Soak do
     n = opts[:workers] || 4
     kill_every_ms = (opts[:kill_every] || 30) * 1000
     duration_ms = round(minutes * 60_000)
-    dir = Path.join(System.tmp_dir!(), "snakepit-soak-#{System.os_time()}")
-    File.mkdir_p!(dir)
+    # The workers' sockets go in the private (0700) socket directory.
+    {:ok, dir} = Snakepit.Telemetry.Config.socket_dir()
 
     IO.puts(
       "soak: #{n} workers, #{rate} events/s in all, #{minutes} min, " <>
@@ -68,7 +68,7 @@ defmodule Soak do
 
     slots =
       for i <- 1..n do
-        address = "unix:" <> Path.join(dir, "w#{i}.sock")
+        address = "unix:" <> Path.join(dir, "soak-w#{i}.sock")
         worker = start_worker!(address)
         :ets.insert(:soak_pids, {i, PythonWorker.os_pid(worker)})
 

@@ -5,7 +5,7 @@
 #
 # Run with `mix run demo/demo.exs` (script/demo sets everything up first).
 
-alias Snakepit.Telemetry.{GrpcStream, Naming, PythonWorker}
+alias Snakepit.Telemetry.{Config, GrpcStream, Naming, PythonWorker, Secret}
 
 {opts, _, _} =
   OptionParser.parse(System.argv(),
@@ -14,7 +14,10 @@ alias Snakepit.Telemetry.{GrpcStream, Naming, PythonWorker}
 
 calls = Keyword.get(opts, :calls, 12)
 interval_ms = Keyword.get(opts, :interval_ms, 40)
-listen = Keyword.get(opts, :listen, "127.0.0.1:0")
+# Default: a unix socket in a private (0700) directory; TCP with --listen HOST:PORT.
+listen = Keyword.get_lazy(opts, :listen, fn -> Config.socket_path("demo_worker_1") end)
+# Only this VM may open the worker's telemetry call (see Snakepit.Telemetry.Secret).
+secret = Secret.new()
 
 defmodule Demo do
   def print(event, measurements, metadata, %{parent: parent, t0: t0}) do
@@ -69,7 +72,9 @@ defmodule Demo do
   end
 end
 
-{:ok, worker} = PythonWorker.start_link(listen: listen)
+{:ok, worker} =
+  PythonWorker.start_link(listen: listen, env: Config.worker_env(:demo_pool, secret: secret))
+
 address = PythonWorker.address(worker)
 IO.puts("Python worker (os pid #{PythonWorker.os_pid(worker)}) serves telemetry on #{address}")
 
@@ -86,7 +91,8 @@ IO.puts("Python worker (os pid #{PythonWorker.os_pid(worker)}) serves telemetry 
     worker_id: "demo_worker_1",
     pool_name: :demo_pool,
     address: address,
-    python_pid: PythonWorker.os_pid(worker)
+    python_pid: PythonWorker.os_pid(worker),
+    secret: secret
   )
 
 open? = fn -> match?([%{status: :open}], GrpcStream.list_streams()) end

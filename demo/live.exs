@@ -46,14 +46,24 @@ defmodule LiveDemo do
   end
 end
 
-{:ok, worker} = PythonWorker.start_link()
+# A private unix socket and a secret: only this VM may open the worker's
+# telemetry call (see the README's Security section).
+secret = Snakepit.Telemetry.Secret.new()
+
+{:ok, worker} =
+  PythonWorker.start_link(
+    listen: Snakepit.Telemetry.Config.socket_path("worker_1"),
+    env: Snakepit.Telemetry.Config.worker_env(:demo, secret: secret)
+  )
+
 Process.unlink(worker)
 
 :ok =
   GrpcStream.register_worker(
     worker_id: "worker_1",
     pool_name: :demo,
-    address: PythonWorker.address(worker)
+    address: PythonWorker.address(worker),
+    secret: secret
   )
 
 {:ok, _} = PythonWorker.command(worker, %{cmd: "workload", calls: 1_000_000, interval_ms: 10})

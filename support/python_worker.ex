@@ -24,7 +24,8 @@ defmodule Snakepit.Telemetry.PythonWorker do
       Snakepit v0.13-style `test/support/python/old_worker.py`; default the
       command worker.
     * `:env` - extra environment variables, e.g.
-      `Snakepit.Telemetry.Config.worker_env(pool)`.
+      `Snakepit.Telemetry.Config.worker_env(pool, secret: secret)` (register
+      the worker with the same `:secret`).
     * `:ready_timeout` - milliseconds to wait for the worker to listen (10 000).
     * `:stderr_telemetry` - `%{worker_id: ..., pool_name: ...}`: read the
       worker's stderr too and fold its telemetry lines (the Python `stderr`

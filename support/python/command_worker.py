@@ -16,7 +16,10 @@ spans. Protocol (stdout, one line each):
 * ``SNAKEPIT_TELEMETRY_READY <address>`` once the server listens;
 * ``SNAKEPIT_TELEMETRY_ACK <cmd> <json>`` after each stdin command
   (``<cmd>`` is ``error`` for bad JSON or an unknown command);
-* ``SNAKEPIT_TELEMETRY_WORKLOAD_DONE {"calls": N}`` when a workload finishes.
+* ``SNAKEPIT_TELEMETRY_WORKLOAD_DONE {"calls": N}`` when a workload finishes;
+* ``SNAKEPIT_TELEMETRY_LOG <LEVEL> <message>`` for each warning (or worse) the
+  ``snakepit_bridge`` package logs, e.g. the once-per-process warning of a
+  worker started without a secret (``PythonWorker.lines/1`` keeps them).
 
 Commands (one JSON object per stdin line, ACK payload after the arrow):
 
@@ -78,10 +81,10 @@ import argparse
 import contextlib
 import gc
 import json
+import logging
 import os
 import random
 import runpy
-import stat
 import sys
 import threading
 import time
@@ -96,6 +99,7 @@ from snakepit_bridge.telemetry import (
     SERVICE_NAME,
     TelemetryInterceptor,
     TelemetryStream,
+    add_port,
     add_to_server,
     backend_stats,
     correlation,
@@ -116,10 +120,10 @@ from snakepit_bridge.telemetry.gc_events import flush_gc_events, gc_events_from_
 READY = "SNAKEPIT_TELEMETRY_READY"
 ACK = "SNAKEPIT_TELEMETRY_ACK"
 WORKLOAD_DONE = "SNAKEPIT_TELEMETRY_WORKLOAD_DONE"
+LOG = "SNAKEPIT_TELEMETRY_LOG"
 STOP_GRACE_S = 0.5
 PING_METHOD = f"/{SERVICE_NAME}/Ping"
 CALL_TIMEOUT_S = 5.0
-_WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]", "localhost"}
 
 
 class CommandError(Exception):
@@ -141,6 +145,21 @@ class Output:
         with self._lock:
             self._out.write(text + "\n")
             self._out.flush()
+
+
+class _LogLines(logging.Handler):
+    """The package's warnings as ``SNAKEPIT_TELEMETRY_LOG`` output lines."""
+
+    def __init__(self, out: Output) -> None:
+        super().__init__(logging.WARNING)
+        self._out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage().replace("\n", " ")
+            self._out.line(f"{LOG} {record.levelname} {text}")
+        except Exception:
+            self.handleError(record)
 
 
 def _int_arg(cmd: dict[str, Any], key: str, default: int | None = None) -> int:
@@ -491,26 +510,14 @@ def _spins_for(work_us: int) -> int:
 
 
 def _bind(server: grpc.Server, listen: str) -> str:
-    """Bind ``listen`` and return the address to advertise in the READY line."""
-    if listen.startswith("unix:"):
-        path = listen[len("unix:") :]
-        if not os.path.isabs(path):
-            raise SystemExit(f"unix socket path must be absolute: {listen}")
-        try:  # a stale socket from a crashed run would make the bind fail
-            if stat.S_ISSOCK(os.stat(path).st_mode):
-                os.unlink(path)
-        except FileNotFoundError:
-            pass
-        server.add_insecure_port(listen)
-        return listen
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise SystemExit(f"--listen must be HOST:PORT or unix:/abs/path.sock, got {listen!r}")
-    port = server.add_insecure_port(listen)
-    if port == 0:
-        raise SystemExit(f"could not bind {listen}")
-    shown = "127.0.0.1" if host in _WILDCARD_HOSTS else host
-    return f"{shown}:{port}"
+    """Bind ``listen`` and return the address to advertise in the READY line.
+
+    ``telemetry.add_port``: a ``unix:`` socket is made 0600 in a 0700 directory.
+    """
+    try:
+        return add_port(server, listen)
+    except ValueError as exc:
+        raise SystemExit(f"--listen: {exc}") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -557,6 +564,9 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
     opts = parse_args(argv)
     stdin = stdin if stdin is not None else sys.stdin
     out = Output(sys.stdout)
+    package_log = logging.getLogger("snakepit_bridge")
+    package_log.addHandler(_LogLines(out))
+    package_log.propagate = False
     stream = TelemetryStream(opts.queue_size)
     set_stream(stream)
 

@@ -53,9 +53,12 @@ defmodule Snakepit.Telemetry.Config do
 
   A pool's settings are merged key by key over the global ones (`:cluster`
   is global only).
-  `worker_env/1` gives the environment variables to start a pool's Python
+  `worker_env/2` gives the environment variables to start a pool's Python
   workers with, so that Python begins with the same defaults that Elixir
-  applies when the stream opens.
+  applies when the stream opens (and, with `secret:`, the worker's
+  `Snakepit.Telemetry.Secret`). `socket_path/1` gives a worker's default
+  telemetry address on this host: a unix socket in a private (0700)
+  directory, `socket_dir/0`.
 
   ## Validation
 
@@ -79,7 +82,7 @@ defmodule Snakepit.Telemetry.Config do
   `ArgumentError` with the same message; `fetch/2` returns it.
   """
 
-  alias Snakepit.Telemetry.Control
+  alias Snakepit.Telemetry.{Control, Secret}
 
   @stream [
     connect_timeout_ms: 10_000,
@@ -244,9 +247,18 @@ defmodule Snakepit.Telemetry.Config do
 
       iex> Snakepit.Telemetry.Config.worker_env(nil) |> Map.new() |> Map.take(["SNAKEPIT_TELEMETRY_QUEUE_SIZE"])
       %{"SNAKEPIT_TELEMETRY_QUEUE_SIZE" => "1024"}
+
+  Options:
+
+    * `:secret` - the worker's `Snakepit.Telemetry.Secret` (or its string):
+      adds `SNAKEPIT_TELEMETRY_SECRET`, so the worker refuses telemetry
+      calls without it. Register the worker with the same secret
+      (`GrpcStream.register_worker(secret: secret, ...)`). Make a new one
+      per worker (`Secret.new/0`). Raises `ArgumentError` for an invalid
+      secret (the message never holds it).
   """
-  @spec worker_env(term()) :: [{String.t(), String.t()}]
-  def worker_env(pool \\ nil) do
+  @spec worker_env(term(), keyword()) :: [{String.t(), String.t()}]
+  def worker_env(pool \\ nil, opts \\ []) do
     control = control(pool)
     python = python(pool)
 
@@ -261,7 +273,86 @@ defmodule Snakepit.Telemetry.Config do
       # Python never sends a message the stream would refuse.
       {"SNAKEPIT_TELEMETRY_MAX_MESSAGE_BYTES",
        Integer.to_string(stream(pool)[:max_message_bytes])}
-    ]
+    ] ++ secret_env(Keyword.get(opts, :secret))
+  end
+
+  defp secret_env(nil), do: []
+
+  defp secret_env(secret) do
+    case Secret.wrap(secret) do
+      {:ok, secret} -> [{Secret.env_var(), Secret.expose(secret)}]
+      {:error, {:invalid_secret, why}} -> raise ArgumentError, "invalid telemetry secret: #{why}"
+    end
+  end
+
+  @doc """
+  A private directory for the workers' telemetry sockets: created once per
+  VM, with a random name, under `$XDG_RUNTIME_DIR` (else `System.tmp_dir!/0`),
+  mode 0700, so only this OS user can reach the sockets in it. Returns
+  `{:ok, dir}` or `{:error, reason}`. See `socket_path/1`. The directory is
+  not removed when the VM stops (sockets are the workers' to remove).
+  """
+  @spec socket_dir() :: {:ok, Path.t()} | {:error, term()}
+  def socket_dir do
+    case :persistent_term.get({__MODULE__, :socket_dir}, nil) do
+      dir when is_binary(dir) ->
+        if File.dir?(dir), do: {:ok, dir}, else: make_socket_dir()
+
+      nil ->
+        make_socket_dir()
+    end
+  end
+
+  defp make_socket_dir(tries \\ 5) do
+    base = System.get_env("XDG_RUNTIME_DIR") |> usable_base() || System.tmp_dir!()
+
+    dir =
+      Path.join(
+        base,
+        "snakepit_telemetry-" <> Base.encode16(:crypto.strong_rand_bytes(8), case: :lower)
+      )
+
+    # mkdir fails when the name exists, so the directory is ours; chmod
+    # before any socket goes in.
+    with :ok <- File.mkdir(dir),
+         :ok <- File.chmod(dir, 0o700) do
+      :persistent_term.put({__MODULE__, :socket_dir}, dir)
+      {:ok, dir}
+    else
+      {:error, :eexist} when tries > 1 -> make_socket_dir(tries - 1)
+      {:error, reason} -> {:error, {reason, dir}}
+    end
+  end
+
+  defp usable_base(nil), do: nil
+  defp usable_base(dir), do: if(File.dir?(dir), do: dir)
+
+  @doc """
+  The default telemetry address for a worker on this host: a unix socket in
+  `socket_dir/0` (mode 0700), e.g. `"unix:/run/user/1000/snakepit_telemetry-…/w1.sock"`.
+  The worker binds it (Python: `telemetry.add_port(server, address)`, which
+  makes the socket 0600); pass the same address to `register_worker/1`.
+  Raises if the directory cannot be made. Worker ids that are not short
+  and plain (`[A-Za-z0-9_-]`, at most 48) are hashed into the file name.
+  """
+  @spec socket_path(String.t()) :: String.t()
+  def socket_path(worker_id) when is_binary(worker_id) do
+    case socket_dir() do
+      {:ok, dir} ->
+        "unix:" <> Path.join(dir, socket_name(worker_id) <> ".sock")
+
+      {:error, reason} ->
+        raise ArgumentError, "cannot make the telemetry socket directory: #{inspect(reason)}"
+    end
+  end
+
+  defp socket_name(worker_id) do
+    if worker_id =~ ~r/\A[A-Za-z0-9_-]{1,48}\z/ do
+      worker_id
+    else
+      "w-" <>
+        (:crypto.hash(:sha256, worker_id) |> Base.encode16(case: :lower) |> binary_part(0, 32))
+    end
   end
 
   defp fetch!(section, pool) do

@@ -163,9 +163,25 @@ defmodule Snakepit.Telemetry.GrpcStream do
       (see `Snakepit.Telemetry.Config`). A restarting process never raises on
       configuration: it logs the error and uses the built-in stream defaults.
 
+  ## Authentication
+
+  A worker registered with `:secret` (a `Snakepit.Telemetry.Secret`, the
+  one its environment got from `Config.worker_env(pool, secret: secret)`)
+  is sent it as `x-snakepit-telemetry-secret` metadata on every telemetry
+  call; the worker refuses calls without it (`UNAUTHENTICATED`, counted in
+  its `refused_calls`), so no other local process can take its stream over,
+  read its events or steer it. The secret lives only in a NIF resource:
+  `inspect/1`, `:sys.get_state/1`, `list_streams/0` (which shows
+  `authenticated: true`) and crash reports never show it. A worker
+  registered without one streams as before, with a warning logged once per
+  VM. A worker that expects a secret and gets none or another one never
+  opens: its status becomes `{:failed, {:connect_failed, text}}`, with
+  gRPC's "unauthenticated" in `text`.
+
   ## Status and counters
 
-  `list_streams/0` reports per worker: `:pending` (events decoded and not
+  `list_streams/0` reports per worker: `:authenticated` (registered with a
+  secret; the secret itself is never shown), `:pending` (events decoded and not
   yet handled by its delivery process, read now), `:python_age_ms` (age of
   its latest Python stats report, `nil` before the first), `:status` (`:connecting`, `:open`,
   `:backing_off` or `{:failed, reason}`), `:protocol` (`:batches` or
@@ -210,7 +226,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
 
   require Logger
 
-  alias Snakepit.Telemetry.{Cluster, Config, Control, Delivery, Native, Registrations}
+  alias Snakepit.Telemetry.{Cluster, Config, Control, Delivery, Native, Registrations, Secret}
 
   @type worker_id :: String.t()
   @typedoc """
@@ -224,7 +240,9 @@ defmodule Snakepit.Telemetry.GrpcStream do
   @typedoc """
   A worker to stream from: `:worker_id` (string), `:pool_name` (atom or
   string), `:address` (`"host:port"` or `"unix:/path"`), optionally
-  `:python_pid` (the worker's OS pid) and `:connect_timeout_ms`.
+  `:python_pid` (the worker's OS pid), `:connect_timeout_ms` and `:secret`
+  (the worker's `Snakepit.Telemetry.Secret`, or its string, sent on every
+  telemetry call; see "Authentication").
   """
   @type worker_ctx :: map() | keyword()
 
@@ -237,6 +255,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
           pool_name: atom() | String.t(),
           address: String.t(),
           python_pid: pos_integer() | nil,
+          authenticated: boolean(),
           status: status(),
           protocol: protocol() | nil,
           control: map(),
@@ -324,9 +343,42 @@ defmodule Snakepit.Telemetry.GrpcStream do
           | {:error,
              :already_registered | {:invalid_worker_ctx, term()} | {:invalid_config, String.t()}}
   def register_worker(worker_ctx, server \\ __MODULE__) do
-    with {:ok, ctx} <- validate_ctx(worker_ctx) do
+    with {:ok, ctx} <- validate_ctx(worker_ctx),
+         {:ok, ctx} <- wrap_secret(ctx) do
+      warn_without_secret(ctx)
       GenServer.call(server, {:register, ctx})
     end
+  end
+
+  # A string secret is wrapped here, in the caller, so the server's
+  # messages, state and crash reports only ever hold the redacted struct.
+  defp wrap_secret(%{secret: nil} = ctx), do: {:ok, Map.delete(ctx, :secret)}
+
+  defp wrap_secret(%{secret: secret} = ctx) do
+    case Secret.wrap(secret) do
+      {:ok, secret} -> {:ok, %{ctx | secret: secret}}
+      {:error, {:invalid_secret, why}} -> {:error, {:invalid_worker_ctx, {:secret, why}}}
+    end
+  end
+
+  defp wrap_secret(ctx), do: {:ok, ctx}
+
+  # Once per VM: a worker without a secret accepts any local client's call.
+  defp warn_without_secret(%{secret: _}), do: :ok
+
+  defp warn_without_secret(ctx) do
+    unless :persistent_term.get({__MODULE__, :warned_without_secret}, false) do
+      :persistent_term.put({__MODULE__, :warned_without_secret}, true)
+
+      Logger.warning(
+        "telemetry: worker #{ctx.worker_id} is registered without a secret: any local " <>
+          "process that reaches its address can read or steer its telemetry. Start workers " <>
+          "with Config.worker_env(pool, secret: secret) and register them with the same " <>
+          "secret (see Snakepit.Telemetry.Secret). This warning is logged once."
+      )
+    end
+
+    :ok
   end
 
   @doc "Closes the worker's stream at once and forgets the worker."
@@ -546,6 +598,12 @@ defmodule Snakepit.Telemetry.GrpcStream do
       Map.has_key?(state.workers, ctx.worker_id) ->
         {:reply, {:error, :already_registered}, state}
 
+      # The NIF resource of a secret made on another node is not usable here.
+      ctx[:secret] != nil and not Secret.local?(ctx.secret) ->
+        {:reply,
+         {:error, {:invalid_worker_ctx, {:secret, "made on another node: wrap the string here"}}},
+         state}
+
       # Worker ids are unique across the cluster (as far as its process
       # groups know: two nodes registering one id at the same moment can
       # both succeed, and control by that id then answers
@@ -673,6 +731,8 @@ defmodule Snakepit.Telemetry.GrpcStream do
       pool_name: ctx.pool_name,
       address: ctx.address,
       python_pid: ctx[:python_pid],
+      # A Snakepit.Telemetry.Secret (a NIF resource, redacted by inspect) or nil.
+      secret: ctx[:secret],
       metadata: %{node: node(), pool_name: ctx.pool_name, worker_id: ctx.worker_id},
       stream_opts: stream_opts,
       control: control,
@@ -788,7 +848,8 @@ defmodule Snakepit.Telemetry.GrpcStream do
         connect_timeout_ms: connect_timeout_ms,
         native_per_sec: state.native_per_sec,
         receiver: worker.delivery,
-        control: Control.to_native(worker.control)
+        control: Control.to_native(worker.control),
+        secret: worker.secret
       })
 
     with {:ok, handle} <- Native.stream_open(self(), stream_id, worker.address, options) do
@@ -1090,6 +1151,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
       pool_name: worker.pool_name,
       address: worker.address,
       python_pid: worker.python_pid,
+      authenticated: worker.secret != nil,
       status: worker.status,
       protocol: worker.protocol,
       control: Control.to_map(worker.control),
@@ -1103,7 +1165,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
   end
 
   defp ctx(worker) do
-    Map.take(worker, [:worker_id, :pool_name, :address, :python_pid])
+    Map.take(worker, [:worker_id, :pool_name, :address, :python_pid, :secret])
   end
 
   ## Validation
@@ -1132,8 +1194,20 @@ defmodule Snakepit.Telemetry.GrpcStream do
                (is_integer(ctx[:connect_timeout_ms]) and ctx[:connect_timeout_ms] >= 0)) ->
         {:error, {:invalid_worker_ctx, {:connect_timeout_ms, ctx[:connect_timeout_ms]}}}
 
+      not (is_nil(ctx[:secret]) or is_binary(ctx[:secret]) or is_struct(ctx[:secret], Secret)) ->
+        {:error,
+         {:invalid_worker_ctx, {:secret, "expected a Snakepit.Telemetry.Secret or a string"}}}
+
       true ->
-        {:ok, Map.take(ctx, [:worker_id, :pool_name, :address, :python_pid, :connect_timeout_ms])}
+        {:ok,
+         Map.take(ctx, [
+           :worker_id,
+           :pool_name,
+           :address,
+           :python_pid,
+           :connect_timeout_ms,
+           :secret
+         ])}
     end
   end
 

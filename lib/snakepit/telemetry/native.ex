@@ -66,16 +66,32 @@ defmodule Snakepit.Telemetry.Native do
   receives until control messages change it.
   """
   def stream_open(owner, stream_id, address, options) do
-    {receiver, control} =
+    {receiver, control, secret} =
       if is_map(options),
-        do: {Map.get(options, :receiver, owner), Map.get(options, :control, @default_control)},
-        else: {owner, @default_control}
+        do:
+          {Map.get(options, :receiver, owner), Map.get(options, :control, @default_control),
+           secret_ref(Map.get(options, :secret))},
+        else: {owner, @default_control, nil}
 
-    stream_open_nif(owner, receiver, stream_id, address, options, control)
+    stream_open_nif(owner, receiver, stream_id, address, options, control, secret)
   end
 
-  def stream_open_nif(_owner, _receiver, _stream_id, _address, _options, _control),
+  # `options.secret`: a `Snakepit.Telemetry.Secret` (its resource goes to the
+  # NIF, which sends it on every call) or nil.
+  defp secret_ref(%Snakepit.Telemetry.Secret{ref: ref}), do: ref
+  defp secret_ref(_), do: nil
+
+  def stream_open_nif(_owner, _receiver, _stream_id, _address, _options, _control, _secret),
     do: not_loaded()
+
+  @doc """
+  Wraps a secret in a NIF resource: `{:ok, ref}` or
+  `{:error, {:invalid_secret, why}}`. See `Snakepit.Telemetry.Secret`.
+  """
+  def secret_new(_bytes), do: not_loaded()
+
+  @doc "The bytes of a secret resource."
+  def secret_expose(_ref), do: not_loaded()
 
   @doc """
   Points the stream's events at `receiver`, after its previous receiver

@@ -12,6 +12,11 @@ defmodule Snakepit.Telemetry.Stderr do
   output can be passed through it, line by line (e.g. from the port that runs
   the worker; the project's dev/test `PythonWorker` in `support/` does that
   with its `:stderr_telemetry` option).
+
+  No secret is involved (see `Snakepit.Telemetry.Secret`): the lines come
+  from the worker's own stderr, a pipe only the process that spawned the
+  worker holds, so only the worker's parent reads them. Pass only the
+  worker's stderr here, never input another process can write.
   """
 
   alias Snakepit.Telemetry.{Config, Events, Native}

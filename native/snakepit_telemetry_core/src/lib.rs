@@ -7,6 +7,7 @@
 //!
 //! [`Sym`]: catalog::Sym
 
+pub mod auth;
 pub mod catalog;
 pub mod credit;
 pub mod custom;

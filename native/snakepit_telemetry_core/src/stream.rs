@@ -44,6 +44,7 @@ use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Streaming;
 
+use crate::auth::Secret;
 use crate::credit::Credit;
 use crate::decode::{DecodeConfig, Decoded, Decoder};
 use crate::enforce::{self, ControlState, Enforcer};
@@ -144,6 +145,10 @@ pub struct StreamConfig {
     /// the owner's control messages reach it, e.g. on the events a worker
     /// buffered before the call opened.
     pub control: ControlState,
+    /// The worker's secret, sent as [`crate::auth::SECRET_HEADER`] metadata
+    /// on every telemetry call (both RPCs, every attempt); `None`: no
+    /// secret (a worker started without one). `Debug` shows it redacted.
+    pub secret: Option<Secret>,
 }
 
 impl Default for StreamConfig {
@@ -160,6 +165,7 @@ impl Default for StreamConfig {
             connection_window_bytes: 32 * 1024 * 1024,
             decode: DecodeConfig::default(),
             control: ControlState::default(),
+            secret: None,
         }
     }
 }
@@ -545,6 +551,7 @@ async fn open_call(
         grpc: client,
         reads,
         keepalive_timeout: config.keepalive_interval.map(|_| config.keepalive_timeout),
+        secret: config.secret.clone(),
     };
     match call(&mut client, Framing::Batch).await {
         Ok(call) => return Ok(call),
@@ -563,6 +570,8 @@ struct Client {
     grpc: tonic::client::Grpc<Channel>,
     reads: Arc<ReadClock>,
     keepalive_timeout: Option<Duration>,
+    /// Sent with every call on this connection.
+    secret: Option<Secret>,
 }
 
 /// Starts one telemetry call and waits for its response headers.
@@ -580,10 +589,14 @@ async fn call(
         .await
         .map_err(|e| tonic::Status::unavailable(format!("channel not ready: {e}")))?;
     let (tx, rx) = outbound();
+    let mut request = tonic::Request::new(rx);
+    if let Some(secret) = &client.secret {
+        secret.apply(&mut request);
+    }
     let response = client
         .grpc
         .streaming(
-            tonic::Request::new(rx),
+            request,
             PathAndQuery::from_static(path),
             WireCodec::new(framing),
         )
@@ -798,6 +811,9 @@ mod tests {
         /// Send every message in a DATA frame of its own, as grpc-core
         /// does (tonic coalesces messages that are ready together).
         one_by_one: bool,
+        /// Refuse calls without this secret (UNAUTHENTICATED), as a worker
+        /// started with one does.
+        secret: Option<&'static str>,
     }
 
     /// Yields each item on a poll of its own, with `Pending` in between.
@@ -828,6 +844,16 @@ mod tests {
     type BatchStream = Boxed<TelemetryEventBatch>;
 
     impl FakeWorker {
+        fn check_secret<T>(&self, request: &Request<T>) -> Result<(), tonic::Status> {
+            let Some(secret) = self.secret else {
+                return Ok(());
+            };
+            match request.metadata().get(crate::auth::SECRET_HEADER) {
+                Some(value) if value.as_bytes() == secret.as_bytes() => Ok(()),
+                _ => Err(tonic::Status::unauthenticated("wrong telemetry secret")),
+            }
+        }
+
         fn consume_controls(&self, request: Request<TonicStreaming<TelemetryControl>>) {
             let mut inbound = request.into_inner();
             let controls = self.controls.clone();
@@ -865,6 +891,7 @@ mod tests {
             &self,
             request: Request<TonicStreaming<TelemetryControl>>,
         ) -> Result<Response<EventStream>, tonic::Status> {
+            self.check_secret(&request)?;
             self.consume_controls(request);
             Ok(Response::new(self.respond(self.events.clone())))
         }
@@ -876,6 +903,7 @@ mod tests {
             let Some(batches) = &self.batches else {
                 return Err(tonic::Status::unimplemented("no batches here"));
             };
+            self.check_secret(&request)?;
             self.consume_controls(request);
             Ok(Response::new(self.respond(batches.clone())))
         }
@@ -1002,6 +1030,7 @@ mod tests {
                 hold_open,
                 batches: None,
                 one_by_one: false,
+                secret: None,
             },
             rx,
         )
@@ -2055,5 +2084,73 @@ mod tests {
         );
         h.stop.take().unwrap().send(()).unwrap();
         h.task.await.unwrap();
+    }
+
+    const SECRET: &str = "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3I";
+
+    fn with_secret(secret: Option<&str>) -> StreamConfig {
+        StreamConfig {
+            connect_timeout: Duration::ZERO,
+            secret: secret.map(|s| Secret::new(s.as_bytes()).unwrap()),
+            ..StreamConfig::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_secret_goes_with_the_batches_call() {
+        let (worker, _controls) = batch_worker(vec![numbered(3)], true);
+        let worker = FakeWorker {
+            secret: Some(SECRET),
+            ..worker
+        };
+        let address = serve_tcp(worker).await;
+        let mut h = start(address, with_secret(Some(SECRET)));
+        expect_status(&mut h, Status::Connecting).await;
+        expect_status(&mut h, Status::Open(Protocol::Batches)).await;
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            match next(&mut h).await {
+                Seen::Events(batch) => got.extend(batch),
+                Seen::Status(other) => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(positions(&got), vec![0, 1, 2]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_secret_goes_with_the_fallback_call_too() {
+        let (worker, _controls) = worker(numbered(2), true);
+        let worker = FakeWorker {
+            secret: Some(SECRET),
+            ..worker
+        };
+        let address = serve_tcp(worker).await;
+        let mut h = start(address, with_secret(Some(SECRET)));
+        expect_status(&mut h, Status::Connecting).await;
+        expect_status(&mut h, Status::Open(Protocol::Events)).await;
+        assert_eq!(StreamStats::get(&h.stats.fallbacks), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_missing_or_wrong_secret_is_refused_and_never_opens() {
+        for secret in [None, Some("d3Jvbmctd3Jvbmctd3Jvbmctd3Jvbmctd3Jvbmc")] {
+            let (worker, _controls) = batch_worker(vec![numbered(1)], true);
+            let worker = FakeWorker {
+                secret: Some(SECRET),
+                ..worker
+            };
+            let address = serve_tcp(worker).await;
+            let mut h = start(address, with_secret(secret));
+            expect_status(&mut h, Status::Connecting).await;
+            let error = expect_connect_failed(&mut h).await;
+            assert!(error.contains("wrong telemetry secret"), "{error}");
+            assert!(!error.contains(SECRET));
+        }
+    }
+
+    #[test]
+    fn the_config_debug_hides_the_secret() {
+        let shown = format!("{:?}", with_secret(Some(SECRET)));
+        assert!(!shown.contains(SECRET), "{shown}");
     }
 }

@@ -27,6 +27,7 @@ rustler::atoms! {
     // Errors.
     invalid_address,
     invalid_option,
+    invalid_secret,
     control_queue_full,
     // Catalog description.
     python,

@@ -9,6 +9,7 @@ mod delivery;
 mod encode;
 mod json;
 mod runtime;
+mod secret;
 mod stream;
 
 rustler::init!("Elixir.Snakepit.Telemetry.Native", load = atoms::load);

@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::atoms;
 use crate::delivery::{self, Route};
 use crate::runtime::RUNTIME;
+use crate::secret::SecretHandle;
 
 /// Control messages a stream buffers while connecting or busy.
 const CONTROL_QUEUE: usize = 64;
@@ -157,6 +158,7 @@ fn stream_open(
     address: String,
     options: OpenOptions,
     control: ControlOptions,
+    secret: Option<ResourceArc<SecretHandle>>,
 ) -> Result<ResourceArc<StreamHandle>, (Atom, String)> {
     let address =
         Address::parse(&address).map_err(|e| (atoms::invalid_address(), e.to_string()))?;
@@ -177,6 +179,9 @@ fn stream_open(
         max_message_bytes: options.max_message_bytes,
         decode: options.decode_config(),
         control: control.state(),
+        // Sent on every call of this stream; the resource keeps it out of
+        // the owner's terms.
+        secret: secret.map(|handle| handle.0.clone()),
         // The HTTP/2 windows are chosen together with the credit; see
         // StreamConfig.
         ..StreamConfig::default()

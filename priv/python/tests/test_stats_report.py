@@ -33,6 +33,7 @@ KEYS = {
     "internal_errors",
     "interrupted_sends",
     "queue_len",
+    "refused_calls",
 }
 
 

@@ -27,6 +27,7 @@ COMMAND_WORKER = PY_ROOT.parent.parent / "support" / "python" / "command_worker.
 HOSTILE_COMMANDS = PY_ROOT.parent.parent / "test" / "support" / "python" / "hostile_commands.py"
 READY = "SNAKEPIT_TELEMETRY_READY "
 ACK = "SNAKEPIT_TELEMETRY_ACK "
+LOG = "SNAKEPIT_TELEMETRY_LOG "
 
 
 class WorkerProc:
@@ -67,6 +68,8 @@ class WorkerProc:
         self.proc.stdin.write((cmd if isinstance(cmd, str) else json.dumps(cmd)) + "\n")
         self.proc.stdin.flush()
         line = self.line()
+        while line.startswith(LOG):  # the package's warnings, e.g. "without a secret"
+            line = self.line()
         assert line.startswith(ACK), line
         name, payload = line[len(ACK) :].split(" ", 1)
         return name, json.loads(payload)

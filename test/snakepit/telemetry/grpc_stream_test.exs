@@ -2,7 +2,7 @@ defmodule Snakepit.Telemetry.GrpcStreamTest do
   # Not async: several tests compare VM-wide figures (atom count, live streams).
   use Snakepit.Telemetry.Case, async: false
 
-  alias Snakepit.Telemetry.{GrpcStream, Native, PythonWorker}
+  alias Snakepit.Telemetry.{Config, GrpcStream, Native, PythonWorker}
 
   @stop [:snakepit, :python, :call, :stop]
   # Exact counts below: keep the worker's periodic stats reports out of them.
@@ -69,8 +69,7 @@ defmodule Snakepit.Telemetry.GrpcStreamTest do
     end
 
     test "works over a unix socket" do
-      path =
-        Path.join(System.tmp_dir!(), "snakepit-test-#{System.unique_integer([:positive])}.sock")
+      "unix:" <> path = Config.socket_path("test-#{System.unique_integer([:positive])}")
 
       worker = start_worker!(listen: "unix:" <> path)
       assert PythonWorker.address(worker) == "unix:" <> path

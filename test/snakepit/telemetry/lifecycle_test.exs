@@ -2,7 +2,7 @@ defmodule Snakepit.Telemetry.LifecycleTest do
   # Kills and restarts real Python workers; compares VM-wide stream counts.
   use Snakepit.Telemetry.Case, async: false
 
-  alias Snakepit.Telemetry.{GrpcStream, Native, PythonWorker}
+  alias Snakepit.Telemetry.{Config, GrpcStream, Native, PythonWorker}
 
   @stop [:snakepit, :python, :call, :stop]
   @result [:snakepit, :python, :tool, :result_size]
@@ -15,11 +15,10 @@ defmodule Snakepit.Telemetry.LifecycleTest do
     Application.put_env(:snakepit_telemetry, :stream, backoff_initial_ms: 20, backoff_max_ms: 200)
     on_exit(fn -> Application.delete_env(:snakepit_telemetry, :stream) end)
 
-    path =
-      Path.join(System.tmp_dir!(), "snakepit-life-#{System.unique_integer([:positive])}.sock")
-
+    # The private socket directory (0700) every worker on this host should use.
+    "unix:" <> path = address = Config.socket_path("life-#{System.unique_integer([:positive])}")
     on_exit(fn -> File.rm(path) end)
-    %{address: "unix:" <> path}
+    %{address: address}
   end
 
   # A worker the test can kill: not restarted by the test supervisor.

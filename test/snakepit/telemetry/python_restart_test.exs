@@ -4,7 +4,7 @@ defmodule Snakepit.Telemetry.PythonRestartTest do
   # the old process's totals, and nothing is reported twice.
   use Snakepit.Telemetry.Case, async: false
 
-  alias Snakepit.Telemetry.{GrpcStream, PythonWorker}
+  alias Snakepit.Telemetry.{Config, GrpcStream, PythonWorker}
 
   @dropped [:snakepit, :telemetry, :events, :dropped]
   @stats [:snakepit, :telemetry, :python, :stats]
@@ -24,8 +24,7 @@ defmodule Snakepit.Telemetry.PythonRestartTest do
   end
 
   defp socket_path do
-    path =
-      Path.join(System.tmp_dir!(), "snakepit-pyre-#{System.unique_integer([:positive])}.sock")
+    "unix:" <> path = Config.socket_path("pyre-#{System.unique_integer([:positive])}")
 
     on_exit(fn -> File.rm(path) end)
     path

@@ -25,14 +25,18 @@ defmodule HostRun do
     IO.puts("HOST_INFO support=#{Code.ensure_loaded?(Snakepit.Telemetry.PythonWorker)}")
 
     python_path = Path.join(:code.priv_dir(:snakepit_telemetry), "python")
-    env = [{"PYTHONPATH", python_path} | Config.worker_env(:host_pool)]
+    # The documented setup: a secret per worker and a private unix socket.
+    secret = Snakepit.Telemetry.Secret.new()
+    worker_id = "host-worker-1"
+    listen = Config.socket_path(worker_id)
+    env = [{"PYTHONPATH", python_path} | Config.worker_env(:host_pool, secret: secret)]
 
     port =
       Port.open({:spawn_executable, python}, [
         :binary,
         :exit_status,
         {:line, 65_536},
-        args: ["-u", command_worker, "--listen", "127.0.0.1:0"],
+        args: ["-u", command_worker, "--listen", listen],
         env: for({k, v} <- env, do: {String.to_charlist(k), String.to_charlist(v)})
       ])
 
@@ -40,10 +44,13 @@ defmodule HostRun do
 
     :ok = :telemetry.attach("host-app-handler", @event, &__MODULE__.handle/4, self())
 
-    worker_id = "host-worker-1"
-
     :ok =
-      GrpcStream.register_worker(worker_id: worker_id, pool_name: :host_pool, address: address)
+      GrpcStream.register_worker(
+        worker_id: worker_id,
+        pool_name: :host_pool,
+        address: address,
+        secret: secret
+      )
 
     await_open(worker_id, deadline)
 

@@ -13,6 +13,11 @@ Instrumentation must never break the instrumented code, so nothing here raises.
 Also here: correlation IDs (:mod:`.correlation`, picked up by ``emit``/``span``),
 :class:`TelemetryInterceptor` for the worker's gRPC server, resource samplers,
 a GC hook, and :func:`report_error` / :func:`tool` for tool failures.
+
+Security: the stream refuses telemetry calls without the worker's secret
+(``SNAKEPIT_TELEMETRY_SECRET``, see :mod:`._internal.auth`), and
+:func:`add_port` binds a ``unix:`` address as a 0600 socket in a 0700
+directory.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import grpc
 
 from .. import snakepit_bridge_pb2 as pb
 from . import correlation
+from ._internal.auth import SECRET_ENV, SECRET_HEADER
 from ._internal.core import (
     ERROR_EVENT,
     ERROR_MESSAGE_LIMIT,
@@ -32,6 +38,7 @@ from ._internal.core import (
     stats,
     tool,
 )
+from ._internal.transport import add_port
 from .backends import Backend, backend_stats, get_backend, mark_served, set_backend
 from .correlation import CORRELATION_HEADER
 from .gc_events import GC_EVENT, install_gc_hook, uninstall_gc_hook
@@ -47,10 +54,13 @@ __all__ = [
     "ERROR_MESSAGE_LIMIT",
     "GC_EVENT",
     "MEMORY_EVENT",
+    "SECRET_ENV",
+    "SECRET_HEADER",
     "SERVER_OPTIONS",
     "SERVICE_NAME",
     "TelemetryInterceptor",
     "TelemetryStream",
+    "add_port",
     "add_to_server",
     "backend_stats",
     "correlation",

@@ -30,6 +30,11 @@ Environment, read once when a stream is created:
   own is dropped and counted as ``dropped_oversized``; batches stay within
   ``min(wire.MAX_BATCH_BYTES, this)``.
 
+Calls are authenticated (:mod:`._internal.auth`): with a secret
+(``SNAKEPIT_TELEMETRY_SECRET``, or ``secret=``), a call without it is refused
+with ``UNAUTHENTICATED`` before it can replace the active call, and counted as
+``refused_calls``.
+
 Failures are never raised into the caller; they are counted, and every stats
 report's ``internal_errors`` adds the failures counted outside any stream (see
 :mod:`._internal.errors`).
@@ -58,7 +63,7 @@ from typing import Any
 import grpc
 
 from .. import snakepit_bridge_pb2 as pb
-from ._internal import convert, env, errors, wire
+from ._internal import auth, convert, env, errors, wire
 from ._internal.control import ControlState
 from ._internal.wire import BatchEncoder, RawEvent
 
@@ -115,6 +120,7 @@ STATS_MEASUREMENTS = (
     "internal_errors",
     "interrupted_sends",
     "queue_len",
+    "refused_calls",
 )
 
 # "emitted" and "enqueued" are derived in _snapshot_locked: the common emit path
@@ -142,6 +148,8 @@ _COUNTERS = (
     "stats_reports",
     # StreamTelemetryBatches messages handed to gRPC.
     "batches_sent",
+    # Telemetry calls refused for a missing or wrong secret (see _internal.auth).
+    "refused_calls",
 )
 
 
@@ -187,7 +195,7 @@ class _StatsClock:
 class TelemetryStream:
     """Bounded, thread-safe telemetry queue plus the StreamTelemetry gRPC handler."""
 
-    def __init__(self, queue_size: int | None = None) -> None:
+    def __init__(self, queue_size: int | None = None, *, secret: Any = auth.FROM_ENV) -> None:
         if queue_size is None:
             size = env.positive_int(QUEUE_SIZE_ENV, DEFAULT_QUEUE_SIZE)
         else:
@@ -225,6 +233,9 @@ class TelemetryStream:
         self._running: dict[int, grpc.ServicerContext] = {}
         self._random = random.Random()
         self._instance_id = _new_instance_id()
+        # The secret every call must carry (the process's, from the environment,
+        # unless given; None: calls are not checked).
+        self._auth = auth.CallAuth(secret)
         _streams.add(self)
 
     def _start_over_after_fork(self) -> None:
@@ -521,6 +532,7 @@ class TelemetryStream:
 
         For clients that do not know ``StreamTelemetryBatches``; see :meth:`_serve`.
         """
+        self._authenticate(context)
         return self._serve(request_iterator, context, batched=False)
 
     def StreamTelemetryBatches(  # noqa: N802 - name fixed by the proto service
@@ -533,7 +545,15 @@ class TelemetryStream:
         Yields bytes, so it must be registered with an identity response
         serializer, as :func:`snakepit_bridge.telemetry.add_to_server` does.
         """
+        self._authenticate(context)
         return self._serve(request_iterator, context, batched=True)
+
+    def _authenticate(self, context: grpc.ServicerContext) -> None:
+        """Refuse (UNAUTHENTICATED, counted) a call without the secret, before
+        it touches the active call; see :mod:`._internal.auth`."""
+        if not self._auth.admits(context):
+            self._bump("refused_calls")
+            auth.refuse(context)
 
     def _serve(
         self,
