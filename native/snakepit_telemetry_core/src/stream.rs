@@ -1162,6 +1162,16 @@ mod tests {
         expect_status(&mut h, Status::Connecting).await;
         expect_status(&mut h, Status::Open(Protocol::Events)).await;
         assert_eq!(controls.recv().await, Some(enable()));
+        // The worker's one event is read before the toggle below: on a
+        // StreamTelemetry worker the stream enforces toggles itself, so an
+        // event read after it would be dropped (enforced_disabled).
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while StreamStats::get(&h.stats.received) < 1 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the worker's event is read");
 
         let off = TelemetryControl {
             control: Some(telemetry_control::Control::Toggle(TelemetryToggle {
