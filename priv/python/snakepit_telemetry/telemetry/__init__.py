@@ -108,11 +108,17 @@ def add_to_server(
 
     ``StreamTelemetryBatches`` (unless ``batches=False``) and ``StreamTelemetry``:
     Elixir asks for batches first and falls back to the plain stream when the
-    worker answers UNIMPLEMENTED. Uses a generic handler that only claims these
-    methods, so Snakepit's other BridgeService methods can be registered on the
-    same server side by side. Returns the stream that serves the calls (the
-    default one unless given). From now on the default backend is ``grpc``
-    (unless one was chosen).
+    worker answers UNIMPLEMENTED. Claims only these methods, so Snakepit's other
+    BridgeService methods can be registered on the same server side by side
+    (``grpc.server`` or ``grpc.aio.server`` with a thread pool: the handlers are
+    synchronous). They are registered both as a generic handler and, through
+    ``add_registered_method_handlers``, as registered methods: gRPC prefers a
+    registered method over a generic handler and a later registration over an
+    earlier one, so calling this after Snakepit's
+    ``add_BridgeServiceServicer_to_server`` and before ``server.start()`` makes
+    these two methods ours while Snakepit's servicer keeps the rest. Returns the
+    stream that serves the calls (the default one unless given). From now on the
+    default backend is ``grpc`` (unless one was chosen).
     """
     target = stream if stream is not None else get_stream()
     methods = {
@@ -130,5 +136,8 @@ def add_to_server(
         )
     handler = grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
     server.add_generic_rpc_handlers((handler,))
+    register = getattr(server, "add_registered_method_handlers", None)
+    if register is not None:
+        register(SERVICE_NAME, methods)
     mark_served()
     return target
