@@ -2,9 +2,9 @@
 
 Run from a checkout: ``PYTHONPATH=priv/python python support/python/command_worker.py``
 (``Snakepit.Telemetry.PythonWorker``, also dev/test-only, does that). It is not
-part of the ``snakepit_bridge`` package: a real Snakepit worker is Snakepit's own
+part of the ``snakepit_telemetry`` package: a real Snakepit worker is Snakepit's own
 gRPC server, which adds the telemetry methods with
-``snakepit_bridge.telemetry.add_to_server`` as this one does.
+``snakepit_telemetry.telemetry.add_to_server`` as this one does.
 
 Stands in for a Snakepit Python worker in the Elixir demo and tests: it serves
 StreamTelemetry and produces events on command. Its server carries
@@ -91,7 +91,7 @@ from typing import Any, TextIO
 
 import grpc
 
-from snakepit_bridge.telemetry import (
+from snakepit_telemetry.telemetry import (
     SERVER_OPTIONS,
     SERVICE_NAME,
     TelemetryInterceptor,
@@ -110,8 +110,8 @@ from snakepit_bridge.telemetry import (
     tool,
     uninstall_gc_hook,
 )
-from snakepit_bridge.telemetry.correlation import CORRELATION_HEADER
-from snakepit_bridge.telemetry.gc_events import flush_gc_events, gc_events_from_env
+from snakepit_telemetry.telemetry.correlation import CORRELATION_HEADER
+from snakepit_telemetry.telemetry.gc_events import flush_gc_events, gc_events_from_env
 
 READY = "SNAKEPIT_TELEMETRY_READY"
 ACK = "SNAKEPIT_TELEMETRY_ACK"

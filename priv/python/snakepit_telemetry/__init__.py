@@ -1,6 +1,6 @@
 """Python side of the Snakepit bridge: generated wire types plus the telemetry stream.
 
-Importing this package stays cheap; ``snakepit_bridge.telemetry`` pulls in gRPC.
+Importing this package stays cheap; ``snakepit_telemetry.telemetry`` pulls in gRPC.
 """
 
 __all__ = ["__version__"]

@@ -1,1 +1,1 @@
-"""Private helpers for :mod:`snakepit_bridge.telemetry`; not a stable API."""
+"""Private helpers for :mod:`snakepit_telemetry.telemetry`; not a stable API."""
