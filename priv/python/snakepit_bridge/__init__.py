@@ -54,9 +54,7 @@ class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         if not fullname.startswith(self._PREFIX) or sys.modules.get(__name__) is not _SHIM:
             return None
         real = importlib.import_module(_TARGET + fullname[len(__name__) :])
-        return importlib.util.spec_from_loader(
-            fullname, self, is_package=hasattr(real, "__path__")
-        )
+        return importlib.util.spec_from_loader(fullname, self, is_package=hasattr(real, "__path__"))
 
     def create_module(self, spec):
         real = sys.modules[_TARGET + spec.name[len(__name__) :]]

@@ -2,10 +2,10 @@
 
 The package is ``snakepit_telemetry`` (the telemetry API, the backends and
 ``add_to_server``) plus ``snakepit_bridge``, its compatibility name (one module,
-see tests/test_beside_snakepit.py); the command worker the demo, the tests and the benchmarks run lives in the
-repository's ``support/python`` and is not shipped. No module of the package
-imports (at module level or late, inside a function) a module that imports it
-back, directly or through others.
+see tests/test_beside_snakepit.py); the command worker the demo, the tests and
+the benchmarks run lives in the repository's ``support/python`` and is not
+shipped. No module of the package imports (at module level or late, inside a
+function) a module that imports it back, directly or through others.
 """
 
 from __future__ import annotations
@@ -111,7 +111,10 @@ def test_import_graph_has_no_cycle() -> None:
     core = "snakepit_telemetry.telemetry._internal.core"
     assert "snakepit_telemetry.telemetry.backends" in graph[core]
     assert "snakepit_telemetry.telemetry._internal.defaults" in graph[core]
-    assert "snakepit_telemetry.telemetry.backends.otel" in graph["snakepit_telemetry.telemetry.backends"]
+    assert (
+        "snakepit_telemetry.telemetry.backends.otel"
+        in graph["snakepit_telemetry.telemetry.backends"]
+    )
     assert _find_cycle(graph) is None, f"import cycle: {' -> '.join(_find_cycle(graph) or [])}"
     # The backends reach the default stream without the core.
     for name, edges in graph.items():

@@ -72,10 +72,14 @@ def generate(out_dir: Path) -> None:
     if "\nimport " in text.split("DESCRIPTOR =", 1)[0].split("_sym_db", 1)[1]:
         # A private pool holds only what is added to it: an imported .proto
         # (google/protobuf/*.proto) would have to be added first.
-        raise SystemExit(f"{messages.name} imports other proto modules; the private pool needs them")
+        raise SystemExit(
+            f"{messages.name} imports other proto modules; the private pool needs them"
+        )
     text, count = _DEFAULT_POOL.subn(_PRIVATE_POOL, text)
     if count != 1:
-        raise SystemExit(f"expected one default-pool AddSerializedFile in {messages.name}, got {count}")
+        raise SystemExit(
+            f"expected one default-pool AddSerializedFile in {messages.name}, got {count}"
+        )
     messages.write_text(text)
 
 
