@@ -165,7 +165,8 @@ defmodule Snakepit.Telemetry.MixProject do
     [
       files: ~w(
         lib
-        priv/python/snakepit_bridge priv/python/pyproject.toml priv/python/MANIFEST.in
+        priv/python/snakepit_telemetry priv/python/snakepit_bridge
+        priv/python/pyproject.toml priv/python/MANIFEST.in
         proto native/snakepit_telemetry_core native/snakepit_telemetry_nif
         Cargo.toml Cargo.lock mix.exs .formatter.exs README.md CHANGELOG.md
       ),

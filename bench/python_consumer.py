@@ -12,8 +12,8 @@ import time
 
 import grpc
 
-from snakepit_bridge import snakepit_bridge_pb2 as pb
-from snakepit_bridge import snakepit_bridge_pb2_grpc as pb_grpc
+from snakepit_telemetry import snakepit_bridge_pb2 as pb
+from snakepit_telemetry import snakepit_bridge_pb2_grpc as pb_grpc
 
 
 def main() -> int:

@@ -21,8 +21,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from prometheus_client import CollectorRegistry, Counter
 
-from snakepit_bridge import telemetry
-from snakepit_bridge.telemetry.stream import TelemetryStream
+from snakepit_telemetry import telemetry
+from snakepit_telemetry.telemetry.stream import TelemetryStream
 
 ROUNDS = 200
 PER_ROUND = 2000

@@ -7,7 +7,7 @@ defmodule Snakepit.Telemetry.PythonWorker do
   Not part of the library: it is compiled only for `MIX_ENV=dev` and `test`
   (`elixirc_paths` in `mix.exs`), and `bench/` loads it with
   `support/load.exs`. In production Snakepit spawns its own workers, which
-  serve the telemetry stream with `snakepit_bridge.telemetry.add_to_server`.
+  serve the telemetry stream with `snakepit_telemetry.telemetry.add_to_server`.
   The command worker serves it too and runs commands sent as JSON lines on its
   stdin. It exits when its stdin closes, so it never outlives the process that
   started it.

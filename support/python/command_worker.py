@@ -2,9 +2,9 @@
 
 Run from a checkout: ``PYTHONPATH=priv/python python support/python/command_worker.py``
 (``Snakepit.Telemetry.PythonWorker``, also dev/test-only, does that). It is not
-part of the ``snakepit_bridge`` package: a real Snakepit worker is Snakepit's own
+part of the ``snakepit_telemetry`` package: a real Snakepit worker is Snakepit's own
 gRPC server, which adds the telemetry methods with
-``snakepit_bridge.telemetry.add_to_server`` as this one does.
+``snakepit_telemetry.telemetry.add_to_server`` as this one does.
 
 Stands in for a Snakepit Python worker in the Elixir demo and tests: it serves
 StreamTelemetry and produces events on command. Its server carries
@@ -18,7 +18,7 @@ spans. Protocol (stdout, one line each):
   (``<cmd>`` is ``error`` for bad JSON or an unknown command);
 * ``SNAKEPIT_TELEMETRY_WORKLOAD_DONE {"calls": N}`` when a workload finishes;
 * ``SNAKEPIT_TELEMETRY_LOG <LEVEL> <message>`` for each warning (or worse) the
-  ``snakepit_bridge`` package logs, e.g. the once-per-process warning of a
+  ``snakepit_telemetry`` package logs, e.g. the once-per-process warning of a
   worker started without a secret (``PythonWorker.lines/1`` keeps them).
 
 Commands (one JSON object per stdin line, ACK payload after the arrow):
@@ -94,7 +94,7 @@ from typing import Any, TextIO
 
 import grpc
 
-from snakepit_bridge.telemetry import (
+from snakepit_telemetry.telemetry import (
     SERVER_OPTIONS,
     SERVICE_NAME,
     TelemetryInterceptor,
@@ -114,8 +114,8 @@ from snakepit_bridge.telemetry import (
     tool,
     uninstall_gc_hook,
 )
-from snakepit_bridge.telemetry.correlation import CORRELATION_HEADER
-from snakepit_bridge.telemetry.gc_events import flush_gc_events, gc_events_from_env
+from snakepit_telemetry.telemetry.correlation import CORRELATION_HEADER
+from snakepit_telemetry.telemetry.gc_events import flush_gc_events, gc_events_from_env
 
 READY = "SNAKEPIT_TELEMETRY_READY"
 ACK = "SNAKEPIT_TELEMETRY_ACK"
@@ -564,7 +564,7 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
     opts = parse_args(argv)
     stdin = stdin if stdin is not None else sys.stdin
     out = Output(sys.stdout)
-    package_log = logging.getLogger("snakepit_bridge")
+    package_log = logging.getLogger("snakepit_telemetry")
     package_log.addHandler(_LogLines(out))
     package_log.propagate = False
     stream = TelemetryStream(opts.queue_size)

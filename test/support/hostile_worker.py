@@ -90,7 +90,7 @@ import h2.exceptions  # noqa: E402
 import h2.settings  # noqa: E402
 
 # The generated messages of the project's proto (priv/python, put on the path above).
-pb = importlib.import_module("snakepit_bridge.snakepit_bridge_pb2")
+pb = importlib.import_module("snakepit_telemetry.snakepit_bridge_pb2")
 
 BATCHES = b"/snakepit.bridge.BridgeService/StreamTelemetryBatches"
 EVENTS = b"/snakepit.bridge.BridgeService/StreamTelemetry"

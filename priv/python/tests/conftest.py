@@ -18,11 +18,11 @@ PY_ROOT = Path(__file__).resolve().parent.parent
 if str(PY_ROOT) not in sys.path:
     sys.path.insert(0, str(PY_ROOT))
 
-from snakepit_bridge import snakepit_bridge_pb2 as pb  # noqa: E402
-from snakepit_bridge import snakepit_bridge_pb2_grpc as pb_grpc  # noqa: E402
-from snakepit_bridge import telemetry  # noqa: E402
-from snakepit_bridge.telemetry import backends  # noqa: E402
-from snakepit_bridge.telemetry._internal.convert import QueuedEvent  # noqa: E402
+from snakepit_telemetry import snakepit_bridge_pb2 as pb  # noqa: E402
+from snakepit_telemetry import snakepit_bridge_pb2_grpc as pb_grpc  # noqa: E402
+from snakepit_telemetry import telemetry  # noqa: E402
+from snakepit_telemetry.telemetry import backends  # noqa: E402
+from snakepit_telemetry.telemetry._internal.convert import QueuedEvent  # noqa: E402
 
 _CLOSE = object()
 STATS_PARTS = ["telemetry", "python", "stats"]

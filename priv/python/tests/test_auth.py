@@ -13,10 +13,10 @@ from typing import Any
 import grpc
 import pytest
 
-from snakepit_bridge import snakepit_bridge_pb2 as pb
-from snakepit_bridge import snakepit_bridge_pb2_grpc as pb_grpc
-from snakepit_bridge import telemetry
-from snakepit_bridge.telemetry._internal import auth
+from snakepit_telemetry import snakepit_bridge_pb2 as pb
+from snakepit_telemetry import snakepit_bridge_pb2_grpc as pb_grpc
+from snakepit_telemetry import telemetry
+from snakepit_telemetry.telemetry._internal import auth
 
 from .conftest import BATCHES_METHOD, BatchClient, Client, wait_until
 

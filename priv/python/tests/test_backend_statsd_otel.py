@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from snakepit_bridge import telemetry
-from snakepit_bridge.telemetry import backends
-from snakepit_bridge.telemetry.backends import NoneBackend, StatsdBackend
+from snakepit_telemetry import telemetry
+from snakepit_telemetry.telemetry import backends
+from snakepit_telemetry.telemetry.backends import NoneBackend, StatsdBackend
 
 
 @pytest.fixture
@@ -125,7 +125,7 @@ export = importlib.import_module("opentelemetry.sdk.trace.export")
 @pytest.fixture
 def spans() -> Iterator[object]:
     """A private provider (the global one is never set) wired to an in-memory exporter."""
-    from snakepit_bridge.telemetry.backends.otel import OtelBackend
+    from snakepit_telemetry.telemetry.backends.otel import OtelBackend
 
     exporter = in_memory.InMemorySpanExporter()
     provider = otel_sdk.TracerProvider()
@@ -172,7 +172,7 @@ def test_otel_fail_and_emit_without_span(spans: object) -> None:
 
 def test_otel_missing_falls_back_to_none(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "opentelemetry", None)  # import now fails
-    monkeypatch.delitem(sys.modules, "snakepit_bridge.telemetry.backends.otel", raising=False)
+    monkeypatch.delitem(sys.modules, "snakepit_telemetry.telemetry.backends.otel", raising=False)
     assert isinstance(telemetry.set_backend("otel"), NoneBackend)
     assert isinstance(telemetry.set_backend("otel"), NoneBackend)
     assert backends.selection_stats()["unavailable"] == 2

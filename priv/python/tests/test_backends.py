@@ -14,9 +14,9 @@ from typing import Any
 import grpc
 import pytest
 
-from snakepit_bridge import telemetry
-from snakepit_bridge.telemetry import backends
-from snakepit_bridge.telemetry.backends import (
+from snakepit_telemetry import telemetry
+from snakepit_telemetry.telemetry import backends
+from snakepit_telemetry.telemetry.backends import (
     Backend,
     CompositeBackend,
     GrpcBackend,
@@ -24,7 +24,7 @@ from snakepit_bridge.telemetry.backends import (
     StatsdBackend,
     StderrBackend,
 )
-from snakepit_bridge.telemetry.backends.stderr import format_line
+from snakepit_telemetry.telemetry.backends.stderr import format_line
 
 from .conftest import drain, names
 

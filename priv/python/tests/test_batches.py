@@ -11,10 +11,10 @@ from concurrent import futures
 import grpc
 import pytest
 
-from snakepit_bridge import snakepit_bridge_pb2 as pb
-from snakepit_bridge import telemetry
-from snakepit_bridge.telemetry import stream as stream_module
-from snakepit_bridge.telemetry._internal import core
+from snakepit_telemetry import snakepit_bridge_pb2 as pb
+from snakepit_telemetry import telemetry
+from snakepit_telemetry.telemetry import stream as stream_module
+from snakepit_telemetry.telemetry._internal import core
 
 from .conftest import STATS_PARTS, BatchClient, Client, wait_until
 from .test_stream import filt, sampling, toggle

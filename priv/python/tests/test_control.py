@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import pytest
 
-from snakepit_bridge import snakepit_bridge_pb2 as pb
-from snakepit_bridge import telemetry
-from snakepit_bridge.telemetry._internal.control import ControlState
+from snakepit_telemetry import snakepit_bridge_pb2 as pb
+from snakepit_telemetry import telemetry
+from snakepit_telemetry.telemetry._internal.control import ControlState
 
 from .conftest import Client, wait_until
 from .test_stream import filt, names, sampling, send_and_wait, toggle
@@ -75,7 +75,7 @@ def test_bad_env_values_fall_back(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, key: str, value: str
 ) -> None:
     monkeypatch.setenv(key, value)
-    with caplog.at_level(logging.DEBUG, logger="snakepit_bridge.telemetry"):
+    with caplog.at_level(logging.DEBUG, logger="snakepit_telemetry.telemetry"):
         s = telemetry.TelemetryStream()
     assert s.control_state() == DEFAULT
     assert s._stats_interval == 1.0

@@ -6,8 +6,8 @@ import asyncio
 import threading
 from concurrent import futures
 
-from snakepit_bridge import telemetry
-from snakepit_bridge.telemetry import correlation
+from snakepit_telemetry import telemetry
+from snakepit_telemetry.telemetry import correlation
 
 from .conftest import drain
 

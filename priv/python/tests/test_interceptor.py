@@ -11,10 +11,10 @@ from typing import Any
 import grpc
 import pytest
 
-from snakepit_bridge import snakepit_bridge_pb2 as pb
-from snakepit_bridge import telemetry
-from snakepit_bridge.telemetry import correlation
-from snakepit_bridge.telemetry._internal.convert import QueuedEvent
+from snakepit_telemetry import snakepit_bridge_pb2 as pb
+from snakepit_telemetry import telemetry
+from snakepit_telemetry.telemetry import correlation
+from snakepit_telemetry.telemetry._internal.convert import QueuedEvent
 
 from .conftest import Client, drain, names, wait_until
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from snakepit_bridge import telemetry
-from snakepit_bridge.telemetry import backends, gc_events, interceptor, samplers
-from snakepit_bridge.telemetry._internal import core, errors
-from snakepit_bridge.telemetry.backends import Backend, CompositeBackend, StderrBackend
+from snakepit_telemetry import telemetry
+from snakepit_telemetry.telemetry import backends, gc_events, interceptor, samplers
+from snakepit_telemetry.telemetry._internal import core, errors
+from snakepit_telemetry.telemetry.backends import Backend, CompositeBackend, StderrBackend
 
 from .conftest import Client, wait_until
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from snakepit_bridge import snakepit_bridge_pb2 as pb
-from snakepit_bridge import telemetry
-from snakepit_bridge.telemetry import stream as stream_module
+from snakepit_telemetry import snakepit_bridge_pb2 as pb
+from snakepit_telemetry import telemetry
+from snakepit_telemetry.telemetry import stream as stream_module
 
 from .conftest import BATCHES_METHOD, BatchClient, Client, wait_until
 

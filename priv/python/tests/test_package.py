@@ -1,10 +1,11 @@
 """What the Python package ships, and the shape of its import graph.
 
-The package is the telemetry API, the backends and ``add_to_server``; the
-command worker the demo, the tests and the benchmarks run lives in the
-repository's ``support/python`` and is not shipped. No module of the package
-imports (at module level or late, inside a function) a module that imports it
-back, directly or through others.
+The package is ``snakepit_telemetry`` (the telemetry API, the backends and
+``add_to_server``) plus ``snakepit_bridge``, its compatibility name (one module,
+see tests/test_beside_snakepit.py); the command worker the demo, the tests and
+the benchmarks run lives in the repository's ``support/python`` and is not
+shipped. No module of the package imports (at module level or late, inside a
+function) a module that imports it back, directly or through others.
 """
 
 from __future__ import annotations
@@ -23,15 +24,17 @@ import pytest
 
 from .conftest import PY_ROOT
 
-PACKAGE = "snakepit_bridge"
+PACKAGE = "snakepit_telemetry"
+COMPAT = "snakepit_bridge"
 PACKAGE_DIR = PY_ROOT / PACKAGE
+PACKAGE_DIRS = (PACKAGE_DIR, PY_ROOT / COMPAT)
 COMMAND_WORKER = PY_ROOT.parent.parent / "support" / "python" / "command_worker.py"
 
 
 def _modules() -> dict[str, Path]:
-    """Dotted module name -> source file, for every module of the package."""
+    """Dotted module name -> source file, for every module of both packages."""
     found = {}
-    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+    for path in sorted(p for d in PACKAGE_DIRS for p in d.rglob("*.py")):
         parts = list(path.relative_to(PY_ROOT).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts.pop()
@@ -105,14 +108,17 @@ def test_cycle_finder_finds_cycles() -> None:
 def test_import_graph_has_no_cycle() -> None:
     graph = _import_graph()
     # The graph is read correctly: known edges, relative and late imports alike.
-    core = "snakepit_bridge.telemetry._internal.core"
-    assert "snakepit_bridge.telemetry.backends" in graph[core]
-    assert "snakepit_bridge.telemetry._internal.defaults" in graph[core]
-    assert "snakepit_bridge.telemetry.backends.otel" in graph["snakepit_bridge.telemetry.backends"]
+    core = "snakepit_telemetry.telemetry._internal.core"
+    assert "snakepit_telemetry.telemetry.backends" in graph[core]
+    assert "snakepit_telemetry.telemetry._internal.defaults" in graph[core]
+    assert (
+        "snakepit_telemetry.telemetry.backends.otel"
+        in graph["snakepit_telemetry.telemetry.backends"]
+    )
     assert _find_cycle(graph) is None, f"import cycle: {' -> '.join(_find_cycle(graph) or [])}"
     # The backends reach the default stream without the core.
     for name, edges in graph.items():
-        if name.startswith("snakepit_bridge.telemetry.backends"):
+        if name.startswith("snakepit_telemetry.telemetry.backends"):
             assert core not in edges, f"{name} imports the core"
 
 
@@ -184,25 +190,30 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], list[str
 def _package_files() -> set[str]:
     return {
         str(p.relative_to(PY_ROOT))
-        for p in PACKAGE_DIR.rglob("*")
+        for d in PACKAGE_DIRS
+        for p in d.rglob("*")
         if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
     }
 
 
 def test_the_command_worker_is_not_in_the_package() -> None:
     assert COMMAND_WORKER.is_file()
-    assert not list(PACKAGE_DIR.rglob("worker.py"))
+    assert not [p for d in PACKAGE_DIRS for p in d.rglob("worker.py")]
     assert not any("command_worker" in f or "hostile" in f for f in _package_files())
 
 
 def test_wheel_and_sdist_ship_the_package_only(built: tuple[list[str], list[str]]) -> None:
     wheel_files, sdist_files = built
     package = _package_files()
-    assert "snakepit_bridge/telemetry/__init__.py" in package
+    assert "snakepit_telemetry/telemetry/__init__.py" in package
+    assert "snakepit_telemetry/snakepit_bridge_pb2.py" in package
+    # The compatibility name is one module: no second copy of the code, no pb2.
+    assert {f for f in package if f.startswith(f"{COMPAT}/")} == {f"{COMPAT}/__init__.py"}
     assert {f for f in wheel_files if not f.split("/")[0].endswith(".dist-info")} == package
-    shipped_sources = {f for f in sdist_files if f.startswith(f"{PACKAGE}/")}
+    tops = (f"{PACKAGE}/", f"{COMPAT}/")
+    shipped_sources = {f for f in sdist_files if f.startswith(tops)}
     assert shipped_sources == package
-    extra = {f for f in sdist_files if not f.startswith(f"{PACKAGE}/")}
+    extra = {f for f in sdist_files if not f.startswith(tops)}
     assert all(
         f in ("PKG-INFO", "pyproject.toml", "setup.cfg", "MANIFEST.in") or ".egg-info/" in f
         for f in extra

@@ -19,13 +19,13 @@ def test_generated_files_up_to_date() -> None:
 
 
 def test_stub_uses_relative_import() -> None:
-    text = (PY_ROOT / "snakepit_bridge" / "snakepit_bridge_pb2_grpc.py").read_text()
+    text = (PY_ROOT / "snakepit_telemetry" / "snakepit_bridge_pb2_grpc.py").read_text()
     assert "from . import snakepit_bridge_pb2" in text
     assert "\nimport snakepit_bridge_pb2" not in text
 
 
 def test_messages_roundtrip() -> None:
-    from snakepit_bridge import snakepit_bridge_pb2 as pb
+    from snakepit_telemetry import snakepit_bridge_pb2 as pb
 
     ev = pb.TelemetryEvent(event_parts=["a", "b"], timestamp_ns=1, correlation_id="c")
     ev.measurements["x"].int_value = -(2**63)

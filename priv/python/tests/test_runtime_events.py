@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from snakepit_bridge import telemetry
-from snakepit_bridge.telemetry import correlation, gc_events, samplers
-from snakepit_bridge.telemetry._internal.convert import QueuedEvent
+from snakepit_telemetry import telemetry
+from snakepit_telemetry.telemetry import correlation, gc_events, samplers
+from snakepit_telemetry.telemetry._internal.convert import QueuedEvent
 
 from .conftest import drain, names, wait_until
 

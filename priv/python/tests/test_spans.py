@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from snakepit_bridge import snakepit_bridge_pb2 as pb
-from snakepit_bridge import telemetry
-from snakepit_bridge.telemetry._internal import convert, spans, wire
-from snakepit_bridge.telemetry.backends import StderrBackend
+from snakepit_telemetry import snakepit_bridge_pb2 as pb
+from snakepit_telemetry import telemetry
+from snakepit_telemetry.telemetry._internal import convert, spans, wire
+from snakepit_telemetry.telemetry.backends import StderrBackend
 
 from .conftest import drain, names
 

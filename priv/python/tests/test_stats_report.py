@@ -10,10 +10,10 @@ from collections.abc import Callable
 import grpc
 import pytest
 
-from snakepit_bridge import snakepit_bridge_pb2 as pb
-from snakepit_bridge import snakepit_bridge_pb2_grpc as pb_grpc
-from snakepit_bridge import telemetry
-from snakepit_bridge.telemetry._internal import errors
+from snakepit_telemetry import snakepit_bridge_pb2 as pb
+from snakepit_telemetry import snakepit_bridge_pb2_grpc as pb_grpc
+from snakepit_telemetry import telemetry
+from snakepit_telemetry.telemetry._internal import errors
 
 from .conftest import Client, wait_until
 from .test_stream import filt, names, send_and_wait, toggle

@@ -9,10 +9,10 @@ from concurrent import futures
 
 import grpc
 
-from snakepit_bridge import snakepit_bridge_pb2 as pb
-from snakepit_bridge import snakepit_bridge_pb2_grpc as pb_grpc
-from snakepit_bridge import telemetry
-from snakepit_bridge.telemetry._internal.control import MAX_RULES
+from snakepit_telemetry import snakepit_bridge_pb2 as pb
+from snakepit_telemetry import snakepit_bridge_pb2_grpc as pb_grpc
+from snakepit_telemetry import telemetry
+from snakepit_telemetry.telemetry._internal.control import MAX_RULES
 
 from .conftest import Client, wait_until
 

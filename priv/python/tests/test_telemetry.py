@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from snakepit_bridge import telemetry
-from snakepit_bridge.telemetry._internal.convert import QueuedEvent
+from snakepit_telemetry import telemetry
+from snakepit_telemetry.telemetry._internal.convert import QueuedEvent
 
 
 def drain(stream: telemetry.TelemetryStream) -> list[QueuedEvent]:

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from snakepit_bridge import snakepit_bridge_pb2 as pb
-from snakepit_bridge.telemetry._internal import convert, wire
+from snakepit_telemetry import snakepit_bridge_pb2 as pb
+from snakepit_telemetry.telemetry._internal import convert, wire
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1

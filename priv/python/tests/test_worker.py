@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import pytest
 
-from snakepit_bridge import snakepit_bridge_pb2 as pb
+from snakepit_telemetry import snakepit_bridge_pb2 as pb
 
 from .conftest import PY_ROOT, BatchClient, Client, wait_until
 

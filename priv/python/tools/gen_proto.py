@@ -1,7 +1,19 @@
-"""Generate the protobuf/gRPC modules for snakepit_bridge from the shared proto.
+"""Generate the protobuf/gRPC modules for snakepit_telemetry from the shared proto.
 
 The generated files are committed so the package imports without grpcio-tools;
 ``--check`` lets CI catch a proto change that was not followed by regeneration.
+
+Two edits follow protoc, both checked to apply exactly once:
+
+* the gRPC stub imports its ``snakepit_bridge_pb2`` package-relatively, and
+* ``snakepit_bridge_pb2`` registers ``snakepit_bridge.proto`` in a descriptor pool
+  of its own instead of protobuf's default pool. Snakepit's Python package ships a
+  different ``snakepit_bridge.proto`` (same file name, same ``snakepit.bridge``
+  proto package, other messages) in the default pool, and the pool rejects a
+  second file of that name, or a second definition of a symbol, with a
+  ``TypeError`` at import. With a private pool both import in one process; the
+  wire format and the gRPC method paths (``/snakepit.bridge.BridgeService/...``)
+  do not depend on the pool.
 """
 
 from __future__ import annotations
@@ -15,7 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PY_ROOT = HERE.parent
-PACKAGE_DIR = PY_ROOT / "snakepit_bridge"
+PACKAGE_DIR = PY_ROOT / "snakepit_telemetry"
 PROTO_FILE = (PY_ROOT / ".." / ".." / "proto" / "snakepit_bridge.proto").resolve()
 GENERATED = (
     "snakepit_bridge_pb2.py",
@@ -23,10 +35,19 @@ GENERATED = (
     "snakepit_bridge_pb2_grpc.py",
 )
 _ABS_IMPORT = re.compile(r"^import snakepit_bridge_pb2 as ", re.MULTILINE)
+_DEFAULT_POOL = re.compile(
+    r"^DESCRIPTOR = _descriptor_pool\.Default\(\)\.AddSerializedFile\(", re.MULTILINE
+)
+_PRIVATE_POOL = (
+    "# snakepit_telemetry: a private pool, so that Snakepit's own snakepit_bridge.proto\n"
+    "# (same file name, other content) can be in the default pool of the same process.\n"
+    "_POOL = _descriptor_pool.DescriptorPool()\n"
+    "DESCRIPTOR = _POOL.AddSerializedFile("
+)
 
 
 def generate(out_dir: Path) -> None:
-    """Run protoc into ``out_dir`` and make the stub's pb2 import package-relative."""
+    """Run protoc into ``out_dir``, then apply the two edits of the module docstring."""
     from grpc_tools import protoc  # imported lazily: only needed for (re)generation
 
     include = Path(protoc.__file__).resolve().parent / "_proto"
@@ -46,6 +67,20 @@ def generate(out_dir: Path) -> None:
     if count != 1:
         raise SystemExit(f"expected one 'import snakepit_bridge_pb2' in {stub.name}, got {count}")
     stub.write_text(text)
+    messages = out_dir / "snakepit_bridge_pb2.py"
+    text = messages.read_text()
+    if "\nimport " in text.split("DESCRIPTOR =", 1)[0].split("_sym_db", 1)[1]:
+        # A private pool holds only what is added to it: an imported .proto
+        # (google/protobuf/*.proto) would have to be added first.
+        raise SystemExit(
+            f"{messages.name} imports other proto modules; the private pool needs them"
+        )
+    text, count = _DEFAULT_POOL.subn(_PRIVATE_POOL, text)
+    if count != 1:
+        raise SystemExit(
+            f"expected one default-pool AddSerializedFile in {messages.name}, got {count}"
+        )
+    messages.write_text(text)
 
 
 def check() -> int:

@@ -84,8 +84,10 @@ defmodule Snakepit.Telemetry.PackageTest do
     {prod, _} = split_modules()
     for module <- prod, do: assert(source(module) in files, "#{source(module)} not shipped")
 
-    for file <- ~w(priv/python/pyproject.toml priv/python/snakepit_bridge/telemetry/__init__.py
-                   priv/python/snakepit_bridge/telemetry/backends/grpc.py proto/snakepit_bridge.proto
+    for file <- ~w(priv/python/pyproject.toml priv/python/snakepit_telemetry/telemetry/__init__.py
+                   priv/python/snakepit_telemetry/telemetry/backends/grpc.py
+                   priv/python/snakepit_telemetry/snakepit_bridge_pb2.py
+                   priv/python/snakepit_bridge/__init__.py proto/snakepit_bridge.proto
                    native/snakepit_telemetry_core/catalog.toml Cargo.lock),
         do: assert(file in files, "#{file} not shipped")
   end

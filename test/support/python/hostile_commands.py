@@ -24,7 +24,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from snakepit_bridge.telemetry import emit
+from snakepit_telemetry.telemetry import emit
 
 HOSTILE_KINDS = ("unknown_name", "unknown_keys", "oversized", "bad_values")
 _BIG_VALUE = "v" * 100_000

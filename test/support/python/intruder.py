@@ -14,8 +14,8 @@ import sys
 
 import grpc
 
-from snakepit_bridge import snakepit_bridge_pb2 as pb
-from snakepit_bridge.telemetry import SECRET_HEADER
+from snakepit_telemetry import snakepit_bridge_pb2 as pb
+from snakepit_telemetry.telemetry import SECRET_HEADER
 
 METHODS = {
     "batches": "/snakepit.bridge.BridgeService/StreamTelemetryBatches",

@@ -59,7 +59,7 @@ from typing import Any
 
 import grpc
 
-from snakepit_bridge import snakepit_bridge_pb2 as pb
+from snakepit_telemetry import snakepit_bridge_pb2 as pb
 
 SERVICE = "snakepit.bridge.BridgeService"
 READY = "SNAKEPIT_TELEMETRY_READY"

@@ -22,10 +22,13 @@ directory.
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from .. import snakepit_bridge_pb2 as pb
 from . import correlation
+from ._internal.aio_context import aio_handler, is_aio_server
 from ._internal.auth import SECRET_ENV, SECRET_HEADER
 from ._internal.core import (
     ERROR_EVENT,
@@ -112,33 +115,51 @@ def _already_encoded(payload: bytes) -> bytes:
 
 
 def add_to_server(
-    server: grpc.Server, stream: TelemetryStream | None = None, *, batches: bool = True
+    server: grpc.Server | grpc.aio.Server,
+    stream: TelemetryStream | None = None,
+    *,
+    batches: bool = True,
 ) -> TelemetryStream:
     """Register the telemetry methods of ``BridgeService`` on an existing server.
 
     ``StreamTelemetryBatches`` (unless ``batches=False``) and ``StreamTelemetry``:
     Elixir asks for batches first and falls back to the plain stream when the
-    worker answers UNIMPLEMENTED. Uses a generic handler that only claims these
-    methods, so Snakepit's other BridgeService methods can be registered on the
-    same server side by side. Returns the stream that serves the calls (the
-    default one unless given). From now on the default backend is ``grpc``
-    (unless one was chosen).
+    worker answers UNIMPLEMENTED. Claims only these methods, so Snakepit's other
+    BridgeService methods can be registered on the same server side by side.
+    ``server`` is a ``grpc.server`` or a ``grpc.aio.server`` (Snakepit's worker
+    runs one): there each call is served from a daemon thread of its own behind
+    an ``async`` handler (see ``_internal/aio_context.py``). They are
+    registered both as a generic handler and, through
+    ``add_registered_method_handlers``, as registered methods: gRPC prefers a
+    registered method over a generic handler and a later registration over an
+    earlier one, so calling this after Snakepit's
+    ``add_BridgeServiceServicer_to_server`` and before ``server.start()`` makes
+    these two methods ours while Snakepit's servicer keeps the rest. Returns the
+    stream that serves the calls (the default one unless given). From now on the
+    default backend is ``grpc`` (unless one was chosen).
     """
     target = stream if stream is not None else get_stream()
+    plain: Any = target.StreamTelemetry
+    batched: Any = target.StreamTelemetryBatches
+    if is_aio_server(server):
+        plain, batched = aio_handler(plain), aio_handler(batched)
     methods = {
         "StreamTelemetry": grpc.stream_stream_rpc_method_handler(
-            target.StreamTelemetry,
+            plain,
             request_deserializer=_parse_control,
             response_serializer=pb.TelemetryEvent.SerializeToString,
         )
     }
     if batches:
         methods["StreamTelemetryBatches"] = grpc.stream_stream_rpc_method_handler(
-            target.StreamTelemetryBatches,
+            batched,
             request_deserializer=_parse_control,
             response_serializer=_already_encoded,
         )
     handler = grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
     server.add_generic_rpc_handlers((handler,))
+    register = getattr(server, "add_registered_method_handlers", None)
+    if register is not None:
+        register(SERVICE_NAME, methods)
     mark_served()
     return target

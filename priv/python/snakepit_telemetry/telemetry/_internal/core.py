@@ -82,7 +82,7 @@ def emit(
     """Send one event to the current backend. Never raises; problems are counted.
 
     Without an explicit ``correlation_id`` the context's current one is used
-    (see :mod:`snakepit_bridge.telemetry.correlation`).
+    (see :mod:`snakepit_telemetry.telemetry.correlation`).
     """
     try:
         # The grpc backend's common case, inlined from TelemetryStream.emit_event

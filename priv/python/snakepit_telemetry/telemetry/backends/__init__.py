@@ -34,7 +34,7 @@ variable                                    default          meaning
 ==========================================  ===============  ===================================
 
 The ``grpc`` backend keeps its own ``SNAKEPIT_TELEMETRY_*`` settings (see
-:mod:`snakepit_bridge.telemetry.stream`); ``statsd`` samples with the rate those
+:mod:`snakepit_telemetry.telemetry.stream`); ``statsd`` samples with the rate those
 settings (and Elixir's controls) give. Unknown names are skipped and counted in
 :func:`selection_stats`; if nothing valid is left the default applies. ``otel``
 without its packages logs one warning and becomes ``none`` (counted too).

@@ -1,1 +1,0 @@
-"""Private helpers for :mod:`snakepit_bridge.telemetry`; not a stable API."""

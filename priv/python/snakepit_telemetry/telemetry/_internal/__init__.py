@@ -1,0 +1,1 @@
+"""Private helpers for :mod:`snakepit_telemetry.telemetry`; not a stable API."""
