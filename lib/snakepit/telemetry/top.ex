@@ -199,7 +199,7 @@ defmodule Snakepit.Telemetry.Top do
   end
 
   defp describe({:pool, pool}), do: "pool #{inspect(pool)}"
-  defp describe({node, id}), do: "#{id}@#{node}"
+  defp describe({node, id}), do: "#{id} on #{node}"
 
   defp reply_text(:ok), do: "ok"
   defp reply_text(other), do: inspect(other, limit: 10, printable_limit: 100)

@@ -3,14 +3,35 @@ defmodule Snakepit.Telemetry.Top.Terminal do
   The terminal side of `Snakepit.Telemetry.Top`, with no dependency: is
   standard output a terminal, its size, and keys read one at a time.
 
-  OTP 25's `:io` has no raw mode, so for keys the controlling terminal is
-  put in raw mode with `stty raw -echo </dev/tty` (its settings saved with
-  `stty -g` first) and a reader process reads bytes from `/dev/tty` and
+  OTP 25's `:io` has no raw mode, so for keys the terminal (`tty_path/0`)
+  is put in raw mode with `stty raw -echo` (its settings saved with
+  `stty -g` first) and a reader process reads bytes from it and
   sends them as `{:top_keys, bytes}`. `restore/1` puts the saved settings
   back; a guard process that traps exits does it too when the viewer dies.
   Under iex (`keys: :stdin`), keys are read as lines from standard input
   instead: type a key (or `r0.5`) and Enter.
   """
+
+  @doc """
+  The path of this VM's terminal (`/dev/pts/N`, from `/proc/self/fd/0..2`),
+  else `/dev/tty`. Commands run with `System.cmd/3` have no controlling
+  terminal (the VM starts them in a session of their own), so `stty` is
+  pointed at this path.
+  """
+  @spec tty_path() :: String.t()
+  def tty_path do
+    Enum.find_value([0, 1, 2], "/dev/tty", fn fd ->
+      case File.read_link("/proc/self/fd/#{fd}") do
+        {:ok, "/dev/pts/" <> _ = path} -> path
+        {:ok, "/dev/tty" <> _ = path} -> path
+        _ -> nil
+      end
+    end)
+  end
+
+  defp stty(args) do
+    System.cmd("sh", ["-c", "(stty #{args} <'#{tty_path()}') 2>/dev/null"])
+  end
 
   @doc "Whether standard output is a terminal (Linux: `/proc/self/fd/1`; else `:io.columns/0`)."
   @spec tty_stdout?() :: boolean()
@@ -24,10 +45,10 @@ defmodule Snakepit.Telemetry.Top.Terminal do
     end
   end
 
-  @doc "`{columns, rows}` of the terminal: `stty size </dev/tty`, else `:io`, else 80x24."
+  @doc "`{columns, rows}` of the terminal: `stty size`, else `:io`, else 80x24."
   @spec size() :: {pos_integer(), pos_integer()}
   def size do
-    with {out, 0} <- System.cmd("sh", ["-c", "(stty size </dev/tty) 2>/dev/null"]),
+    with {out, 0} <- stty("size"),
          [rows, cols] <- String.split(out),
          {rows, ""} <- Integer.parse(rows),
          {cols, ""} <- Integer.parse(cols),
@@ -55,19 +76,13 @@ defmodule Snakepit.Telemetry.Top.Terminal do
   end
 
   def start_keys(:tty, owner) do
-    case System.cmd("sh", ["-c", "(stty -g </dev/tty) 2>/dev/null"]) do
+    case stty("-g") do
       {saved, 0} ->
         saved = String.trim(saved)
-        {_, 0} = System.cmd("sh", ["-c", "stty raw -echo </dev/tty"])
+        {_, 0} = stty("raw -echo")
         guard(saved, owner)
 
-        case :file.open(~c"/dev/tty", [:read, :raw, :binary]) do
-          {:ok, fd} ->
-            spawn_link(fn -> read_tty(fd, owner) end)
-
-          {:error, _} ->
-            :ok
-        end
+        spawn_link(fn -> read_tty(owner) end)
 
         saved
 
@@ -82,7 +97,7 @@ defmodule Snakepit.Telemetry.Top.Terminal do
   def restore(nil), do: :ok
 
   def restore(saved) when is_binary(saved) do
-    System.cmd("sh", ["-c", "(stty #{saved} </dev/tty || stty sane </dev/tty) 2>/dev/null"])
+    with {_, status} when status != 0 <- stty(saved), do: stty("sane")
     :ok
   end
 
@@ -98,11 +113,14 @@ defmodule Snakepit.Telemetry.Top.Terminal do
     end)
   end
 
-  defp read_tty(fd, owner) do
-    case :file.read(fd, 64) do
-      {:ok, bytes} ->
+  # Without a shell (`elixir -e`, `mix`), standard input is read by the
+  # VM's own `user` port as soon as bytes arrive: with the terminal in raw
+  # mode, each key comes out of a one-byte read at once.
+  defp read_tty(owner) do
+    case IO.binread(:stdio, 1) do
+      bytes when is_binary(bytes) ->
         send(owner, {:top_keys, bytes})
-        read_tty(fd, owner)
+        read_tty(owner)
 
       _ ->
         :ok
