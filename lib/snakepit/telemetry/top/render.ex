@@ -229,7 +229,7 @@ defmodule Snakepit.Telemetry.Top.Render do
            pad(e.name, 36) <>
            lpad(rate_text(e.rate) <> "/s", 10) <>
            "  p50 " <>
-           lpad(duration_text(e.p50_us), 8) <> "  p99 " <> lpad(duration_text(e.p99_us), 8)}
+           lpad(duration_text(e[:p50_us]), 8) <> "  p99 " <> lpad(duration_text(e[:p99_us]), 8)}
       end)
 
     [{:plain, "  busiest events (rate, span duration p50/p99):"} | top]
