@@ -30,7 +30,10 @@ defmodule Snakepit.Telemetry.Top.Render do
 
   @busiest 5
 
-  @doc "The worker rows shown: those of the filtered pool, grouped by node, in the sort order."
+  @doc """
+  The worker rows shown: those of the filtered pool (matched by name, so
+  `"demo"` selects pool `:demo`), grouped by node, in the sort order.
+  """
   @spec rows(map(), State.t()) :: [map()]
   def rows(snapshot, %State{} = state) do
     snapshot
@@ -42,7 +45,7 @@ defmodule Snakepit.Telemetry.Top.Render do
 
   defp node_rows(%{workers: workers}, state) when is_list(workers) do
     workers
-    |> Enum.filter(&(state.pool == nil or &1.pool == state.pool))
+    |> Enum.filter(&(state.pool == nil or pool_name(&1.pool) == pool_name(state.pool)))
     |> sort(state.sort)
   end
 
@@ -165,8 +168,8 @@ defmodule Snakepit.Telemetry.Top.Render do
   @doc false
   def columns do
     "  " <>
-      pad("WORKER", 18) <>
-      pad("POOL", 12) <>
+      pad("WORKER", 22) <>
+      pad("POOL", 16) <>
       pad("STATUS", 9) <>
       pad("PROTO", 8) <>
       lpad("EV/S", 8) <>
@@ -181,8 +184,8 @@ defmodule Snakepit.Telemetry.Top.Render do
 
     line =
       if(selected?, do: "> ", else: "  ") <>
-        pad(row.worker_id, 18) <>
-        pad(pool_name(row.pool), 12) <>
+        pad(row.worker_id, 22) <>
+        pad(pool_name(row.pool), 16) <>
         pad(status_text(row.status), 9) <>
         pad(to_string(row.protocol || "-"), 8) <>
         lpad(rate_text(row.rate), 8) <>
