@@ -72,7 +72,7 @@ defmodule Snakepit.Telemetry.Top do
     else
       output = Keyword.get_lazy(opts, :output, &screen_or_lines/0)
       keys = if output == :screen, do: Keyword.get(opts, :keys, :tty), else: :none
-      saved = Terminal.start_keys(keys, self())
+      reader = Terminal.start_keys(keys, self())
       if output == :screen, do: IO.write("\e[?1049h\e[?25l")
 
       try do
@@ -80,7 +80,7 @@ defmodule Snakepit.Telemetry.Top do
         loop(%{source: source, state: state, snapshot: nil, interval: interval, output: output})
       after
         if output == :screen, do: IO.write("\e[?25h\e[?1049l")
-        Terminal.restore(saved)
+        Terminal.stop_keys(reader)
       end
     end
   end

@@ -7,7 +7,7 @@ defmodule Snakepit.Telemetry.Top.Terminal do
   is put in raw mode with `stty raw -echo` (its settings saved with
   `stty -g` first) and a reader process reads bytes from it and
   sends them as `{:top_keys, bytes}`. `restore/1` puts the saved settings
-  back; a guard process that traps exits does it too when the viewer dies.
+  back (`stop_keys/1`); a guard process does it too when the viewer dies.
   Under iex (`keys: :stdin`), keys are read as lines from standard input
   instead: type a key (or `r0.5`) and Enter.
   """
@@ -64,15 +64,14 @@ defmodule Snakepit.Telemetry.Top.Terminal do
   end
 
   @doc """
-  Starts reading keys for `owner`: `:tty` (raw `/dev/tty`), `:stdin` (lines)
-  or `:none`. Returns a handle for `restore/1`.
+  Starts reading keys for `owner`: `:tty` (raw terminal), `:stdin` (lines)
+  or `:none`. Returns a handle for `stop_keys/1`.
   """
-  @spec start_keys(:tty | :stdin | :none, pid()) :: term()
-  def start_keys(:none, _owner), do: nil
+  @spec start_keys(:tty | :stdin | :none, pid()) :: map()
+  def start_keys(:none, _owner), do: %{saved: nil, reader: nil}
 
   def start_keys(:stdin, owner) do
-    spawn_link(fn -> read_lines(owner) end)
-    nil
+    %{saved: nil, reader: spawn_link(fn -> read_lines(owner) end)}
   end
 
   def start_keys(:tty, owner) do
@@ -81,19 +80,26 @@ defmodule Snakepit.Telemetry.Top.Terminal do
         saved = String.trim(saved)
         {_, 0} = stty("raw -echo")
         guard(saved, owner)
-
-        spawn_link(fn -> read_tty(owner) end)
-
-        saved
+        %{saved: saved, reader: spawn_link(fn -> read_tty(owner) end)}
 
       _ ->
-        # No controlling terminal: no keys.
-        nil
+        # No terminal: no keys.
+        %{saved: nil, reader: nil}
     end
   end
 
-  @doc "Puts back the terminal settings saved by `start_keys(:tty, _)`."
-  @spec restore(term()) :: :ok
+  @doc "Stops reading keys and puts back the terminal settings saved by `start_keys/2`."
+  @spec stop_keys(map()) :: :ok
+  def stop_keys(%{saved: saved, reader: reader}) do
+    if reader do
+      Process.unlink(reader)
+      Process.exit(reader, :kill)
+    end
+
+    restore(saved)
+  end
+
+  @doc false
   def restore(nil), do: :ok
 
   def restore(saved) when is_binary(saved) do
@@ -104,7 +110,6 @@ defmodule Snakepit.Telemetry.Top.Terminal do
   # Restores the terminal when the viewer exits, whatever the reason.
   defp guard(saved, owner) do
     spawn(fn ->
-      Process.flag(:trap_exit, true)
       ref = Process.monitor(owner)
 
       receive do
