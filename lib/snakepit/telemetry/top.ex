@@ -32,7 +32,7 @@ defmodule Snakepit.Telemetry.Top do
     * `:node` - the node to view (default: this node)
     * `:interval` - milliseconds between refreshes (1000)
     * `:once` - print one frame (taken after one interval, so rates are
-      filled in; without ANSI, 120 columns wide when standard output is not
+      filled in; without ANSI, 140 columns wide when standard output is not
       a terminal; one line with `output: :lines`) and return
     * `:output` - `:screen` or `:lines` (default: `:screen` when standard
       output is a terminal)
@@ -100,8 +100,8 @@ defmodule Snakepit.Telemetry.Top do
         IO.puts(Render.line(snapshot, state: state))
 
       :frame ->
-        # Not a terminal: the whole frame, 120 columns wide, without ANSI.
-        IO.write(Render.frame(snapshot, width: 120, height: 1_000, state: state, ansi: false))
+        # Not a terminal: the whole frame, 140 columns wide, without ANSI.
+        IO.write(Render.frame(snapshot, width: 140, height: 1_000, state: state, ansi: false))
 
       :screen ->
         {cols, rows} = Terminal.size()
