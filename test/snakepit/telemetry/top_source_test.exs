@@ -111,6 +111,18 @@ defmodule Snakepit.Telemetry.TopSourceTest do
     Collector.stop(pid)
     assert_receive {:DOWN, ^ref, :process, ^pid, _}
     assert Enum.filter(:telemetry.list_handlers(event), &(&1.id == {Collector, pid})) == []
+
+    # Killed before it could detach: the next event detaches the handler,
+    # without raising in the process that executes it.
+    {:ok, pid} = Collector.start(self())
+    ref = Process.monitor(pid)
+    Process.exit(pid, :kill)
+    assert_receive {:DOWN, ^ref, :process, ^pid, :killed}
+    failures = forward_events([[:telemetry, :handler, :failure]])
+    assert :telemetry.execute(event, %{duration: 1}, %{}) == :ok
+    assert Enum.filter(:telemetry.list_handlers(event), &(&1.id == {Collector, pid})) == []
+    refute_received {:event, [:telemetry, :handler, :failure], _, _}
+    :telemetry.detach(failures)
   end
 
   describe "a cluster" do

@@ -97,7 +97,11 @@ defmodule Snakepit.Telemetry.Top.CLI do
   end
 
   defp set_cookie(nil), do: :ok
-  defp set_cookie(cookie), do: Node.set_cookie(String.to_atom(cookie)) && :ok
+
+  defp set_cookie(cookie) do
+    true = Node.set_cookie(String.to_atom(cookie))
+    :ok
+  end
 
   defp start_distribution(_target) when node() != :nonode@nohost, do: :ok
   defp start_distribution(:nonode@nohost), do: :ok

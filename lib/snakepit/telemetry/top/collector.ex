@@ -29,7 +29,7 @@ defmodule Snakepit.Telemetry.Top.Collector do
   @ring 64
 
   @doc "Starts a collector on this node for `owner`; returns its pid."
-  @spec start(pid()) :: {:ok, pid()}
+  @spec start(pid()) :: {:ok, pid()} | {:error, :timeout}
   def start(owner) when is_pid(owner) do
     parent = self()
     ref = make_ref()
@@ -104,6 +104,17 @@ defmodule Snakepit.Telemetry.Top.Collector do
       _ ->
         :ok
     end
+  rescue
+    # The collector was killed (its table is gone) before it could detach:
+    # detach here rather than raise in the process executing the event.
+    ArgumentError -> :ets.info(table, :owner) == :undefined && detach_orphan(table)
+  end
+
+  defp detach_orphan(table) do
+    for %{id: {__MODULE__, _} = id, config: ^table} <- :telemetry.list_handlers([]),
+        do: :telemetry.detach(id)
+
+    :ok
   end
 
   defp summarize(table) do
