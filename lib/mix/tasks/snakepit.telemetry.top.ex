@@ -10,9 +10,9 @@ defmodule Mix.Tasks.Snakepit.Telemetry.Top do
 
   Options:
 
-    * `--node NAME` - the node to view, over Erlang distribution; this task
-      starts a hidden node of its own for that. Without it, the task views
-      its own VM (useful only with `mix run`-style setups).
+    * `--node NAME` - the node to view (required), over Erlang distribution;
+      this task starts a hidden node of its own for that (`top_<os pid>@host`).
+      Inside a running node, use `Snakepit.Telemetry.Top.start/1` from iex.
     * `--cookie COOKIE` - the distribution cookie.
     * `--once` - print one frame (after one interval, so rates are filled in)
       and exit.

@@ -56,12 +56,24 @@ defmodule Snakepit.Telemetry.TopE2ETest do
   setup ctx do
     socket = "snakepit_top_#{System.unique_integer([:positive])}"
     ctx = Map.merge(ctx, %{socket: socket, session: "top"})
-    on_exit(fn -> System.cmd(ctx.tmux, ["-L", socket, "kill-server"], stderr_to_stdout: true) end)
+
+    on_exit(fn ->
+      # The view's VM (the pane's process) ends with the test, even if it
+      # never got its q.
+      case System.cmd(ctx.tmux, ["-L", socket, "list-panes", "-a", "-F", "\#{pane_pid}"]) do
+        {pids, 0} -> Enum.each(String.split(pids), &System.cmd("kill", [&1]))
+        _ -> :ok
+      end
+
+      System.cmd(ctx.tmux, ["-L", socket, "kill-server"], stderr_to_stdout: true)
+    end)
+
     {:ok, ctx}
   end
 
   defp start_top(ctx, argv) do
-    line = argv |> command() |> Enum.map_join(" ", &shell_quote/1)
+    # exec: the pane's process is the view's VM itself.
+    line = "exec " <> (argv |> command() |> Enum.map_join(" ", &shell_quote/1))
 
     {_, 0} = tmux(ctx, ["new-session", "-d", "-s", ctx.session, "-x", "160", "-y", "50", line])
   end

@@ -30,9 +30,19 @@ defmodule Snakepit.Telemetry.Top.CLI do
   @spec main([String.t()]) :: :ok | {:error, String.t()}
   def main(argv) do
     with {:ok, opts} <- parse(argv),
+         :ok <- require_node(opts),
          :ok <- connect(opts) do
       Top.run(top_opts(opts))
     end
+  end
+
+  defp require_node(opts) do
+    if opts[:node],
+      do: :ok,
+      else:
+        {:error,
+         "give the node to view: --node name@host [--cookie COOKIE] " <>
+           "(inside a running node, from iex: Snakepit.Telemetry.Top.start())"}
   end
 
   @doc false
