@@ -90,6 +90,30 @@ defmodule Snakepit.Telemetry.TopSourceTest do
     assert out =~ ~r/> #{id}\s+top_iex\s+open/
   end
 
+  test "steering shows GrpcStream's reply, the error included" do
+    worker = start_worker!()
+    id = register!(worker, pool_name: :top_steer)
+
+    assert Top.perform(node(), {:sampling, {node(), id}, 0.5}) ==
+             "sampling rate 0.5 for #{id} on #{node()}: ok"
+
+    assert stream(id).control.default_rate == 0.5
+
+    assert Top.perform(node(), {:toggle, {:pool, :top_steer}, false}) ==
+             "toggle pool :top_steer off: ok"
+
+    assert stream(id).control.enabled == false
+
+    assert Top.perform(node(), {:toggle, {node(), "nobody"}, true}) ==
+             "toggle nobody on #{node()} on: {:error, :unknown_worker}"
+
+    assert Top.perform(node(), {:sampling, {:pool, :no_such_pool}, 0.1}) ==
+             "sampling rate 0.1 for pool :no_such_pool: {:error, :unknown_pool}"
+
+    assert Top.perform(:"nobody@127.0.0.1", {:toggle, {node(), id}, true}) =~
+             ~r/^toggle #{id} on #{node()} on: \{:error, \{:erpc, :noconnection\}\}/
+  end
+
   test "the collector keeps a bounded ring of durations per event and detaches on stop" do
     {:ok, pid} = Collector.start(self())
     event = [:snakepit, :python, :call, :stop]
