@@ -35,8 +35,8 @@ defmodule Snakepit.Telemetry.Top do
       filled in; without ANSI, 140 columns wide when standard output is not
       a terminal; one line with `output: :lines`) and return
     * `:output` - `:screen` or `:lines` (default: `:screen` when standard
-      output is a terminal)
-    * `:keys` - `:tty` (raw `/dev/tty`, the mix task's default), `:stdin`
+      output is a terminal); with `:once` also `:frame` (plain, 140 columns)
+    * `:keys` - `:tty` (the terminal in raw mode, the mix task's default), `:stdin`
       (a line at a time; the default of `start/1`, for iex) or `:none`
     * `:timeout` - milliseconds each remote call may take (1000)
     * `:sort`, `:pool` - the initial sort order and pool filter

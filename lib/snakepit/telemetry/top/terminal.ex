@@ -5,9 +5,11 @@ defmodule Snakepit.Telemetry.Top.Terminal do
 
   OTP 25's `:io` has no raw mode, so for keys the terminal (`tty_path/0`)
   is put in raw mode with `stty raw -echo` (its settings saved with
-  `stty -g` first) and a reader process reads bytes from it and
-  sends them as `{:top_keys, bytes}`. `restore/1` puts the saved settings
-  back (`stop_keys/1`); a guard process does it too when the viewer dies.
+  `stty -g` first) and a reader process reads standard input one byte at a
+  time (without a shell, the VM's `user` port reads the terminal as bytes
+  arrive; opening `/dev/tty` a second time would race with it) and sends
+  them as `{:top_keys, bytes}`. `stop_keys/1` stops the reader and puts the
+  saved settings back; a guard process does it too when the viewer dies.
   Under iex (`keys: :stdin`), keys are read as lines from standard input
   instead: type a key (or `r0.5`) and Enter.
   """
