@@ -31,6 +31,16 @@ defmodule Snakepit.Telemetry.Top.Terminal do
     end)
   end
 
+  defp tty_stdin? do
+    case File.read_link("/proc/self/fd/0") do
+      {:ok, "/dev/pts/" <> _} -> true
+      {:ok, "/dev/tty" <> _} -> true
+      {:ok, _other} -> false
+      # No /proc: trust the caller.
+      {:error, _} -> true
+    end
+  end
+
   defp stty(args) do
     System.cmd("sh", ["-c", "(stty #{args} <'#{tty_path()}') 2>/dev/null"])
   end
@@ -77,7 +87,9 @@ defmodule Snakepit.Telemetry.Top.Terminal do
   end
 
   def start_keys(:tty, owner) do
-    case stty("-g") do
+    # Keys come from standard input: only when it is the terminal (else raw
+    # mode would leave the terminal without its Ctrl-C and no way to quit).
+    case tty_stdin?() && stty("-g") do
       {saved, 0} ->
         saved = String.trim(saved)
         {_, 0} = stty("raw -echo")
