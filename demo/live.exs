@@ -9,7 +9,13 @@
 #   Snakepit.Telemetry.GrpcStream.list_streams()
 #   LiveDemo.quiet()   # stop printing
 #
-# Start it with `script/demo --live` (iex -S mix run demo/live.exs).
+# The live view shows the same (and steers it with keys): from this prompt
+# `LiveDemo.quiet(); Snakepit.Telemetry.Top.start()` (type q and Enter to
+# leave it), or from another terminal, in this directory:
+#   mix snakepit.telemetry.top --node demo_live@127.0.0.1 --cookie snakepit_demo
+#
+# Start it with `script/demo --live` (iex --name demo_live@127.0.0.1 --cookie
+# snakepit_demo -S mix run demo/live.exs).
 
 alias Snakepit.Telemetry.{GrpcStream, Naming, PythonWorker}
 
@@ -82,4 +88,6 @@ worker_1 is running about 100 Python calls per second. Try:
   Snakepit.Telemetry.GrpcStream.update_sampling("worker_1", 0.1)
   Snakepit.Telemetry.GrpcStream.toggle("worker_1", false)
   LiveDemo.quiet()
+The live view: LiveDemo.quiet(); Snakepit.Telemetry.Top.start()   (q, Enter: leave)
+or in another terminal: mix snakepit.telemetry.top --node #{node()} --cookie #{Node.get_cookie()}
 """)
