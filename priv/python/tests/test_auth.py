@@ -122,6 +122,8 @@ def test_the_right_secret_may_take_over_as_before(
 ) -> None:
     s, address = secured
     first = OwnerClient(address)
+    # One call after the other: the later call is the one that takes over.
+    assert wait_until(lambda: s.stats()["streams_opened"] == 1)
     second = OwnerClient(address)
     try:
         assert wait_until(lambda: s.stats()["streams_opened"] == 2)
@@ -140,7 +142,10 @@ def test_without_a_secret_every_call_is_served_with_one_warning(
     s = telemetry.TelemetryStream(secret=None)
     address = serve(s)
     caplog.set_level(logging.WARNING, logger=auth.__name__)
-    clients = [Client(address), Client(address)]
+    clients = [Client(address)]
+    # One call after the other: the later call is the one that takes over.
+    assert wait_until(lambda: s.stats()["streams_opened"] == 1)
+    clients.append(Client(address))
     try:
         assert wait_until(lambda: s.stats()["streams_opened"] == 2)
         s.emit_event("python.call.start", {"count": 1})
