@@ -57,10 +57,19 @@ class WorkerProc:
             self.lines.put(line.rstrip("\n"))
 
     def line(self, timeout: float = 10.0) -> str:
-        try:
-            return self.lines.get(timeout=timeout)
-        except queue.Empty:
-            pytest.fail("worker printed nothing in time")
+        """The next line that is not one of the package's log lines.
+
+        Those (e.g. the "without a secret" warning of a client's first call)
+        come whenever the package logs, between any two other lines.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail("worker printed nothing in time")
+            if not line.startswith(LOG):
+                return line
 
     def command(self, cmd: dict[str, Any] | str) -> tuple[str, Any]:
         """Send one command; return ``(ack name, decoded result)``."""
@@ -68,8 +77,6 @@ class WorkerProc:
         self.proc.stdin.write((cmd if isinstance(cmd, str) else json.dumps(cmd)) + "\n")
         self.proc.stdin.flush()
         line = self.line()
-        while line.startswith(LOG):  # the package's warnings, e.g. "without a secret"
-            line = self.line()
         assert line.startswith(ACK), line
         name, payload = line[len(ACK) :].split(" ", 1)
         return name, json.loads(payload)
