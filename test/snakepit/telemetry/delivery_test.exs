@@ -21,7 +21,10 @@ defmodule Snakepit.Telemetry.DeliveryTest do
     on_exit(fn -> Native.stream_close(handle) end)
     # Open: the first control (toggle on) went out.
     await(fn -> Native.stream_stats(handle).controls_sent >= 1 end)
+    # An exit signal is asynchronous: the owner is gone once DOWN arrives.
+    ref = Process.monitor(owner)
     Process.exit(owner, :kill)
+    assert_receive {:DOWN, ^ref, :process, ^owner, :killed}
 
     for _ <- 1..5, do: command!(worker, %{cmd: "flood", event: "python.call.stop", count: 200})
     await(fn -> Native.stream_stats(handle).dropped_receiver_down == 1_000 end)
