@@ -1,7 +1,18 @@
-"""Shared fixtures: a fresh default stream, a real loopback gRPC server, a client."""
+"""Shared fixtures: a fresh default stream, a real loopback gRPC server, a client.
+
+The suite runs against the implementation that ``SNAKEPIT_TELEMETRY_IMPLEMENTATION``
+selects (``script/test`` runs it twice: ``python``, then ``native``). Tests make
+their streams with ``telemetry.new_stream`` (the selected implementation's
+class); tests of pure-Python internals carry ``@pytest.mark.python_only(reason)``
+and are skipped on the native run, tests of what only the native implementation
+has carry ``@pytest.mark.native_only`` and are skipped on the python run. With
+``SNAKEPIT_TELEMETRY_IMPLEMENTATION=native`` the session fails at once unless the
+extension is really in use.
+"""
 
 from __future__ import annotations
 
+import os
 import queue
 import sys
 import threading
@@ -22,7 +33,41 @@ from snakepit_telemetry import snakepit_bridge_pb2 as pb  # noqa: E402
 from snakepit_telemetry import snakepit_bridge_pb2_grpc as pb_grpc  # noqa: E402
 from snakepit_telemetry import telemetry  # noqa: E402
 from snakepit_telemetry.telemetry import backends  # noqa: E402
+from snakepit_telemetry.telemetry._internal import implementation  # noqa: E402
 from snakepit_telemetry.telemetry._internal.convert import QueuedEvent  # noqa: E402
+
+# The implementation this run tests.
+NATIVE = implementation.name() == implementation.NATIVE
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "python_only(reason): a test of pure-Python internals; skipped on the native run",
+    )
+    config.addinivalue_line(
+        "markers", "native_only: a test of the native implementation; skipped on the python run"
+    )
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    wanted = os.environ.get(implementation.IMPLEMENTATION_ENV, "").strip().lower()
+    if wanted == "native" and not (NATIVE and telemetry.emit is implementation.native().emit):  # type: ignore[union-attr]
+        pytest.exit(
+            f"{implementation.IMPLEMENTATION_ENV}=native but the native implementation is not "
+            f"in use ({implementation.reason()}); build it with script/build-python-ext",
+            returncode=3,
+        )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        python_only = item.get_closest_marker("python_only")
+        if NATIVE and python_only is not None:
+            why = python_only.args[0] if python_only.args else python_only.kwargs.get("reason")
+            item.add_marker(pytest.mark.skip(reason=f"python implementation internals: {why}"))
+        if not NATIVE and item.get_closest_marker("native_only") is not None:
+            item.add_marker(pytest.mark.skip(reason="needs the native implementation"))
 
 _CLOSE = object()
 STATS_PARTS = ["telemetry", "python", "stats"]
@@ -38,7 +83,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
     return predicate()
 
 
-def drain(stream: telemetry.TelemetryStream) -> list[QueuedEvent]:
+def drain(stream: telemetry.AnyTelemetryStream) -> list[QueuedEvent]:
     """Take the queued events without a gRPC call (tests only)."""
     return stream.drain_queued()
 
@@ -176,16 +221,17 @@ def _fresh_backend(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @pytest.fixture
-def stream() -> Iterator[telemetry.TelemetryStream]:
-    """A fresh default stream per test, so counters start at zero."""
-    s = telemetry.TelemetryStream(queue_size=1024)
+def stream() -> Iterator[telemetry.AnyTelemetryStream]:
+    """A fresh default stream per test (of the implementation under test), so
+    counters start at zero."""
+    s = telemetry.new_stream(queue_size=1024)
     telemetry.set_stream(s)
     yield s
     s.close()
 
 
 @pytest.fixture
-def server(stream: telemetry.TelemetryStream) -> Iterator[str]:
+def server(stream: telemetry.AnyTelemetryStream) -> Iterator[str]:
     """A real gRPC server on loopback serving ``stream``; yields its address."""
     srv = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     telemetry.add_to_server(srv, stream)
@@ -197,11 +243,11 @@ def server(stream: telemetry.TelemetryStream) -> Iterator[str]:
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[[telemetry.TelemetryStream], str]]:
+def serve() -> Iterator[Callable[[telemetry.AnyTelemetryStream], str]]:
     """Serve any stream (e.g. one built under a patched environment); yields a factory."""
-    servers: list[tuple[telemetry.TelemetryStream, grpc.Server]] = []
+    servers: list[tuple[telemetry.AnyTelemetryStream, grpc.Server]] = []
 
-    def start(s: telemetry.TelemetryStream) -> str:
+    def start(s: telemetry.AnyTelemetryStream) -> str:
         srv = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         telemetry.add_to_server(srv, s)
         port = srv.add_insecure_port("127.0.0.1:0")

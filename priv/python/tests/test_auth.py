@@ -66,8 +66,8 @@ def intrude(address: str, secret: str | None, batches: bool) -> grpc.StatusCode:
 
 
 @pytest.fixture
-def secured() -> Iterator[tuple[telemetry.TelemetryStream, str]]:
-    s = telemetry.TelemetryStream(queue_size=1024, secret=SECRET)
+def secured() -> Iterator[tuple[telemetry.AnyTelemetryStream, str]]:
+    s = telemetry.new_stream(queue_size=1024, secret=SECRET)
     srv = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     telemetry.add_to_server(srv, s)
     port = srv.add_insecure_port("127.0.0.1:0")
@@ -79,7 +79,7 @@ def secured() -> Iterator[tuple[telemetry.TelemetryStream, str]]:
 
 @pytest.mark.parametrize("owner_cls", [OwnerClient, OwnerBatchClient])
 def test_intruders_are_refused_and_the_owner_keeps_streaming(
-    secured: tuple[telemetry.TelemetryStream, str], owner_cls: Callable[[str], Client]
+    secured: tuple[telemetry.AnyTelemetryStream, str], owner_cls: Callable[[str], Client]
 ) -> None:
     s, address = secured
     owner = owner_cls(address)
@@ -118,7 +118,7 @@ def _reported_refusals(client: Client) -> int:
 
 
 def test_the_right_secret_may_take_over_as_before(
-    secured: tuple[telemetry.TelemetryStream, str],
+    secured: tuple[telemetry.AnyTelemetryStream, str],
 ) -> None:
     s, address = secured
     first = OwnerClient(address)
@@ -136,10 +136,10 @@ def test_the_right_secret_may_take_over_as_before(
 
 
 def test_without_a_secret_every_call_is_served_with_one_warning(
-    serve: Callable[[telemetry.TelemetryStream], str], caplog: pytest.LogCaptureFixture
+    serve: Callable[[telemetry.AnyTelemetryStream], str], caplog: pytest.LogCaptureFixture
 ) -> None:
     auth._reset_for_tests()
-    s = telemetry.TelemetryStream(secret=None)
+    s = telemetry.new_stream(secret=None)
     address = serve(s)
     caplog.set_level(logging.WARNING, logger=auth.__name__)
     clients = [Client(address)]
@@ -163,11 +163,11 @@ def test_the_secret_is_read_once_from_the_environment_and_removed(
 ) -> None:
     auth._reset_for_tests(environ_secret=SECRET)
     try:
-        s = telemetry.TelemetryStream()
+        s = telemetry.new_stream()
         assert auth.SECRET_ENV not in os.environ
         assert s._auth.required
         # Later streams of the process use the same secret.
-        assert telemetry.TelemetryStream()._auth.required
+        assert telemetry.new_stream()._auth.required
         text = repr(s._auth) + repr(vars(s).get("_auth"))
         assert SECRET not in text
     finally:

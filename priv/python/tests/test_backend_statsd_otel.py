@@ -82,7 +82,7 @@ def test_statsd_rate_from_stream_control(
     udp: socket.socket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SNAKEPIT_TELEMETRY_SAMPLING_RATE", "0.5")
-    telemetry.set_stream(telemetry.TelemetryStream())
+    telemetry.set_stream(telemetry.new_stream())
     backend = StatsdBackend("127.0.0.1", udp.getsockname()[1])
     telemetry.set_backend(backend)
     for _ in range(200):

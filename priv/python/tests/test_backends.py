@@ -67,7 +67,7 @@ def test_default_is_stderr_until_served() -> None:
         srv.stop(0)
 
 
-def test_set_stream_selects_grpc(stream: telemetry.TelemetryStream) -> None:
+def test_set_stream_selects_grpc(stream: telemetry.AnyTelemetryStream) -> None:
     assert isinstance(telemetry.get_backend(), GrpcBackend)
     telemetry.emit("a.b", {"x": 1})
     assert names(drain(stream)) == ["a.b"]
@@ -76,7 +76,7 @@ def test_set_stream_selects_grpc(stream: telemetry.TelemetryStream) -> None:
 def test_env_choice_wins_over_served(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(backends.BACKEND_ENV, "none")
     assert isinstance(telemetry.get_backend(), NoneBackend)
-    telemetry.set_stream(telemetry.TelemetryStream())  # explicit choice stays
+    telemetry.set_stream(telemetry.new_stream())  # explicit choice stays
     assert isinstance(telemetry.get_backend(), NoneBackend)
 
 
@@ -179,7 +179,7 @@ def test_none_backend_discards() -> None:
     assert telemetry.backend_stats() == {"none": {"emitted": 0, "dropped": 0, "errors": 0}}
 
 
-def test_grpc_and_stderr_composite(stream: telemetry.TelemetryStream) -> None:
+def test_grpc_and_stderr_composite(stream: telemetry.AnyTelemetryStream) -> None:
     out = io.StringIO()
     err = StderrBackend(out=out)
     telemetry.set_backend(["grpc", err])

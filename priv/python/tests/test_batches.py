@@ -20,7 +20,7 @@ from .conftest import STATS_PARTS, BatchClient, Client, wait_until
 from .test_stream import filt, sampling, toggle
 from .test_wire import EDGE_CASES, normal
 
-Serve = Callable[[telemetry.TelemetryStream], str]
+Serve = Callable[[telemetry.AnyTelemetryStream], str]
 
 DROPS = (
     "dropped_queue_full",
@@ -32,9 +32,9 @@ DROPS = (
 
 
 @pytest.fixture
-def big() -> Iterator[telemetry.TelemetryStream]:
+def big() -> Iterator[telemetry.AnyTelemetryStream]:
     """A default stream large enough that a burst of 20,000 events is never dropped."""
-    s = telemetry.TelemetryStream(queue_size=50_000)
+    s = telemetry.new_stream(queue_size=50_000)
     telemetry.set_stream(s)
     yield s
     s.close()
@@ -62,14 +62,14 @@ def drops(stats: dict[str, int | bool]) -> int:
     return sum(int(stats[k]) for k in DROPS)
 
 
-def resolve_fast(s: telemetry.TelemetryStream) -> None:
+def resolve_fast(s: telemetry.AnyTelemetryStream) -> None:
     """Resolve the (lazily chosen) grpc backend, so the first span is a fast one too."""
     telemetry.get_backend()
     assert core._fast_stream is s
 
 
 def test_batches_end_to_end(
-    big: telemetry.TelemetryStream, serve: Serve, clients: Callable[[str], BatchClient]
+    big: telemetry.AnyTelemetryStream, serve: Serve, clients: Callable[[str], BatchClient]
 ) -> None:
     n = 20_000
     client = clients(serve(big))
@@ -109,11 +109,14 @@ def test_batches_end_to_end(
         assert list(report.event_parts) == STATS_PARTS
         assert set(report.measurements) == set(stream_module.STATS_MEASUREMENTS)
         assert all(v.WhichOneof("value") == "int_value" for v in report.measurements.values())
-        assert dict(report.metadata) == {"instance_id": big.instance_id}
+        assert dict(report.metadata) == {
+            "instance_id": big.instance_id,
+            "implementation": big.implementation,
+        }
         assert report.timestamp_ns + batch.base_timestamp_ns >= before - 10**10
 
 
-def test_batches_can_be_left_out(stream: telemetry.TelemetryStream) -> None:
+def test_batches_can_be_left_out(stream: telemetry.AnyTelemetryStream) -> None:
     srv = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     telemetry.add_to_server(srv, stream, batches=False)
     port = srv.add_insecure_port("127.0.0.1:0")
@@ -136,7 +139,7 @@ def test_batches_can_be_left_out(stream: telemetry.TelemetryStream) -> None:
 
 
 def test_batched_takeover(
-    big: telemetry.TelemetryStream, serve: Serve, clients: Callable[[str], BatchClient]
+    big: telemetry.AnyTelemetryStream, serve: Serve, clients: Callable[[str], BatchClient]
 ) -> None:
     """A second call supersedes the first mid-flow; nothing lost or sent twice."""
     n = 20_000
@@ -189,7 +192,7 @@ def test_wakeup_without_safety_net(
 ) -> None:
     """An emit into an idle stream reaches the client well before the 0.5 s re-check."""
     monkeypatch.setenv(stream_module.STATS_INTERVAL_ENV, "0")  # no stats wake-ups
-    s = telemetry.TelemetryStream(queue_size=1024)
+    s = telemetry.new_stream(queue_size=1024)
     telemetry.set_stream(s)
     address = serve(s)
     client: BatchClient | Client = BatchClient(address) if batched else Client(address)
@@ -226,7 +229,7 @@ def test_wakeup_without_safety_net(
 
 def test_fast_path_counters_under_threads() -> None:
     threads, per_thread, size = 4, 20_000, 1000
-    s = telemetry.TelemetryStream(queue_size=size)
+    s = telemetry.new_stream(queue_size=size)
     telemetry.set_stream(s)
     start = threading.Barrier(threads)
 
@@ -262,7 +265,7 @@ def test_fast_path_counters_under_threads() -> None:
     s.close()
 
 
-def test_controls_take_the_full_path(stream: telemetry.TelemetryStream) -> None:
+def test_controls_take_the_full_path(stream: telemetry.AnyTelemetryStream) -> None:
     resolve_fast(stream)
     size = stream.queue_size
     assert stream._fast_cap == size
@@ -287,7 +290,7 @@ def test_controls_take_the_full_path(stream: telemetry.TelemetryStream) -> None:
     assert [".".join(e.parts) for e in stream.drain_queued()] == ["t.x", "ok.x"]
 
 
-def test_span_fast_path(stream: telemetry.TelemetryStream) -> None:
+def test_span_fast_path(stream: telemetry.AnyTelemetryStream) -> None:
     resolve_fast(stream)
     with telemetry.correlation.correlation("req-1"):
         try:
@@ -311,7 +314,7 @@ def test_span_fast_path(stream: telemetry.TelemetryStream) -> None:
     assert ok_stop.metadata == {"m": "predict", "rows": "3"}
 
 
-def test_span_sampling_switched_on_midway(stream: telemetry.TelemetryStream) -> None:
+def test_span_sampling_switched_on_midway(stream: telemetry.AnyTelemetryStream) -> None:
     resolve_fast(stream)
     sp = telemetry.span("python.call", correlation_id="c1")
     sp.__enter__()
@@ -332,7 +335,7 @@ def test_both_rpcs_deliver_the_same(serve: Serve) -> None:
     raw = [e for _, case in EDGE_CASES for e in case]
     seen = []
     for batched in (True, False):
-        s = telemetry.TelemetryStream(queue_size=1024)
+        s = telemetry.new_stream(queue_size=1024)
         address = serve(s)
         client: BatchClient | Client = BatchClient(address) if batched else Client(address)
         try:
@@ -355,7 +358,7 @@ def test_flush_interval(monkeypatch: pytest.MonkeyPatch, serve: Serve) -> None:
     """After a batch, small batches wait out the interval; a quiet start does not."""
     monkeypatch.setenv(stream_module.STATS_INTERVAL_ENV, "0")
     monkeypatch.setenv(stream_module.FLUSH_INTERVAL_ENV, "400")
-    s = telemetry.TelemetryStream(queue_size=4096)
+    s = telemetry.new_stream(queue_size=4096)
     telemetry.set_stream(s)
     client = BatchClient(serve(s))
     try:

@@ -17,7 +17,7 @@ from .test_stream import filt, names, sampling, send_and_wait, toggle
 from .test_telemetry import drain
 
 Connect = Callable[[], Client]
-Serve = Callable[[telemetry.TelemetryStream], str]
+Serve = Callable[[telemetry.AnyTelemetryStream], str]
 
 DEFAULT = {"enabled": True, "default_rate": 1.0, "rules": [], "allow": [], "deny": []}
 ENV_KEYS = (
@@ -34,7 +34,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(key, raising=False)
 
 
-def set_rule(s: telemetry.TelemetryStream, rate: float, *patterns: str) -> None:
+def set_rule(s: telemetry.AnyTelemetryStream, rate: float, *patterns: str) -> None:
     assert s.apply_control(sampling(rate, *patterns))
 
 
@@ -42,12 +42,12 @@ def set_rule(s: telemetry.TelemetryStream, rate: float, *patterns: str) -> None:
 
 
 def test_env_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert telemetry.TelemetryStream().control_state() == DEFAULT
+    assert telemetry.new_stream().control_state() == DEFAULT
     monkeypatch.setenv("SNAKEPIT_TELEMETRY_ENABLED", " FALSE ")
     monkeypatch.setenv("SNAKEPIT_TELEMETRY_SAMPLING_RATE", "0.25")
     monkeypatch.setenv("SNAKEPIT_TELEMETRY_ALLOW", "python.*, tool.*,,")
     monkeypatch.setenv("SNAKEPIT_TELEMETRY_DENY", "python.secret.*")
-    assert telemetry.TelemetryStream().control_state() == {
+    assert telemetry.new_stream().control_state() == {
         "enabled": False,
         "default_rate": 0.25,
         "rules": [],
@@ -76,7 +76,7 @@ def test_bad_env_values_fall_back(
 ) -> None:
     monkeypatch.setenv(key, value)
     with caplog.at_level(logging.DEBUG, logger="snakepit_telemetry.telemetry"):
-        s = telemetry.TelemetryStream()
+        s = telemetry.new_stream()
     assert s.control_state() == DEFAULT
     assert s._stats_interval == 1.0
     if value.strip(" ,"):  # blank values are simply "unset"
@@ -87,7 +87,7 @@ def test_env_applies_before_first_call(monkeypatch: pytest.MonkeyPatch, serve: S
     monkeypatch.setenv("SNAKEPIT_TELEMETRY_SAMPLING_RATE", "0")
     monkeypatch.setenv("SNAKEPIT_TELEMETRY_ALLOW", "keep.*,drop.*")
     monkeypatch.setenv("SNAKEPIT_TELEMETRY_DENY", "drop.*")
-    s = telemetry.TelemetryStream()
+    s = telemetry.new_stream()
     telemetry.set_stream(s)
     telemetry.emit("keep.a", {"x": 1})
     telemetry.emit("drop.a", {"x": 1})
@@ -106,7 +106,7 @@ def test_env_applies_before_first_call(monkeypatch: pytest.MonkeyPatch, serve: S
 
 def test_env_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SNAKEPIT_TELEMETRY_ENABLED", "false")
-    s = telemetry.TelemetryStream()
+    s = telemetry.new_stream()
     s.emit_event("a.b", {"x": 1})
     assert s.stats()["dropped_disabled"] == 1 and s.stats()["enabled"] is False
 
@@ -116,7 +116,7 @@ def test_env_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_each_call_starts_from_env_defaults(monkeypatch: pytest.MonkeyPatch, serve: Serve) -> None:
     monkeypatch.setenv("SNAKEPIT_TELEMETRY_DENY", "noisy.*")
-    s = telemetry.TelemetryStream()
+    s = telemetry.new_stream()
     telemetry.set_stream(s)
     address = serve(s)
     env_state = {**DEFAULT, "deny": ["noisy.*"]}
@@ -170,7 +170,7 @@ def test_each_call_starts_from_env_defaults(monkeypatch: pytest.MonkeyPatch, ser
 
 
 def test_stale_call_cannot_apply_controls() -> None:
-    s = telemetry.TelemetryStream()
+    s = telemetry.new_stream()
     # Generation 0 is not current once any call opened; emulate with close().
     s.close()
     assert s.apply_control(toggle(False), generation=0) is False
@@ -214,7 +214,7 @@ def test_emit_signature_unchanged() -> None:
 # ------------------------------------------------------- spans under sampling
 
 
-def test_span_sampling_decided_at_start(stream: telemetry.TelemetryStream) -> None:
+def test_span_sampling_decided_at_start(stream: telemetry.AnyTelemetryStream) -> None:
     # A rule on stop alone does not split spans: the decision uses <name>.start.
     set_rule(stream, 0.0, "*.stop", "*.exception")
     with telemetry.span("python.call"):
@@ -237,7 +237,7 @@ def test_span_sampling_decided_at_start(stream: telemetry.TelemetryStream) -> No
     assert stream.stats()["dropped_sampled"] == 4
 
 
-def test_span_decision_survives_rate_change(stream: telemetry.TelemetryStream) -> None:
+def test_span_decision_survives_rate_change(stream: telemetry.AnyTelemetryStream) -> None:
     with telemetry.span("s"):
         set_rule(stream, 0.0, "s.*")  # too late: this span was already kept
     assert len(drain(stream)) == 2
@@ -246,7 +246,7 @@ def test_span_decision_survives_rate_change(stream: telemetry.TelemetryStream) -
     assert drain(stream) == []
 
 
-def test_span_toggle_and_filter_still_per_event(stream: telemetry.TelemetryStream) -> None:
+def test_span_toggle_and_filter_still_per_event(stream: telemetry.AnyTelemetryStream) -> None:
     assert stream.apply_control(filt(deny=("*.start",)))
     with telemetry.span("s"):
         pass
@@ -260,7 +260,7 @@ def test_span_toggle_and_filter_still_per_event(stream: telemetry.TelemetryStrea
     assert (st["dropped_filtered"], st["dropped_disabled"], st["dropped_sampled"]) == (1, 1, 0)
 
 
-def test_spans_stay_whole_over_grpc(stream: telemetry.TelemetryStream, connect: Connect) -> None:
+def test_spans_stay_whole_over_grpc(stream: telemetry.AnyTelemetryStream, connect: Connect) -> None:
     client = connect()
     send_and_wait(client, stream, sampling(0.5, "python.call.*"))
     for batch in range(10):  # drain between batches so the queue bound never bites
@@ -281,7 +281,7 @@ def test_spans_stay_whole_over_grpc(stream: telemetry.TelemetryStream, connect: 
     assert st["dropped_sampled"] == 2 * (2000 - len(starts))
 
 
-def test_control_state_json(stream: telemetry.TelemetryStream) -> None:
+def test_control_state_json(stream: telemetry.AnyTelemetryStream) -> None:
     import json
 
     set_rule(stream, 0.5, "a.*", "b.*")

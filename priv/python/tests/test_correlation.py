@@ -38,7 +38,7 @@ def test_context_manager_restores_on_error() -> None:
     assert correlation.get_correlation_id() is None
 
 
-def test_emit_and_span_use_contextvar(stream: telemetry.TelemetryStream) -> None:
+def test_emit_and_span_use_contextvar(stream: telemetry.AnyTelemetryStream) -> None:
     with correlation.correlation("ctx"):
         telemetry.emit("a.b", {"x": 1})
         telemetry.emit("a.b", {"x": 1}, correlation_id="explicit")
@@ -58,14 +58,14 @@ def test_emit_and_span_use_contextvar(stream: telemetry.TelemetryStream) -> None
     ]
 
 
-def test_span_keeps_id_from_enter(stream: telemetry.TelemetryStream) -> None:
+def test_span_keeps_id_from_enter(stream: telemetry.AnyTelemetryStream) -> None:
     """A span's stop belongs to the same call as its start even if the body changes the ID."""
     with correlation.correlation("outer"), telemetry.span("s"):
         correlation.set_correlation_id("changed")
     assert [e.correlation_id for e in drain(stream)] == ["outer", "outer"]
 
 
-def test_asyncio_tasks_see_it(stream: telemetry.TelemetryStream) -> None:
+def test_asyncio_tasks_see_it(stream: telemetry.AnyTelemetryStream) -> None:
     async def child(n: int) -> str | None:
         await asyncio.sleep(0)
         telemetry.emit("task.done", {"n": n})
@@ -80,7 +80,7 @@ def test_asyncio_tasks_see_it(stream: telemetry.TelemetryStream) -> None:
 
 
 def test_wrap_carries_into_thread_plain_thread_does_not(
-    stream: telemetry.TelemetryStream,
+    stream: telemetry.AnyTelemetryStream,
 ) -> None:
     seen: dict[str, str | None] = {}
 

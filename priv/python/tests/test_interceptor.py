@@ -88,7 +88,7 @@ HANDLERS = {
 
 
 @pytest.fixture
-def rpc(stream: telemetry.TelemetryStream) -> Iterator[tuple[grpc.Channel, str]]:
+def rpc(stream: telemetry.AnyTelemetryStream) -> Iterator[tuple[grpc.Channel, str]]:
     """A server with the interceptor (one handler thread, to expose context leaks)."""
     srv = grpc.server(
         futures.ThreadPoolExecutor(max_workers=2),
@@ -114,7 +114,7 @@ def header(cid: str) -> list[tuple[str, str]]:
     return [(HEADER, cid)]
 
 
-def take(stream: telemetry.TelemetryStream, n: int) -> list[QueuedEvent]:
+def take(stream: telemetry.AnyTelemetryStream, n: int) -> list[QueuedEvent]:
     """The next ``n`` queued events (the server may still be finishing the last one)."""
     got: list[QueuedEvent] = []
     assert wait_until(lambda: (got.extend(drain(stream)), len(got) >= n)[1]), names(got)
@@ -123,7 +123,7 @@ def take(stream: telemetry.TelemetryStream, n: int) -> list[QueuedEvent]:
 
 
 def test_unary_success_with_header(
-    stream: telemetry.TelemetryStream, rpc: tuple[grpc.Channel, str]
+    stream: telemetry.AnyTelemetryStream, rpc: tuple[grpc.Channel, str]
 ) -> None:
     channel, _ = rpc
     assert channel.unary_unary(method("Unary"))(b"hello", metadata=header("abc")) == b"hello"
@@ -154,7 +154,7 @@ def test_unary_success_with_header(
     ],
 )
 def test_unary_failures(
-    stream: telemetry.TelemetryStream,
+    stream: telemetry.AnyTelemetryStream,
     rpc: tuple[grpc.Channel, str],
     payload: bytes,
     code: grpc.StatusCode,
@@ -177,7 +177,7 @@ def test_unary_failures(
 
 
 def test_server_stream_span_covers_iteration(
-    stream: telemetry.TelemetryStream, rpc: tuple[grpc.Channel, str]
+    stream: telemetry.AnyTelemetryStream, rpc: tuple[grpc.Channel, str]
 ) -> None:
     channel, _ = rpc
     call = channel.unary_stream(method("ServerStream"))
@@ -194,7 +194,7 @@ def test_server_stream_span_covers_iteration(
     ("payload", "error_type"), [(b"raise", "RuntimeError"), (b"abort", "RESOURCE_EXHAUSTED")]
 )
 def test_server_stream_failures(
-    stream: telemetry.TelemetryStream,
+    stream: telemetry.AnyTelemetryStream,
     rpc: tuple[grpc.Channel, str],
     payload: bytes,
     error_type: str,
@@ -212,7 +212,7 @@ def test_server_stream_failures(
 
 
 def test_client_stream_and_bidi(
-    stream: telemetry.TelemetryStream, rpc: tuple[grpc.Channel, str]
+    stream: telemetry.AnyTelemetryStream, rpc: tuple[grpc.Channel, str]
 ) -> None:
     channel, _ = rpc
     joined = channel.stream_unary(method("ClientStream"))(
@@ -232,7 +232,7 @@ def test_client_stream_and_bidi(
 
 
 def test_client_cancel_mid_stream(
-    stream: telemetry.TelemetryStream, rpc: tuple[grpc.Channel, str]
+    stream: telemetry.AnyTelemetryStream, rpc: tuple[grpc.Channel, str]
 ) -> None:
     channel, _ = rpc
     call = channel.unary_stream(method("Endless"))(b"", metadata=header("cx"))
@@ -245,7 +245,7 @@ def test_client_cancel_mid_stream(
 
 
 def test_stream_telemetry_not_intercepted(
-    stream: telemetry.TelemetryStream, rpc: tuple[grpc.Channel, str]
+    stream: telemetry.AnyTelemetryStream, rpc: tuple[grpc.Channel, str]
 ) -> None:
     _, address = rpc
     client = Client(address)
@@ -260,7 +260,7 @@ def test_stream_telemetry_not_intercepted(
 
 
 def test_sampling_keeps_calls_whole(
-    stream: telemetry.TelemetryStream, rpc: tuple[grpc.Channel, str]
+    stream: telemetry.AnyTelemetryStream, rpc: tuple[grpc.Channel, str]
 ) -> None:
     stream.apply_control(
         pb.TelemetryControl(
@@ -297,7 +297,7 @@ def test_broken_telemetry_never_reaches_the_rpc(rpc: tuple[grpc.Channel, str]) -
 
 
 def test_handler_threads_get_id_through_wrap(
-    stream: telemetry.TelemetryStream, rpc: tuple[grpc.Channel, str]
+    stream: telemetry.AnyTelemetryStream, rpc: tuple[grpc.Channel, str]
 ) -> None:
     channel, _ = rpc
     assert channel.unary_unary(method("Threaded"))(b"q", metadata=header("th")) == b"q"

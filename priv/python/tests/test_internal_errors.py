@@ -21,7 +21,7 @@ from snakepit_telemetry.telemetry.backends import Backend, CompositeBackend, Std
 
 from .conftest import Client, wait_until
 
-Serve = Callable[[telemetry.TelemetryStream], str]
+Serve = Callable[[telemetry.AnyTelemetryStream], str]
 
 
 class Boom(Exception):
@@ -133,7 +133,7 @@ def test_span_end_failure_is_counted_and_the_users_exception_propagates(
 
 
 def test_fast_span_end_failure_is_counted(
-    monkeypatch: pytest.MonkeyPatch, stream: telemetry.TelemetryStream
+    monkeypatch: pytest.MonkeyPatch, stream: telemetry.AnyTelemetryStream
 ) -> None:
     # The grpc fast path (span -> queue directly) fails at the exception end.
     backends.set_backend("grpc")
@@ -201,7 +201,7 @@ def test_the_stats_report_carries_process_wide_failures(
     monkeypatch: pytest.MonkeyPatch, serve: Serve
 ) -> None:
     monkeypatch.setenv("SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS", "50")
-    s = telemetry.TelemetryStream(queue_size=16)
+    s = telemetry.new_stream(queue_size=16)
     telemetry.set_stream(s)
     # Three failures outside any stream.
     with monkeypatch.context() as m:

@@ -17,17 +17,17 @@ from snakepit_telemetry.telemetry import stream as stream_module
 
 from .conftest import BATCHES_METHOD, BatchClient, Client, wait_until
 
-Serve = Callable[[telemetry.TelemetryStream], str]
+Serve = Callable[[telemetry.AnyTelemetryStream], str]
 CAP = 2000
 
 
-def make_stream(monkeypatch: pytest.MonkeyPatch, cap: str | None) -> telemetry.TelemetryStream:
+def make_stream(monkeypatch: pytest.MonkeyPatch, cap: str | None) -> telemetry.AnyTelemetryStream:
     if cap is None:
         monkeypatch.delenv(stream_module.MAX_MESSAGE_BYTES_ENV, raising=False)
     else:
         monkeypatch.setenv(stream_module.MAX_MESSAGE_BYTES_ENV, cap)
     monkeypatch.setenv("SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS", "50")
-    s = telemetry.TelemetryStream(queue_size=4096)
+    s = telemetry.new_stream(queue_size=4096)
     telemetry.set_stream(s)
     return s
 

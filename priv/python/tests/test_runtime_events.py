@@ -26,7 +26,7 @@ def _cleanup() -> Iterator[None]:
 # ------------------------------------------------------------------ samplers
 
 
-def test_samplers_emit_memory_and_cpu(stream: telemetry.TelemetryStream) -> None:
+def test_samplers_emit_memory_and_cpu(stream: telemetry.AnyTelemetryStream) -> None:
     assert telemetry.start_samplers(0.02) is True
     assert telemetry.start_samplers(0.02) is True  # idempotent: still one thread
     deadline = time.monotonic() + 0.1
@@ -63,7 +63,7 @@ def test_samplers_emit_memory_and_cpu(stream: telemetry.TelemetryStream) -> None
 
 def test_samplers_cpu_time_matches_busy_work() -> None:
     sampler = samplers._Sampler(1.0)
-    s = telemetry.TelemetryStream()
+    s = telemetry.new_stream()
     telemetry.set_stream(s)
     before = time.process_time_ns()
     deadline = time.monotonic() + 0.05
@@ -110,7 +110,7 @@ class Cycle:
         self.me = self
 
 
-def test_gc_events(stream: telemetry.TelemetryStream) -> None:
+def test_gc_events(stream: telemetry.AnyTelemetryStream) -> None:
     telemetry.install_gc_hook()
     telemetry.install_gc_hook()  # idempotent: one callback
     assert gc.callbacks.count(gc_events._on_gc) == 1
@@ -138,7 +138,7 @@ def test_gc_events(stream: telemetry.TelemetryStream) -> None:
     assert drain(stream) == []
 
 
-def test_gc_reinstall_after_uninstall(stream: telemetry.TelemetryStream) -> None:
+def test_gc_reinstall_after_uninstall(stream: telemetry.AnyTelemetryStream) -> None:
     for _ in range(3):
         telemetry.install_gc_hook()
         telemetry.uninstall_gc_hook()
@@ -167,7 +167,7 @@ def test_gc_env(monkeypatch: pytest.MonkeyPatch, raw: str | None, on: bool) -> N
 # ------------------------------------------------------- report_error and tool
 
 
-def test_report_error(stream: telemetry.TelemetryStream) -> None:
+def test_report_error(stream: telemetry.AnyTelemetryStream) -> None:
     with correlation.correlation("e1"):
         telemetry.report_error(KeyError("k" * 3000), {"tool": "t", "error_type": "ignored"})
     (event,) = drain(stream)
@@ -179,7 +179,7 @@ def test_report_error(stream: telemetry.TelemetryStream) -> None:
     assert event.correlation_id == "e1"
 
 
-def test_tool_decorator(stream: telemetry.TelemetryStream) -> None:
+def test_tool_decorator(stream: telemetry.AnyTelemetryStream) -> None:
     @telemetry.tool("adder")
     def add(a: int, b: int) -> int:
         """Adds."""
@@ -204,7 +204,7 @@ def test_tool_decorator(stream: telemetry.TelemetryStream) -> None:
     assert error.metadata == {"tool": "broken", "error_type": "ValueError", "error_message": "nope"}
 
 
-def test_tool_decorator_async(stream: telemetry.TelemetryStream) -> None:
+def test_tool_decorator_async(stream: telemetry.AnyTelemetryStream) -> None:
     @telemetry.tool("slow")
     async def slow(fail: bool) -> str:
         await asyncio.sleep(0.01)

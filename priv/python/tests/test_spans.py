@@ -44,7 +44,7 @@ def test_span_ids_are_nonzero_64_bit_and_unique() -> None:
 
 @pytest.mark.parametrize("backend", ["fast", "grpc"])
 def test_a_span_shares_its_id_and_every_span_has_its_own(
-    stream: telemetry.TelemetryStream, backend: str, monkeypatch: pytest.MonkeyPatch
+    stream: telemetry.AnyTelemetryStream, backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if backend == "grpc":
         # The backend path (GrpcBackend.handle_span_*), as when controls sample.
@@ -73,13 +73,13 @@ def test_a_span_shares_its_id_and_every_span_has_its_own(
     assert all(file.endswith("test_spans.py") and line > 0 for file, line, _ in stack)
 
 
-def test_plain_events_have_no_span_id(stream: telemetry.TelemetryStream) -> None:
+def test_plain_events_have_no_span_id(stream: telemetry.AnyTelemetryStream) -> None:
     telemetry.emit("tool.result_size", {"bytes": 1})
     (event,) = drain(stream)
     assert (event.span_id, event.stacktrace) == (0, ())
 
 
-def test_a_deep_traceback_keeps_the_innermost_frames(stream: telemetry.TelemetryStream) -> None:
+def test_a_deep_traceback_keeps_the_innermost_frames(stream: telemetry.AnyTelemetryStream) -> None:
     run_span("python.call", fail=True, depth=200)
     _, exc = drain(stream)
     assert len(exc.stacktrace) == spans.MAX_FRAMES
@@ -169,7 +169,7 @@ def test_a_backend_without_emit_span_event_still_gets_spans() -> None:
 
 
 def test_interceptor_failures_carry_the_handler_traceback(
-    stream: telemetry.TelemetryStream,
+    stream: telemetry.AnyTelemetryStream,
 ) -> None:
     span = telemetry.span("python.call", {"rpc_method": "M"})
     span.__enter__()

@@ -18,7 +18,7 @@ from snakepit_telemetry.telemetry._internal import errors
 from .conftest import Client, wait_until
 from .test_stream import filt, names, send_and_wait, toggle
 
-Serve = Callable[[telemetry.TelemetryStream], str]
+Serve = Callable[[telemetry.AnyTelemetryStream], str]
 
 KEYS = {
     "emitted",
@@ -42,19 +42,20 @@ def values(event: pb.TelemetryEvent) -> dict[str, int]:
     assert list(event.event_parts) == ["telemetry", "python", "stats"]
     assert set(event.measurements) == KEYS
     assert all(v.WhichOneof("value") == "int_value" for v in event.measurements.values())
-    assert set(event.metadata) == {"instance_id"} and event.correlation_id == ""
+    assert set(event.metadata) == {"instance_id", "implementation"} and event.correlation_id == ""
+    assert event.metadata["implementation"] == telemetry.implementation()
     assert event.timestamp_ns > 1_600_000_000 * 10**9
     return {k: v.int_value for k, v in event.measurements.items()}
 
 
 def make_stream(
     monkeypatch: pytest.MonkeyPatch, interval_ms: str | None, queue_size: int = 64
-) -> telemetry.TelemetryStream:
+) -> telemetry.AnyTelemetryStream:
     if interval_ms is None:
         monkeypatch.delenv("SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS", raising=False)
     else:
         monkeypatch.setenv("SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS", interval_ms)
-    s = telemetry.TelemetryStream(queue_size=queue_size)
+    s = telemetry.new_stream(queue_size=queue_size)
     telemetry.set_stream(s)
     return s
 
@@ -175,14 +176,17 @@ def test_each_call_reports_at_start(monkeypatch: pytest.MonkeyPatch, serve: Serv
 
 def test_reports_name_their_instance(monkeypatch: pytest.MonkeyPatch, serve: Serve) -> None:
     s = make_stream(monkeypatch, "5000")
-    other = telemetry.TelemetryStream(queue_size=4)
+    other = telemetry.new_stream(queue_size=4)
     assert len(s.instance_id) == 16 and s.instance_id != other.instance_id
     address = serve(s)
     for _ in (1, 2):  # the same instance on every call
         client = Client(address)
         try:
             _, report = client.take_stats()
-            assert dict(report.metadata) == {"instance_id": s.instance_id}
+            assert dict(report.metadata) == {
+                "instance_id": s.instance_id,
+                "implementation": s.implementation,
+            }
         finally:
             client.close()
         assert wait_until(lambda: not s.stats()["active_stream"])

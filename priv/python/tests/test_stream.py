@@ -38,14 +38,14 @@ def filt(allow: tuple[str, ...] = (), deny: tuple[str, ...] = ()) -> pb.Telemetr
 
 
 def send_and_wait(
-    client: Client, stream: telemetry.TelemetryStream, control: pb.TelemetryControl
+    client: Client, stream: telemetry.AnyTelemetryStream, control: pb.TelemetryControl
 ) -> None:
     before = stream.stats()["controls_applied"]
     client.send(control)
     assert wait_until(lambda: stream.stats()["controls_applied"] == before + 1)
 
 
-def test_client_receives_events(stream: telemetry.TelemetryStream, connect: Connect) -> None:
+def test_client_receives_events(stream: telemetry.AnyTelemetryStream, connect: Connect) -> None:
     telemetry.emit("queued.before.connect", {"n": 1})  # waits in the queue
     client = connect()
     assert wait_until(lambda: stream.stats()["active_stream"])
@@ -72,7 +72,7 @@ def test_client_receives_events(stream: telemetry.TelemetryStream, connect: Conn
     assert st["sent"] == 2 and st["queue_len"] == 0 and st["streams_opened"] == 1
 
 
-def test_span_over_the_wire(stream: telemetry.TelemetryStream, connect: Connect) -> None:
+def test_span_over_the_wire(stream: telemetry.AnyTelemetryStream, connect: Connect) -> None:
     client = connect()
     try:
         with telemetry.span("tool.execution", {"tool": "x"}):
@@ -86,7 +86,7 @@ def test_span_over_the_wire(stream: telemetry.TelemetryStream, connect: Connect)
     assert exc.measurements["duration"].int_value >= 0
 
 
-def test_toggle(stream: telemetry.TelemetryStream, connect: Connect) -> None:
+def test_toggle(stream: telemetry.AnyTelemetryStream, connect: Connect) -> None:
     client = connect()
     send_and_wait(client, stream, toggle(False))
     telemetry.emit("a.b", {"x": 1})
@@ -97,7 +97,7 @@ def test_toggle(stream: telemetry.TelemetryStream, connect: Connect) -> None:
     client.assert_quiet()
 
 
-def test_sampling_rules_combine(stream: telemetry.TelemetryStream, connect: Connect) -> None:
+def test_sampling_rules_combine(stream: telemetry.AnyTelemetryStream, connect: Connect) -> None:
     client = connect()
     send_and_wait(client, stream, sampling(0.0, "python.call.*"))
     telemetry.emit("python.call.stop", {"x": 1})
@@ -133,7 +133,7 @@ def test_sampling_rules_combine(stream: telemetry.TelemetryStream, connect: Conn
     client.assert_quiet()
 
 
-def test_sampling_rates_clamped(stream: telemetry.TelemetryStream, connect: Connect) -> None:
+def test_sampling_rates_clamped(stream: telemetry.AnyTelemetryStream, connect: Connect) -> None:
     client = connect()
     send_and_wait(client, stream, sampling(7.0, "a.*"))
     send_and_wait(client, stream, sampling(-3.0, "b.*"))
@@ -149,7 +149,7 @@ def test_sampling_rates_clamped(stream: telemetry.TelemetryStream, connect: Conn
     client.assert_quiet(0.05)
 
 
-def test_sampling_rate_statistics(stream: telemetry.TelemetryStream, connect: Connect) -> None:
+def test_sampling_rate_statistics(stream: telemetry.AnyTelemetryStream, connect: Connect) -> None:
     client = connect()
     send_and_wait(client, stream, sampling(0.5, "python.*"))
     for _ in range(400):
@@ -162,7 +162,7 @@ def test_sampling_rate_statistics(stream: telemetry.TelemetryStream, connect: Co
     client.assert_quiet(0.05)
 
 
-def test_too_many_rules_truncated(stream: telemetry.TelemetryStream, connect: Connect) -> None:
+def test_too_many_rules_truncated(stream: telemetry.AnyTelemetryStream, connect: Connect) -> None:
     client = connect()
     for i in range(40):
         send_and_wait(client, stream, sampling(0.0, f"r{i}.*"))
@@ -180,7 +180,7 @@ def test_too_many_rules_truncated(stream: telemetry.TelemetryStream, connect: Co
     assert stream.control_state()["rules"][-1] == {"rate": 1.0, "patterns": ["r8.*"]}
 
 
-def test_filter(stream: telemetry.TelemetryStream, connect: Connect) -> None:
+def test_filter(stream: telemetry.AnyTelemetryStream, connect: Connect) -> None:
     client = connect()
     send_and_wait(client, stream, filt(allow=("python.*",), deny=("python.secret.*",)))
     for name in ("python.call.stop", "python.secret.stop", "tool.execution.stop"):
@@ -198,7 +198,7 @@ def test_filter(stream: telemetry.TelemetryStream, connect: Connect) -> None:
 
 
 def test_malformed_control_keeps_stream(
-    stream: telemetry.TelemetryStream, server: str, connect: Connect
+    stream: telemetry.AnyTelemetryStream, server: str, connect: Connect
 ) -> None:
     # Raw bytes that are not a valid TelemetryControl, sent with a bytes-level call.
     channel = grpc.insecure_channel(server)
@@ -213,7 +213,7 @@ def test_malformed_control_keeps_stream(
     channel.close()
 
 
-def test_new_call_replaces_old(stream: telemetry.TelemetryStream, connect: Connect) -> None:
+def test_new_call_replaces_old(stream: telemetry.AnyTelemetryStream, connect: Connect) -> None:
     old = connect()
     telemetry.emit("one", {"x": 1})
     assert names(old.take(1)) == ["one"]
@@ -239,7 +239,7 @@ def test_new_call_replaces_old(stream: telemetry.TelemetryStream, connect: Conne
     assert names(third.take(1)) == ["again"]
 
 
-def test_cancel_ends_handler(stream: telemetry.TelemetryStream, connect: Connect) -> None:
+def test_cancel_ends_handler(stream: telemetry.AnyTelemetryStream, connect: Connect) -> None:
     client = connect()
     assert wait_until(lambda: stream.stats()["active_stream"])
     client.close()
@@ -249,7 +249,7 @@ def test_cancel_ends_handler(stream: telemetry.TelemetryStream, connect: Connect
     assert names(connect().take(1)) == ["kept"]
 
 
-def test_add_to_server_beside_other_methods(stream: telemetry.TelemetryStream) -> None:
+def test_add_to_server_beside_other_methods(stream: telemetry.AnyTelemetryStream) -> None:
     def ping(request: bytes, context: grpc.ServicerContext) -> bytes:
         return b"pong:" + request
 
@@ -273,7 +273,7 @@ def test_add_to_server_beside_other_methods(stream: telemetry.TelemetryStream) -
         srv.stop(0).wait(2)
 
 
-def test_threads_to_real_client(stream: telemetry.TelemetryStream, connect: Connect) -> None:
+def test_threads_to_real_client(stream: telemetry.AnyTelemetryStream, connect: Connect) -> None:
     import threading
 
     client = connect()
@@ -297,7 +297,7 @@ def test_threads_to_real_client(stream: telemetry.TelemetryStream, connect: Conn
 
 
 def test_takeover_from_stalled_client(
-    stream: telemetry.TelemetryStream, server: str, connect: Connect
+    stream: telemetry.AnyTelemetryStream, server: str, connect: Connect
 ) -> None:
     # A client that never reads, with BDP probing off so its flow-control window
     # stays small: the handler soon blocks in a send with most events in flight.

@@ -11,12 +11,12 @@ from snakepit_telemetry import telemetry
 from snakepit_telemetry.telemetry._internal.convert import QueuedEvent
 
 
-def drain(stream: telemetry.TelemetryStream) -> list[QueuedEvent]:
+def drain(stream: telemetry.AnyTelemetryStream) -> list[QueuedEvent]:
     """Peek at queued events without a gRPC call (tests only)."""
     return stream.drain_queued()
 
 
-def test_emit_dotted_and_parts(stream: telemetry.TelemetryStream) -> None:
+def test_emit_dotted_and_parts(stream: telemetry.AnyTelemetryStream) -> None:
     telemetry.emit("python.call.stop", {"duration": 5}, {"command": "x"}, "cid-1")
     telemetry.emit(["tool", "done"], {"n": 1})
     first, second = drain(stream)
@@ -29,7 +29,7 @@ def test_emit_dotted_and_parts(stream: telemetry.TelemetryStream) -> None:
     assert second.correlation_id == ""
 
 
-def test_measurement_conversion_and_drops(stream: telemetry.TelemetryStream) -> None:
+def test_measurement_conversion_and_drops(stream: telemetry.AnyTelemetryStream) -> None:
     telemetry.emit(
         "a.b",
         {
@@ -56,7 +56,7 @@ def test_measurement_conversion_and_drops(stream: telemetry.TelemetryStream) -> 
     assert stream.stats()["measurements_dropped"] == 5
 
 
-def test_metadata_stringified_and_none_skipped(stream: telemetry.TelemetryStream) -> None:
+def test_metadata_stringified_and_none_skipped(stream: telemetry.AnyTelemetryStream) -> None:
     telemetry.emit("a.b", {}, {1: 2, "n": None, "s": "v", "f": 1.5})
     (item,) = drain(stream)
     assert item.metadata == {"1": "2", "s": "v", "f": "1.5"}
@@ -84,28 +84,28 @@ class Unprintable:
         (Unprintable(), {}),
     ],
 )
-def test_emit_never_raises(stream: telemetry.TelemetryStream, args: tuple) -> None:
+def test_emit_never_raises(stream: telemetry.AnyTelemetryStream, args: tuple) -> None:
     telemetry.emit(*args)
     s = stream.stats()
     assert s["emitted"] == 1
     assert s["enqueued"] + s["dropped_invalid"] + s["internal_errors"] >= 1
 
 
-def test_invalid_names_counted(stream: telemetry.TelemetryStream) -> None:
+def test_invalid_names_counted(stream: telemetry.AnyTelemetryStream) -> None:
     for bad in ("", "a..b", ".a", ["a", ""], ("a", None), 42, []):
         telemetry.emit(bad, {"x": 1})
     s = stream.stats()
     assert s["dropped_invalid"] == 7 and s["enqueued"] == 0
 
 
-def test_non_dict_measurements(stream: telemetry.TelemetryStream) -> None:
+def test_non_dict_measurements(stream: telemetry.AnyTelemetryStream) -> None:
     telemetry.emit("a.b", None)
     telemetry.emit("a.b", [("x", 1)])
     assert [i.measurements for i in drain(stream)] == [{}, {}]
     assert stream.stats()["measurements_dropped"] == 1
 
 
-def test_span_stop(stream: telemetry.TelemetryStream) -> None:
+def test_span_stop(stream: telemetry.AnyTelemetryStream) -> None:
     with telemetry.span("tool.execution", {"tool": "x"}, correlation_id="c") as sp:
         assert isinstance(sp, telemetry.span)
     start, stop = drain(stream)
@@ -118,7 +118,7 @@ def test_span_stop(stream: telemetry.TelemetryStream) -> None:
     assert start.correlation_id == stop.correlation_id == "c"
 
 
-def test_span_exception_reraised(stream: telemetry.TelemetryStream) -> None:
+def test_span_exception_reraised(stream: telemetry.AnyTelemetryStream) -> None:
     err = KeyError("k" * 5000)
     with pytest.raises(KeyError) as info, telemetry.span("tool.execution", {"tool": "x"}):
         raise err
@@ -131,7 +131,7 @@ def test_span_exception_reraised(stream: telemetry.TelemetryStream) -> None:
     assert len(exc.metadata["error_message"]) == 1024
 
 
-def test_span_unprintable_exception(stream: telemetry.TelemetryStream) -> None:
+def test_span_unprintable_exception(stream: telemetry.AnyTelemetryStream) -> None:
     class Weird(Exception):
         def __str__(self) -> str:
             raise RuntimeError("boom")
@@ -143,7 +143,7 @@ def test_span_unprintable_exception(stream: telemetry.TelemetryStream) -> None:
     assert exc.metadata["error_message"] == "<unprintable Weird>"
 
 
-def test_span_duration_measured(stream: telemetry.TelemetryStream) -> None:
+def test_span_duration_measured(stream: telemetry.AnyTelemetryStream) -> None:
     import time
 
     with telemetry.span("s"):
@@ -153,7 +153,7 @@ def test_span_duration_measured(stream: telemetry.TelemetryStream) -> None:
 
 
 def test_queue_full_counted_exactly() -> None:
-    s = telemetry.TelemetryStream(queue_size=10)
+    s = telemetry.new_stream(queue_size=10)
     for _ in range(25):
         s.emit_event("a.b", {"x": 1})
     st = s.stats()
@@ -161,8 +161,8 @@ def test_queue_full_counted_exactly() -> None:
     assert st["emitted"] == 25
 
 
-def test_emit_from_threads(stream: telemetry.TelemetryStream) -> None:
-    big = telemetry.TelemetryStream(queue_size=3000)
+def test_emit_from_threads(stream: telemetry.AnyTelemetryStream) -> None:
+    big = telemetry.new_stream(queue_size=3000)
     telemetry.set_stream(big)
     barrier = threading.Barrier(8)
 
@@ -183,7 +183,7 @@ def test_emit_from_threads(stream: telemetry.TelemetryStream) -> None:
 
 
 def test_get_set_stream() -> None:
-    s = telemetry.TelemetryStream(queue_size=5)
+    s = telemetry.new_stream(queue_size=5)
     telemetry.set_stream(s)
     assert telemetry.get_stream() is s
     assert telemetry.stats()["queue_size"] == 5
@@ -193,12 +193,12 @@ def test_get_set_stream() -> None:
 
 def test_queue_size_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SNAKEPIT_TELEMETRY_QUEUE_SIZE", "7")
-    assert telemetry.TelemetryStream().queue_size == 7
+    assert telemetry.new_stream().queue_size == 7
     monkeypatch.setenv("SNAKEPIT_TELEMETRY_QUEUE_SIZE", "bogus")
-    assert telemetry.TelemetryStream().queue_size == 1024
+    assert telemetry.new_stream().queue_size == 1024
 
 
-def test_stats_keys(stream: telemetry.TelemetryStream) -> None:
+def test_stats_keys(stream: telemetry.AnyTelemetryStream) -> None:
     expected = {
         "emitted",
         "enqueued",

@@ -9,7 +9,8 @@ stream: a new call takes over from the old one, which returns promptly and hands
 back what it had not sent.
 
 Emit takes ownership of the measurements and metadata mappings: they are read
-later, on the stream thread, so do not change them after the call.
+later, on the stream thread, so do not change them after the call. (The native
+implementation, :mod:`.native_stream`, converts them during the call instead.)
 
 Environment, read once when a stream is created:
 
@@ -40,7 +41,7 @@ report's ``internal_errors`` adds the failures counted outside any stream (see
 :mod:`._internal.errors`).
 
 Each stream has a random ``instance_id``, sent as the metadata of its stats
-events: counters start at 0 with each instance, so Elixir knows from a new
+events (with ``implementation``: ``"python"``): counters start at 0 with each instance, so Elixir knows from a new
 ``instance_id`` (a restarted worker) that the counters started over. A forked
 child starts over as a new instance: new id, counters at 0, empty queue (the
 queued events are the parent's to send), fresh locks.
@@ -155,6 +156,10 @@ _COUNTERS = (
 
 # Key of the stats events' metadata that names the stream instance.
 INSTANCE_ID_KEY = "instance_id"
+# Key of the stats events' metadata that names the implementation that sent them:
+# "python" here, "native" from NativeTelemetryStream.
+IMPLEMENTATION_KEY = "implementation"
+IMPLEMENTATION = "python"
 
 
 def _new_instance_id() -> str:
@@ -399,6 +404,11 @@ class TelemetryStream:
             self._counts[counter] += amount
 
     # ---------------------------------------------------------------- inspection
+
+    @property
+    def implementation(self) -> str:
+        """``"python"`` (``NativeTelemetryStream`` says ``"native"``)."""
+        return IMPLEMENTATION
 
     @property
     def queue_size(self) -> int:
@@ -734,9 +744,10 @@ class TelemetryStream:
                 for key, value in zip(STATS_MEASUREMENTS, values, strict=True):
                     msg.measurements[key].int_value = value
                 msg.metadata[INSTANCE_ID_KEY] = self._instance_id
+                msg.metadata[IMPLEMENTATION_KEY] = IMPLEMENTATION
             else:
                 report = dict(zip(STATS_MEASUREMENTS, values, strict=True))
-                metadata = {INSTANCE_ID_KEY: self._instance_id}
+                metadata = {INSTANCE_ID_KEY: self._instance_id, IMPLEMENTATION_KEY: IMPLEMENTATION}
                 msg = encoder.encode(
                     [(STATS_EVENT, report, metadata, None, time.time_ns(), *wire.NO_SPAN_FIELDS)]
                 )[0]

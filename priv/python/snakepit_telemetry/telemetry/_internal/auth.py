@@ -108,6 +108,11 @@ class CallAuth:
     def __repr__(self) -> str:
         return f"CallAuth(required={self.required})"
 
+    def secret(self) -> bytes | None:
+        """The secret calls must carry (``None``: calls are not checked); the native
+        stream hands it to its own server, which checks it the same way."""
+        return self._expected
+
     def admits(self, context: grpc.ServicerContext) -> bool:
         """Whether the call may proceed: it carries the secret, or none is set."""
         expected = self._expected

@@ -3,6 +3,14 @@
 Lives apart from the package ``__init__`` so the interceptor, samplers and GC hook
 can import it without a cycle. Instrumentation must never break the instrumented
 code, so nothing here raises into the caller (except the caller's own exceptions).
+
+With the native implementation (:mod:`.implementation`), ``emit`` *is* the
+extension's ``_native.emit``: while the current backend is the plain ``grpc``
+one writing to a :class:`NativeTelemetryStream` (the one installed with
+``_native.set_default``, kept up to date by :func:`_refresh_fast`), it converts
+and queues the event in Rust; otherwise it calls the pure :func:`_python_emit`
+below, which goes through the backends as with the python implementation.
+Spans on that stream take :meth:`span._enter_native`.
 """
 
 from __future__ import annotations
@@ -17,8 +25,9 @@ from typing import Any, TypeVar, cast
 from .. import backends
 from ..correlation import _current as _correlation_var
 from ..correlation import get_correlation_id
+from ..native_stream import AnyTelemetryStream, NativeTelemetryStream
 from ..stream import TelemetryStream
-from . import defaults, errors, spans
+from . import defaults, errors, implementation, spans
 from .convert import ERROR_MESSAGE_LIMIT as ERROR_MESSAGE_LIMIT
 from .convert import NAME_CACHE, safe_str, suffixed
 from .convert import event_parts as convert_event_parts
@@ -31,22 +40,32 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 # The stream the current backend writes to when that backend is plain ``grpc``:
 # emit then queues directly, without going through the backend object.
 _fast_stream: TelemetryStream | None = None
+# Likewise for a native stream: its extension object, which spans write to directly.
+_native_stream: Any = None
 _time_ns = time.time_ns
 _current_correlation_id = _correlation_var.get  # get_correlation_id minus one call
+# The extension module when the native implementation runs, else None.
+_native = implementation.native()
 
 
 def _refresh_fast() -> None:
-    """Recompute ``_fast_stream``; called under the backends' selection lock.
+    """Recompute ``_fast_stream``/``_native_stream`` and the extension's default
+    stream; called under the backends' selection lock.
 
     Never creates the default stream: until one exists, emits take the full path
     (which creates it, and so comes back here).
     """
-    global _fast_stream
+    global _fast_stream, _native_stream
     backend = backends.current()
+    stream: AnyTelemetryStream | None = None
     if type(backend) is backends.GrpcBackend:
-        _fast_stream = backend.fixed_stream or defaults.current()
+        stream = backend.fixed_stream or defaults.current()
+    if isinstance(stream, NativeTelemetryStream):
+        _fast_stream, _native_stream = None, stream._native
     else:
-        _fast_stream = None
+        _fast_stream, _native_stream = stream, None
+    if _native is not None:
+        _native.set_default(_native_stream)
 
 
 backends.on_change(_refresh_fast)
@@ -56,13 +75,14 @@ defaults.on_replace(backends.notify_change)
 get_stream = defaults.get_stream
 
 
-def set_stream(stream: TelemetryStream) -> None:
+def set_stream(stream: AnyTelemetryStream) -> None:
     """Replace the default stream that the ``grpc`` backend writes to.
 
-    Choosing a stream is choosing the gRPC path, so unless a backend was picked
-    explicitly the default backend becomes ``grpc``.
+    ``stream`` is a :class:`TelemetryStream` or a :class:`NativeTelemetryStream`
+    (see :func:`new_stream`). Choosing a stream is choosing the gRPC path, so
+    unless a backend was picked explicitly the default backend becomes ``grpc``.
     """
-    if not isinstance(stream, TelemetryStream):
+    if not isinstance(stream, TelemetryStream | NativeTelemetryStream):
         raise TypeError(f"expected a TelemetryStream, got {type(stream).__name__}")
     defaults.replace(stream)
     backends.mark_served()
@@ -73,7 +93,7 @@ def stats() -> dict[str, int | bool]:
     return get_stream().stats()
 
 
-def emit(
+def _python_emit(
     event: str | Sequence[str],
     measurements: Mapping[str, Any] | None,
     metadata: Mapping[Any, Any] | None = None,
@@ -82,7 +102,10 @@ def emit(
     """Send one event to the current backend. Never raises; problems are counted.
 
     Without an explicit ``correlation_id`` the context's current one is used
-    (see :mod:`snakepit_telemetry.telemetry.correlation`).
+    (see :mod:`snakepit_telemetry.telemetry.correlation`). With the native
+    implementation the event is converted during the call (the caller's
+    mappings are not kept); with the python one the ``grpc`` backend queues
+    them as they are and reads them later, on the stream thread.
     """
     try:
         # The grpc backend's common case, inlined from TelemetryStream.emit_event
@@ -106,6 +129,11 @@ def emit(
         # must still not see it, and the failure is counted.
         errors.count()
 
+
+emit: Callable[..., None] = _python_emit
+if _native is not None:
+    _native.configure(_correlation_var, _python_emit)
+    emit = _native.emit
 
 _suffixed = suffixed
 
@@ -156,6 +184,13 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
 
     def __enter__(self) -> span:
         try:
+            native = _native_stream
+            if native is not None:
+                names = _native_span_names(self._name)
+                if names is not None:
+                    self._enter_native(native, names)
+                    self._started = time.monotonic_ns()
+                    return self
             stream = _fast_stream
             if stream is not None and stream._fast_cap:
                 names = _span_names(self._name)
@@ -233,6 +268,48 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
         )
         _queue_fast(stream, event)
 
+    def _enter_native(self, native: Any, names: tuple[str, str, str]) -> None:
+        """A native default stream: sample once for the whole span, then emit
+        ``<name>.start`` straight to the extension (converted there, at once)."""
+        if self._correlation_id is None:
+            self._correlation_id = _current_correlation_id()
+        self._backend = _NATIVE_SPAN
+        sampled = native.sample(names[0])
+        self._token = (native, names, sampled)
+        self._span_id = span_id = spans.new_span_id()
+        native.emit_event(
+            names[0],
+            {"system_time": _time_ns()},
+            self._metadata,
+            self._correlation_id,
+            sampled,
+            span_id,
+        )
+
+    def _end_native(
+        self, duration: int, error: BaseException | None, extra: Mapping[str, Any] | None
+    ) -> None:
+        native, names, sampled = self._token
+        meta = self._metadata
+        stack: tuple[spans.Frame, ...] = ()
+        if error is not None:
+            name = names[2]
+            extra = backends.error_fields(error)
+            stack = spans.frames(error)
+        else:
+            name = names[1]
+        if extra:
+            meta = {**meta, **extra}
+        native.emit_event(
+            name,
+            {"duration": duration},
+            meta,
+            self._correlation_id,
+            sampled,
+            self._span_id,
+            stack,
+        )
+
     def _end(
         self, error: BaseException | None, extra: Mapping[str, Any] | None, ended: int | None
     ) -> None:
@@ -241,7 +318,9 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
         if backend is None:
             return  # enter failed before it could start anything
         try:
-            if backend is _FAST_SPAN:
+            if backend is _NATIVE_SPAN:
+                self._end_native(duration, error, extra)
+            elif backend is _FAST_SPAN:
                 self._end_fast(duration, error, extra)
             else:
                 backend.handle_span_end(self._token, duration, error, extra)
@@ -280,7 +359,11 @@ _span_name_cache: dict[object, _SpanNames | None] = {}
 _SPAN_NAME_CACHE_LIMIT = 4096
 # Marks a span started by span._enter_fast (in place of a backend).
 _FAST_SPAN: Any = object()
+# Marks a span started by span._enter_native.
+_NATIVE_SPAN: Any = object()
 _MISSING: Any = object()
+# A span name's (start, stop, exception) dotted event names, for the native path.
+_native_span_name_cache: dict[object, tuple[str, str, str] | None] = {}
 
 
 def _span_names(name: object) -> _SpanNames | None:
@@ -295,6 +378,21 @@ def _span_names(name: object) -> _SpanNames | None:
     if len(_span_name_cache) >= _SPAN_NAME_CACHE_LIMIT:
         _span_name_cache.clear()
     _span_name_cache[name] = names
+    return names
+
+
+def _native_span_names(name: object) -> tuple[str, str, str] | None:
+    """Dotted names of a dotted span name's three events (cached); ``None`` if not valid."""
+    if type(name) is not str:
+        return None
+    names = _native_span_name_cache.get(name, _MISSING)
+    if names is not _MISSING:
+        return names
+    parts = NAME_CACHE.get(name) or convert_event_parts(name)
+    names = None if parts is None else (f"{name}.start", f"{name}.stop", f"{name}.exception")
+    if len(_native_span_name_cache) >= _SPAN_NAME_CACHE_LIMIT:
+        _native_span_name_cache.clear()
+    _native_span_name_cache[name] = names
     return names
 
 

@@ -1,4 +1,5 @@
-"""The process-wide default :class:`TelemetryStream`.
+"""The process-wide default stream: a :class:`NativeTelemetryStream` with the
+native implementation (see :mod:`.implementation`), else a :class:`TelemetryStream`.
 
 A leaf under both the core API (:mod:`.core`: ``emit``, ``span``,
 ``set_stream``) and the backends: the ``grpc`` and ``statsd`` backends read the
@@ -11,31 +12,41 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
+from ..native_stream import AnyTelemetryStream, NativeTelemetryStream
 from ..stream import TelemetryStream
+from . import implementation
 
-_stream: TelemetryStream | None = None
+_stream: AnyTelemetryStream | None = None
 _lock = threading.RLock()
 _listeners: list[Callable[[], None]] = []
 
 
-def current() -> TelemetryStream | None:
+def new_stream(queue_size: int | None = None, **kwargs: Any) -> AnyTelemetryStream:
+    """A new stream of the implementation in use (arguments as for :class:`TelemetryStream`)."""
+    if implementation.native() is not None:
+        return NativeTelemetryStream(queue_size, **kwargs)
+    return TelemetryStream(queue_size, **kwargs)
+
+
+def current() -> AnyTelemetryStream | None:
     """The default stream without creating one (``None`` until first needed)."""
     return _stream
 
 
-def get_stream() -> TelemetryStream:
+def get_stream() -> AnyTelemetryStream:
     """Return the default stream, creating it on first use."""
     stream = _stream
     if stream is None:
         with _lock:
             stream = _stream
             if stream is None:
-                stream = replace(TelemetryStream())
+                stream = replace(new_stream())
     return stream
 
 
-def replace(stream: TelemetryStream) -> TelemetryStream:
+def replace(stream: AnyTelemetryStream) -> AnyTelemetryStream:
     """Make ``stream`` the default and run the :func:`on_replace` listeners (under the lock)."""
     global _stream
     with _lock:

@@ -1,4 +1,5 @@
-"""The ``grpc`` backend: the :class:`TelemetryStream` path, unchanged.
+"""The ``grpc`` backend: the stream path (:class:`TelemetryStream` or
+:class:`NativeTelemetryStream`), unchanged.
 
 It bypasses the generic convert step on purpose: the stream validates, samples,
 filters and counts itself, and spans keep its whole-span sampling decision.
@@ -13,14 +14,14 @@ from typing import Any, NamedTuple
 from .._internal import spans
 from .._internal.convert import suffixed
 from .._internal.defaults import get_stream
-from ..stream import TelemetryStream
+from ..native_stream import AnyTelemetryStream
 from .base import Backend, error_fields
 
 __all__ = ["GrpcBackend"]
 
 
 class _GrpcSpan(NamedTuple):
-    stream: TelemetryStream
+    stream: AnyTelemetryStream
     name: object
     metadata: Any
     correlation_id: object
@@ -33,20 +34,20 @@ class GrpcBackend(Backend):
 
     name = "grpc"
 
-    def __init__(self, stream: TelemetryStream | None = None) -> None:
+    def __init__(self, stream: AnyTelemetryStream | None = None) -> None:
         super().__init__()
         self._fixed = stream
-        self._get_default: Callable[[], TelemetryStream] | None = None
+        self._get_default: Callable[[], AnyTelemetryStream] | None = None
         if stream is None:
             self._get_default = get_stream
 
     @property
-    def fixed_stream(self) -> TelemetryStream | None:
+    def fixed_stream(self) -> AnyTelemetryStream | None:
         """The stream given at construction; ``None`` means the process default."""
         return self._fixed
 
     @property
-    def stream(self) -> TelemetryStream:
+    def stream(self) -> AnyTelemetryStream:
         """The stream events go to right now."""
         if self._fixed is not None:
             return self._fixed
