@@ -85,6 +85,26 @@ defmodule Bench do
     PythonWorker.stop(worker)
   end
 
+  @doc """
+  PythonWorker options for an implementation: `:python` serves the telemetry
+  calls through the worker's grpcio server; `:native` (and `:auto` when the
+  extension is built) from the extension's Rust server (`--telemetry-listen`).
+  """
+  def impl_opts(:python), do: [implementation: :python]
+  def impl_opts(:native), do: [implementation: :native, telemetry_listen: "127.0.0.1:0"]
+
+  @doc "The implementation a worker runs, as its stream reports it (else the worker says)."
+  def impl(id, worker) do
+    case stream(id) do
+      %{python_implementation: which} when which in [:native, :python] ->
+        Atom.to_string(which)
+
+      _ ->
+        {:ok, %{"implementation" => which}} = PythonWorker.info(worker)
+        which
+    end
+  end
+
   def stream(id), do: Enum.find(GrpcStream.list_streams(), &(&1.worker_id == id))
 
   @doc """
@@ -185,7 +205,56 @@ defmodule Bench do
     %{off: off, on: on, overhead: overhead, per_call_us: per_call_us}
   end
 
-  defp median(values) do
+  @doc """
+  A/B of busy ~1 ms calls on several workers (`[{id, worker}]`), interleaved:
+  each round runs, on each worker in turn, the calls without telemetry and
+  the same calls each in a span (100% sampling, default settings), in
+  alternating order (off-on, then on-off). A handler counts the
+  `python.call.stop` events; a round goes on once every event of a traced
+  run was handled. Per worker: the overhead of each round (on / off - 1 of
+  the process CPU), its median, min and max, and the events handled.
+  """
+  def busy_ab(workers, calls, rounds) do
+    counter = :counters.new(1, [:write_concurrency])
+    handler = "bench-busy-ab"
+    :ok = :telemetry.attach(handler, @python_call_stop, &__MODULE__.count/4, counter)
+
+    run = fn worker, traced ->
+      command = %{cmd: "spanwork", calls: calls, telemetry: traced, mode: "spin"}
+      before = :counters.get(counter, 1)
+      cpu = command!(worker, command)["cpu_s"]
+      if traced, do: :ok = wait(fn -> :counters.get(counter, 1) >= before + calls end)
+      cpu
+    end
+
+    pairs =
+      for round <- 1..rounds, {id, worker} <- workers do
+        order = if rem(round, 2) == 1, do: [false, true], else: [true, false]
+        cpu = Map.new(order, fn traced -> {traced, run.(worker, traced)} end)
+        {id, cpu[true] / cpu[false] - 1, cpu}
+      end
+
+    :telemetry.detach(handler)
+
+    Map.new(workers, fn {id, _} ->
+      mine = for {^id, overhead, cpu} <- pairs, do: {overhead, cpu}
+      overheads = Enum.map(mine, &elem(&1, 0))
+
+      {id,
+       %{
+         overhead: median(overheads),
+         min: Enum.min(overheads),
+         max: Enum.max(overheads),
+         on: median(for {_, cpu} <- mine, do: cpu[true]),
+         off: median(for {_, cpu} <- mine, do: cpu[false]),
+         rounds: length(overheads),
+         handled: :counters.get(counter, 1)
+       }}
+    end)
+  end
+
+  @doc "The median (the upper one of an even count)."
+  def median(values) do
     sorted = Enum.sort(values)
     Enum.at(sorted, div(length(sorted), 2))
   end
@@ -215,9 +284,9 @@ defmodule Bench do
     %{delivery_ns: delivery_ns, direct_ns: direct_ns}
   end
 
-  def python_json!(args) do
+  def python_json!(args, extra_env \\ []) do
     python = PythonWorker.default_python()
-    env = [{"PYTHONPATH", Path.expand("../priv/python", __DIR__)}]
+    env = [{"PYTHONPATH", Path.expand("../priv/python", __DIR__)} | extra_env]
     {out, 0} = System.cmd(python, args, env: env, cd: Path.expand("..", __DIR__))
     out |> String.split("\n", trim: true) |> List.last() |> json!()
   end
@@ -256,28 +325,81 @@ n_batched = scale.(300_000, 20_000)
 n_single = scale.(40_000, 5_000)
 n_each = scale.(50_000, 5_000)
 latency_count = scale.(5_000, 500)
+hot_rounds = scale.(200, 20)
+span_calls = scale.(2_000, 200)
+span_rounds = scale.(9, 2)
+flood_runs = 3
 
-IO.puts(:stderr, "bench: Python hot path")
-hot = Bench.python_json!(["bench/python_hot_path.py"])
+IO.puts(:stderr, "bench: Python hot path, per implementation")
+
+hot_for = fn which ->
+  Bench.python_json!(
+    ["bench/python_hot_path.py", "--rounds", Integer.to_string(hot_rounds)],
+    [{"SNAKEPIT_TELEMETRY_IMPLEMENTATION", which}]
+  )
+end
+
+hot_py = hot_for.("python")
+hot_nat = hot_for.("native")
+
+# Without the extension a "native" run is python (the package falls back):
+# the native rows then say so and no native worker is started.
+native? = hot_nat["implementation"] == "native"
+impls = if native?, do: [:python, :native], else: [:python]
+# What a worker runs by default (SNAKEPIT_TELEMETRY_IMPLEMENTATION=auto):
+# native, served by its Rust server, when the extension is built.
+default_impl = List.last(impls)
+default_opts = Bench.impl_opts(default_impl)
+grpcio_opts = [implementation: default_impl]
 
 IO.puts(:stderr, "bench: native decode (cargo example)")
 rust = Bench.rust_json!()
 
-IO.puts(:stderr, "bench: single-worker throughput, batches")
+IO.puts(:stderr, "bench: single-worker throughput, batches, #{Enum.join(impls, " / ")}")
 queue = fn n -> ["--queue-size", Integer.to_string(n * 2)] end
-w = Bench.start_worker!("batched", queue.(n_batched))
-protocol_batched = Bench.stream("batched").protocol
-# Three runs on one worker; the median by rate (this machine is noisy).
-batched =
-  for(_ <- 1..3, do: Bench.flood([{"batched", w}], n_batched))
-  |> Enum.sort_by(& &1.rate)
-  |> Enum.at(1)
 
-native_stats = Bench.stream("batched").stats
-Bench.stop_worker("batched", w)
+flood_workers =
+  for which <- impls do
+    id = "batched-#{which}"
+    {which, id, Bench.start_worker!(id, queue.(n_batched), [], Bench.impl_opts(which))}
+  end
+
+# Alternating runs on the workers; per implementation the median of the runs
+# (this machine is noisy), with their spread.
+flood_runs_by_impl =
+  for(
+    _ <- 1..flood_runs,
+    {which, id, w} <- flood_workers,
+    do: {which, Bench.flood([{id, w}], n_batched)}
+  )
+  |> Enum.group_by(&elem(&1, 0), &elem(&1, 1))
+
+spread = fn values -> {Bench.median(values), Enum.min(values), Enum.max(values)} end
+
+flood =
+  Map.new(flood_workers, fn {which, id, w} ->
+    runs = flood_runs_by_impl[which]
+    stream = Bench.stream(id)
+
+    {which,
+     %{
+       impl: Bench.impl(id, w),
+       protocol: stream.protocol,
+       stats: stream.stats,
+       rate: spread.(Enum.map(runs, & &1.rate)),
+       cpu: spread.(Enum.map(runs, & &1.cpu_us_per_event)),
+       drops: Enum.max(Enum.map(runs, & &1.drops)),
+       utilisation: Bench.median(Enum.map(runs, & &1.scheduler_utilisation))
+     }}
+  end)
+
+Enum.each(flood_workers, fn {_, id, w} -> Bench.stop_worker(id, w) end)
+batched = flood[default_impl]
+native_stats = batched.stats
 
 IO.puts(:stderr, "bench: single-worker throughput, one message per event")
-w = Bench.start_worker!("single", queue.(n_single) ++ ["--wire", "single"])
+w = Bench.start_worker!("single", queue.(n_single) ++ ["--wire", "single"], [], grpcio_opts)
+single_impl = Bench.impl("single", w)
 protocol_single = Bench.stream("single").protocol
 single = Bench.flood([{"single", w}], n_single)
 Bench.stop_worker("single", w)
@@ -292,26 +414,38 @@ latency = fn id, args, worker_opts ->
   result
 end
 
-lat_b = latency.("lat-default", [], [])
-lat_0 = latency.("lat-0", [], flush.(0))
-lat_s = latency.("lat-single", ["--wire", "single"], [])
+lat_b = latency.("lat-default", [], default_opts)
+lat_0 = latency.("lat-0", [], default_opts ++ flush.(0))
+lat_s = latency.("lat-single", ["--wire", "single"], grpcio_opts)
 
-IO.puts(:stderr, "bench: CPU overhead on ~1 ms calls in spans")
-span_calls = scale.(2_000, 200)
-span_rounds = scale.(5, 1)
+IO.puts(:stderr, "bench: CPU on paced ~1 ms calls in spans")
 
 overhead = fn id, worker_opts, mode ->
   w = Bench.start_worker!(id, [], [], worker_opts)
-  result = Bench.span_overhead(w, span_calls, span_rounds, mode)
+  result = Bench.span_overhead(w, span_calls, min(span_rounds, 5), mode)
   Bench.stop_worker(id, w)
   result
 end
 
-paced = overhead.("spans-paced", [], "sleep")
-paced_0 = overhead.("spans-paced-0", flush.(0), "sleep")
-paced_50 = overhead.("spans-paced-50", flush.(50), "sleep")
-busy = overhead.("spans-busy", [], "spin")
-w = Bench.start_worker!("spans", [])
+paced = overhead.("spans-paced", default_opts, "sleep")
+paced_0 = overhead.("spans-paced-0", default_opts ++ flush.(0), "sleep")
+paced_50 = overhead.("spans-paced-50", default_opts ++ flush.(50), "sleep")
+
+IO.puts(:stderr, "bench: busy ~1 ms calls in spans, A/B, #{span_rounds} rounds")
+
+busy_workers =
+  for which <- impls do
+    id = "busy-#{which}"
+    {id, Bench.start_worker!(id, [], [], Bench.impl_opts(which))}
+  end
+
+busy_impl = Map.new(busy_workers, fn {id, w} -> {id, Bench.impl(id, w)} end)
+busy = Bench.busy_ab(busy_workers, span_calls, span_rounds)
+busy_handled = busy |> Map.values() |> hd() |> Map.fetch!(:handled)
+busy_expected = span_rounds * span_calls * length(busy_workers)
+Enum.each(busy_workers, fn {id, w} -> Bench.stop_worker(id, w) end)
+
+w = Bench.start_worker!("spans", [], [], default_opts)
 
 IO.puts(:stderr, "bench: BEAM cost per event")
 stream_id = :sys.get_state(GrpcStream).workers["spans"].stream_id
@@ -323,7 +457,7 @@ IO.puts(:stderr, "bench: 8 workers")
 workers =
   for i <- 1..8 do
     id = "w#{i}"
-    {id, Bench.start_worker!(id, queue.(n_each))}
+    {id, Bench.start_worker!(id, queue.(n_each), [], default_opts)}
   end
 
 eight = Bench.flood(workers, n_each)
@@ -335,14 +469,14 @@ schedulers = :erlang.system_info(:schedulers_online)
 busy_us = 20
 n_par = scale.(40_000, 4_000)
 IO.puts(:stderr, "bench: #{schedulers} workers into one #{busy_us} us handler")
-w = Bench.start_worker!("par-1", queue.(n_par))
+w = Bench.start_worker!("par-1", queue.(n_par), [], default_opts)
 par_one = Bench.flood([{"par-1", w}], n_par, busy_us)
 Bench.stop_worker("par-1", w)
 
 par_workers =
   for i <- 1..schedulers do
     id = "par-#{i}-of-#{schedulers}"
-    {id, Bench.start_worker!(id, queue.(n_par))}
+    {id, Bench.start_worker!(id, queue.(n_par), [], default_opts)}
   end
 
 par_many = Bench.flood(par_workers, n_par, busy_us)
@@ -361,61 +495,134 @@ lat = fn %{p50: p50, p99: p99, max: max} ->
 end
 
 yes = fn ok -> if ok, do: "yes", else: "**no**" end
+med = fn {median, _min, _max} -> median end
+range = fn {_median, min, max} -> "#{Bench.fmt(min)}-#{Bench.fmt(max)}" end
 
-rows = [
-  {"1", "Python `emit()` (ns/op)", Bench.fmt(hot["emit_ns"]), "prometheus_client `Counter.inc()`",
-   Bench.fmt(hot["counter_inc_ns"]), Bench.ratio(hot["emit_ns"], hot["counter_inc_ns"]),
-   "<= 0.5x", yes.(hot["emit_ns"] <= 0.5 * hot["counter_inc_ns"])},
-  {"1", "Python empty `span()` (ns/op)", Bench.fmt(hot["span_ns"]), "OpenTelemetry SDK span",
-   Bench.fmt(hot["otel_span_ns"]), Bench.ratio(hot["span_ns"], hot["otel_span_ns"]), "-", "-"},
-  {"2", "Python CPU per delivered event (us), batches", Bench.fmt(batched.cpu_us_per_event),
-   "one message per event", Bench.fmt(single.cpu_us_per_event),
-   Bench.ratio(batched.cpu_us_per_event, single.cpu_us_per_event), "<= 1.5 us",
-   yes.(batched.cpu_us_per_event <= 1.5)},
-  {"3", "1 worker -> 1 handler (events/s), #{protocol_batched}", Bench.fmt(batched.rate),
-   "one message per event (#{protocol_single})", Bench.fmt(single.rate),
-   Bench.ratio(batched.rate, single.rate), ">= 5x and >= 150k",
-   yes.(batched.rate >= 5 * single.rate and batched.rate >= 150_000)},
-  {"3", "drops in that run", "#{batched.drops} of #{n_batched}", "one message per event",
-   "#{single.drops} of #{n_single}", "-", "< 0.1%", yes.(batched.drops < 0.001 * n_batched)},
-  {"4", "latency p50 / p99 / max at 1000 ev/s (ms), batches", lat.(lat_b),
-   "one message per event", lat.(lat_s), Bench.ratio(lat_b.p99, lat_s.p99), "p99 <= 2 ms",
-   yes.(lat_b.p99 <= 2_000_000)},
-  {"4", "the same, flush interval 0 (send at once)", lat.(lat_0), "default flush interval",
-   lat.(lat_b), Bench.ratio(lat_0.p99, lat_b.p99), "p99 <= 2 ms", yes.(lat_0.p99 <= 2_000_000)},
-  {"5", "telemetry CPU per ~1 ms call in a span (us), default flush",
-   Bench.fmt(paced.per_call_us), "1 ms of work", "1000", pct.(paced.overhead), "<= 0.3%",
-   yes.(paced.overhead <= 0.003)},
-  {"5", "the same, flush interval 0", Bench.fmt(paced_0.per_call_us), "1 ms of work", "1000",
-   pct.(paced_0.overhead), "<= 0.3%", yes.(paced_0.overhead <= 0.003)},
-  {"5", "the same, flush interval 50 ms", Bench.fmt(paced_50.per_call_us), "1 ms of work", "1000",
-   pct.(paced_50.overhead), "<= 0.3%", yes.(paced_50.overhead <= 0.003)},
-  {"5", "busy ~1 ms calls in spans, CPU (s), A/B", Bench.fmt(busy.on), "telemetry off",
-   Bench.fmt(busy.off), pct.(busy.overhead), "(within noise)", "-"},
-  {"6", "native decode per event (ns)", Bench.fmt(rust["decode_ns"]), "prost parse alone",
-   Bench.fmt(rust["prost_parse_ns"]), Bench.ratio(rust["decode_ns"], rust["prost_parse_ns"]), "-",
-   "-"},
-  {"6", "NIF term building + send per event (ns)",
-   if(deliver_ns, do: Bench.fmt(deliver_ns), else: "n/a"), "-", "-", "-", "-", "-"},
-  {"6", "delivery process + `:telemetry.execute` per event (ns)", Bench.fmt(beam.delivery_ns),
-   "`:telemetry.execute` alone", Bench.fmt(beam.direct_ns),
-   Bench.ratio(beam.delivery_ns, beam.direct_ns), "-", "-"},
-  {"7", "8 workers at once (events/s)", Bench.fmt(eight.rate), "1 worker (row 3)",
-   Bench.fmt(batched.rate), Bench.ratio(eight.rate, batched.rate), "-", "-"},
-  {"7", "BEAM scheduler utilisation, 8 workers", pct.(eight.scheduler_utilisation),
-   "1 worker (row 3)", pct.(batched.scheduler_utilisation), "-", "-", "-"},
-  {"7", "drops, 8 workers", "#{eight.drops} of #{8 * n_each}", "-", "-", "-", "-", "-"},
-  {"8",
-   "#{schedulers} workers -> one #{busy_us} us handler, #{schedulers} schedulers (+S #{schedulers}) (events/s)",
-   Bench.fmt(par_many.rate), "1 worker, same handler", Bench.fmt(par_one.rate),
-   Bench.ratio(par_many.rate, par_one.rate), if(schedulers > 1, do: ">= 1.5x", else: "-"),
-   if(schedulers > 1, do: yes.(par_many.rate >= 1.5 * par_one.rate), else: "-")},
-  {"8", "BEAM scheduler utilisation, #{schedulers} workers", pct.(par_many.scheduler_utilisation),
-   "1 worker", pct.(par_one.scheduler_utilisation),
-   Bench.ratio(par_many.scheduler_utilisation, par_one.scheduler_utilisation), "-", "-"},
-  {"8", "drops, #{schedulers} workers", "#{par_many.drops} of #{schedulers * n_par}", "1 worker",
-   "#{par_one.drops} of #{n_par}", "-", "0", yes.(par_many.drops == 0 and par_one.drops == 0)}
-]
+# How a row names the implementation: "native", or "python" (and why, when
+# native was asked for but is not built).
+served = fn
+  "native" -> "native (Rust server)"
+  "python" -> "python (grpcio)"
+  other -> other
+end
+
+nat_label = if native?, do: "native", else: "native: not built, python ran"
+default_label = served.(batched.impl)
+
+hot_rows =
+  for {hot, label, target?} <- [{hot_py, "python", false}, {hot_nat, nat_label, true}] do
+    [
+      {"1", "`emit()` (ns/op), #{label}", Bench.fmt(hot["emit_ns"]),
+       "prometheus_client `Counter.inc()`", Bench.fmt(hot["counter_inc_ns"]),
+       Bench.ratio(hot["emit_ns"], hot["counter_inc_ns"]), if(target?, do: "<= 0.5x", else: "-"),
+       if(target? and native?,
+         do: yes.(hot["emit_ns"] <= 0.5 * hot["counter_inc_ns"]),
+         else: "-"
+       )},
+      {"1", "empty `span()` (ns/op), #{label}", Bench.fmt(hot["span_ns"]),
+       "OpenTelemetry SDK span", Bench.fmt(hot["otel_span_ns"]),
+       Bench.ratio(hot["span_ns"], hot["otel_span_ns"]), "-", "-"}
+    ]
+  end
+  |> List.flatten()
+
+py = flood[:python]
+nat = flood[:native]
+
+native_rows =
+  if nat do
+    [
+      {"2", "Python CPU per delivered event (us), #{served.(nat.impl)}, batches",
+       Bench.fmt(med.(nat.cpu)), "#{served.(py.impl)}", Bench.fmt(med.(py.cpu)),
+       Bench.ratio(med.(nat.cpu), med.(py.cpu)), "<= 0.5 us", yes.(med.(nat.cpu) <= 0.5)},
+      {"3", "1 worker -> 1 handler (events/s), #{served.(nat.impl)}, #{nat.protocol}",
+       Bench.fmt(med.(nat.rate)), "#{served.(py.impl)}, #{py.protocol}", Bench.fmt(med.(py.rate)),
+       Bench.ratio(med.(nat.rate), med.(py.rate)), ">= 1x",
+       yes.(med.(nat.rate) >= med.(py.rate))},
+      {"3", "drops in those runs (most of one run)", "#{nat.drops} of #{n_batched}",
+       "#{served.(py.impl)}", "#{py.drops} of #{n_batched}", "-", "< 0.1%",
+       yes.(nat.drops < 0.001 * n_batched and py.drops < 0.001 * n_batched)}
+    ]
+  else
+    [
+      {"2", "Python CPU per delivered event (us), native", "not built", "-", "-", "-",
+       "<= 0.5 us", "-"},
+      {"3", "1 worker -> 1 handler (events/s), python (grpcio), #{py.protocol}",
+       Bench.fmt(med.(py.rate)), "native", "not built", "-", "-", "-"}
+    ]
+  end
+
+busy_rows =
+  for {id, _w} <- busy_workers do
+    b = busy[id]
+    which = busy_impl[id]
+    target? = which == "native"
+
+    {"5",
+     "busy ~1 ms calls in spans, process CPU overhead, #{served.(which)}: median (min..max) of #{b.rounds}",
+     "#{pct.(b.overhead)} (#{pct.(b.min)}..#{pct.(b.max)})", "same calls, no telemetry (CPU s)",
+     Bench.fmt(b.off), Bench.ratio(b.on, b.off), if(target?, do: "<= 0.3%", else: "-"),
+     if(target?, do: yes.(b.overhead <= 0.003), else: "-")}
+  end
+
+rows =
+  hot_rows ++
+    native_rows ++
+    [
+      {"2", "Python CPU per delivered event (us), #{default_label}, batches",
+       Bench.fmt(med.(batched.cpu)), "one message per event (#{served.(single_impl)})",
+       Bench.fmt(single.cpu_us_per_event),
+       Bench.ratio(med.(batched.cpu), single.cpu_us_per_event), "<= 1.5 us",
+       yes.(med.(batched.cpu) <= 1.5)},
+      {"3", "1 worker -> 1 handler (events/s), #{default_label}, #{batched.protocol}",
+       Bench.fmt(med.(batched.rate)),
+       "one message per event (#{served.(single_impl)}, #{protocol_single})",
+       Bench.fmt(single.rate), Bench.ratio(med.(batched.rate), single.rate), ">= 5x and >= 150k",
+       yes.(med.(batched.rate) >= 5 * single.rate and med.(batched.rate) >= 150_000)},
+      {"3", "drops in that run", "#{batched.drops} of #{n_batched}", "one message per event",
+       "#{single.drops} of #{n_single}", "-", "< 0.1%", yes.(batched.drops < 0.001 * n_batched)},
+      {"4", "latency p50 / p99 / max at 1000 ev/s (ms), #{default_label}, batches", lat.(lat_b),
+       "one message per event (#{served.(single_impl)})", lat.(lat_s),
+       Bench.ratio(lat_b.p99, lat_s.p99), "p99 <= 2 ms", yes.(lat_b.p99 <= 2_000_000)},
+      {"4", "the same, flush interval 0 (send at once)", lat.(lat_0), "default flush interval",
+       lat.(lat_b), Bench.ratio(lat_0.p99, lat_b.p99), "p99 <= 2 ms",
+       yes.(lat_0.p99 <= 2_000_000)},
+      {"5", "telemetry CPU per paced ~1 ms call in a span (us), #{default_label}",
+       Bench.fmt(paced.per_call_us), "1 ms of work", "1000", pct.(paced.overhead), "<= 0.3%",
+       yes.(paced.overhead <= 0.003)},
+      {"5", "the same, flush interval 0", Bench.fmt(paced_0.per_call_us), "1 ms of work", "1000",
+       pct.(paced_0.overhead), "<= 0.3%", yes.(paced_0.overhead <= 0.003)},
+      {"5", "the same, flush interval 50 ms", Bench.fmt(paced_50.per_call_us), "1 ms of work",
+       "1000", pct.(paced_50.overhead), "<= 0.3%", yes.(paced_50.overhead <= 0.003)}
+    ] ++
+    busy_rows ++
+    [
+      {"6", "native decode per event (ns)", Bench.fmt(rust["decode_ns"]), "prost parse alone",
+       Bench.fmt(rust["prost_parse_ns"]), Bench.ratio(rust["decode_ns"], rust["prost_parse_ns"]),
+       "-", "-"},
+      {"6", "NIF term building + send per event (ns)",
+       if(deliver_ns, do: Bench.fmt(deliver_ns), else: "n/a"), "-", "-", "-", "-", "-"},
+      {"6", "delivery process + `:telemetry.execute` per event (ns)", Bench.fmt(beam.delivery_ns),
+       "`:telemetry.execute` alone", Bench.fmt(beam.direct_ns),
+       Bench.ratio(beam.delivery_ns, beam.direct_ns), "-", "-"},
+      {"7", "8 workers at once (events/s), #{default_label}", Bench.fmt(eight.rate),
+       "1 worker (row 3)", Bench.fmt(med.(batched.rate)),
+       Bench.ratio(eight.rate, med.(batched.rate)), "-", "-"},
+      {"7", "BEAM scheduler utilisation, 8 workers", pct.(eight.scheduler_utilisation),
+       "1 worker (row 3)", pct.(batched.utilisation), "-", "-", "-"},
+      {"7", "drops, 8 workers", "#{eight.drops} of #{8 * n_each}", "-", "-", "-", "-", "-"},
+      {"8",
+       "#{schedulers} workers -> one #{busy_us} us handler, #{schedulers} schedulers (+S #{schedulers}) (events/s)",
+       Bench.fmt(par_many.rate), "1 worker, same handler", Bench.fmt(par_one.rate),
+       Bench.ratio(par_many.rate, par_one.rate), if(schedulers > 1, do: ">= 1.5x", else: "-"),
+       if(schedulers > 1, do: yes.(par_many.rate >= 1.5 * par_one.rate), else: "-")},
+      {"8", "BEAM scheduler utilisation, #{schedulers} workers",
+       pct.(par_many.scheduler_utilisation), "1 worker", pct.(par_one.scheduler_utilisation),
+       Bench.ratio(par_many.scheduler_utilisation, par_one.scheduler_utilisation), "-", "-"},
+      {"8", "drops, #{schedulers} workers", "#{par_many.drops} of #{schedulers * n_par}",
+       "1 worker", "#{par_one.drops} of #{n_par}", "-", "0",
+       yes.(par_many.drops == 0 and par_one.drops == 0)}
+    ]
 
 cpu =
   case File.read("/proc/cpuinfo") do
@@ -433,6 +640,7 @@ IO.puts("""
 
 snakepit_telemetry benchmarks#{if quick?, do: " (--quick: smoke run, not figures)", else: ""}
 #{:erlang.system_info(:logical_processors)} logical CPUs (#{cpu}), OTP #{System.otp_release()}, Elixir #{System.version()}; #{n_batched} / #{n_single} events (batches / one per message), 8 x #{n_each}
+Python implementations: #{Enum.join(impls, ", ")}#{if native?, do: "", else: " (the native extension is not built)"}; rows 4-8 without a named implementation run the default: #{default_label}
 """)
 
 IO.puts("| # | measurement | value | baseline | baseline value | ratio | target | met |")
@@ -444,15 +652,31 @@ for {row, what, value, base, base_value, ratio, target, met} <- rows do
   )
 end
 
+flood_spread =
+  Enum.map_join(impls, "; ", fn which ->
+    f = flood[which]
+    "#{which}: #{range.(f.rate)} events/s, #{range.(f.cpu)} us/event"
+  end)
+
 IO.puts("""
 
-Python CPU per event covers emit, encoding and sending (process CPU over
-delivered events); rows 2 and 3 are the median of three runs. Native: #{native_stats[:wire_messages]} wire messages
-for #{native_stats[:delivered]} events over those runs.
-Latency: #{latency_count} samples per path. Row 5: medians of #{span_rounds} alternating rounds of
-#{span_calls} calls with and without spans; "per call" rows pace the calls with sleeps (1 ms apart),
-so the process CPU is the telemetry's own, and set it against 1 ms of work. The busy A/B row spins
-instead; machine noise there is a few percent.
+Row 1: each implementation in its own Python process (SNAKEPIT_TELEMETRY_IMPLEMENTATION), which
+also measures prometheus_client and the OTel SDK span as its baseline; best of #{hot_rounds} interleaved
+rounds of #{hot_py["per_round"]} calls (medians: emit #{Bench.fmt(hot_py["emit_median_ns"])} / #{Bench.fmt(hot_nat["emit_median_ns"])} ns,
+Counter.inc #{Bench.fmt(hot_py["counter_inc_median_ns"])} / #{Bench.fmt(hot_nat["counter_inc_median_ns"])} ns, python / #{nat_label}); `telemetry.emit` is a
+#{hot_py["emit_type"]} / #{hot_nat["emit_type"]}. Events not queued in those runs: #{hot_py["events_lost"]} / #{hot_nat["events_lost"]}.
+Python CPU per event covers emit, encoding and sending (process CPU, all threads, over delivered
+events). Rows 2 and 3: median of #{flood_runs} runs per implementation, alternating between the workers;
+spread (min-max): #{flood_spread}. Elixir side: #{native_stats[:wire_messages]} wire messages for
+#{native_stats[:delivered]} events over the #{default_impl} runs. A native worker serves the telemetry calls from
+the extension's Rust server (telemetry.serve, registered with that address); a python one from grpcio.
+Latency: #{latency_count} samples per path. Row 5: "per call" rows pace #{span_calls} calls with sleeps (1 ms
+apart; medians of #{min(span_rounds, 5)} alternating rounds), so the process CPU is the telemetry's own, and set it
+against 1 ms of work. The busy A/B rows spin #{span_calls} ~1 ms calls per run, each in a span (100% sampling,
+default settings) or without telemetry, #{span_rounds} rounds interleaved across the implementations (order
+alternating off-on / on-off), every event delivered and handled before the next run; the overhead is
+per round on/off - 1 of the process CPU, median and (min..max); #{busy_handled} of #{busy_expected} `python.call.stop`
+events handled. Machine noise there is a few tenths of a percent.
 Row 8: one handler that spins #{busy_us} us per event (the bottleneck), #{n_par} events per worker;
 each worker's events run in its own delivery process, so #{schedulers} workers can use all
 #{schedulers} schedulers (this VM: +S #{schedulers}; set ELIXIR_ERL_OPTIONS="+S n" to choose) while 1

@@ -15,7 +15,17 @@ defmodule Snakepit.Telemetry.PythonWorker do
   ## Options
 
     * `:listen` - `"127.0.0.1:0"` (default: a free TCP port) or
-      `"unix:/absolute/path.sock"`.
+      `"unix:/absolute/path.sock"`: the worker's grpcio server.
+    * `:telemetry_listen` - serve the telemetry calls from the native
+      implementation's Rust server in the worker (`telemetry.serve`) on this
+      address, e.g. `"127.0.0.1:0"` or `Snakepit.Telemetry.Config.socket_path(id)`;
+      `address/1` is then the Rust server's (register the worker with it). The
+      worker fails to start (`{:worker_exited, 1}`) when it runs the python
+      implementation. Default `nil`: the grpcio server serves them (unless the
+      `:env` has `SNAKEPIT_TELEMETRY_LISTEN`, see the command worker).
+    * `:implementation` - `:native`, `:python` or `:auto`: sets
+      `SNAKEPIT_TELEMETRY_IMPLEMENTATION` for the worker (default: inherited).
+      `info/1` tells which one runs.
     * `:python` - the interpreter; default `SNAKEPIT_TELEMETRY_PYTHON`, then
       the project's `.venv/bin/python`, then `python3` on the PATH.
     * `:args` - extra worker arguments, e.g. `["--queue-size", "64"]`.
@@ -54,6 +64,8 @@ defmodule Snakepit.Telemetry.PythonWorker do
 
   @defaults [
     listen: "127.0.0.1:0",
+    telemetry_listen: nil,
+    implementation: nil,
     python: nil,
     args: [],
     script: nil,
@@ -76,9 +88,19 @@ defmodule Snakepit.Telemetry.PythonWorker do
     GenServer.start(__MODULE__, opts)
   end
 
-  @doc "The address the worker serves its telemetry stream on."
+  @doc """
+  The address the worker serves its telemetry stream on (the Rust server's
+  with `:telemetry_listen`): the one to register it with.
+  """
   @spec address(t()) :: String.t()
   def address(worker), do: GenServer.call(worker, :address)
+
+  @doc """
+  What the worker runs: `%{"implementation" => "native" | "python",
+  "telemetry_address" => ..., "grpc_address" => ..., "serving" => "rust" | "grpcio"}`.
+  """
+  @spec info(t()) :: {:ok, map()} | {:error, term()}
+  def info(worker), do: command(worker, %{cmd: "info"})
 
   @doc "The worker's OS process id."
   @spec os_pid(t()) :: non_neg_integer()
@@ -127,10 +149,16 @@ defmodule Snakepit.Telemetry.PythonWorker do
   defp start_port(python, opts) do
     python_path = Path.join(:code.priv_dir(:snakepit_telemetry), "python")
 
-    args = ["-u", opts[:script] || @command_worker, "--listen", opts[:listen]] ++ opts[:args]
+    telemetry_listen =
+      if opts[:telemetry_listen], do: ["--telemetry-listen", opts[:telemetry_listen]], else: []
+
+    args =
+      ["-u", opts[:script] || @command_worker, "--listen", opts[:listen]] ++
+        telemetry_listen ++ opts[:args]
 
     env =
       [{~c"PYTHONPATH", String.to_charlist(python_path)}] ++
+        implementation_env(opts[:implementation]) ++
         for({k, v} <- opts[:env], do: {String.to_charlist(k), String.to_charlist(v)})
 
     # The stderr backend's lines arrive with stdout when asked for.
@@ -166,6 +194,11 @@ defmodule Snakepit.Telemetry.PythonWorker do
         {:stop, reason}
     end
   end
+
+  defp implementation_env(nil), do: []
+
+  defp implementation_env(which) when which in [:native, :python, :auto],
+    do: [{~c"SNAKEPIT_TELEMETRY_IMPLEMENTATION", Atom.to_charlist(which)}]
 
   defp await_ready(port, timeout) do
     receive do

@@ -13,7 +13,9 @@ emits ``tool.result_size`` {bytes} {tool: "ping"} inside the call, raises
 ``ValueError`` for the payload ``b"fail"``), so real RPCs produce ``python.call.*``
 spans. Protocol (stdout, one line each):
 
-* ``SNAKEPIT_TELEMETRY_READY <address>`` once the server listens;
+* ``SNAKEPIT_TELEMETRY_READY <address>`` once the server listens: the address
+  Elixir registers the worker with (its telemetry address: the Rust server's
+  with ``--telemetry-listen``, else the grpcio server's);
 * ``SNAKEPIT_TELEMETRY_ACK <cmd> <json>`` after each stdin command
   (``<cmd>`` is ``error`` for bad JSON or an unknown command);
 * ``SNAKEPIT_TELEMETRY_WORKLOAD_DONE {"calls": N}`` when a workload finishes;
@@ -53,13 +55,28 @@ Commands (one JSON object per stdin line, ACK payload after the arrow):
 * ``error`` {tool: "t", correlation_id} calls a ``@telemetry.tool("t")`` function
   that raises (the worker catches it) -> {"reported": true};
 * commands of a ``--commands FILE`` (see below);
-* ``stats`` -> the stream counters plus ``"control"``, the control state in force;
+* ``stats`` -> the stream counters plus ``"control"``, the control state in force,
+  and ``"implementation"`` (``"native"`` or ``"python"``);
+* ``info`` -> {"implementation": "native" | "python", "telemetry_address": the
+  READY address, "grpc_address": the grpcio server's, "serving": "rust" |
+  "grpcio"};
 * ``backend_stats`` -> ``{name: stats}`` for each backend in use;
 * ``wait_drained`` {timeout_ms} -> {"drained": bool};
 * ``exit`` -> {"exit": true}, then the worker exits.
 
 The stream's defaults come from ``SNAKEPIT_TELEMETRY_*`` environment variables
-(queue size, enabled, sampling rate, allow/deny globs, stats interval).
+(queue size, enabled, sampling rate, allow/deny globs, stats interval); its
+implementation is the package's choice (``SNAKEPIT_TELEMETRY_IMPLEMENTATION``:
+``auto``, ``native`` or ``python``; ``telemetry.new_stream``). The worker always
+serves the telemetry methods on its grpcio server (``add_to_server``, as a
+Snakepit worker does). ``--telemetry-listen ADDRESS`` (``host:port``, port 0
+picks one, or ``unix:/abs/path``) serves them from the native implementation's
+Rust server instead (``telemetry.serve``) and announces that address on the
+READY line; the worker exits 1 when it cannot (the python implementation, a
+bad address). Without the option, ``SNAKEPIT_TELEMETRY_LISTEN`` in the
+environment (``Config.worker_env(pool, telemetry_address: ...)``) does the
+same, except that on the python implementation the worker logs a warning and
+announces its grpcio address.
 ``--samplers [MS]`` starts the memory/CPU samplers (MS overrides
 ``SNAKEPIT_TELEMETRY_SAMPLER_INTERVAL_MS``; 0 = off); ``--gc-events`` or
 ``SNAKEPIT_TELEMETRY_GC_EVENTS=true`` installs the GC hook. ``--backend NAME``
@@ -106,6 +123,8 @@ from snakepit_telemetry.telemetry import (
     emit,
     get_backend,
     install_gc_hook,
+    new_stream,
+    serve,
     set_backend,
     set_stream,
     span,
@@ -114,6 +133,7 @@ from snakepit_telemetry.telemetry import (
     tool,
     uninstall_gc_hook,
 )
+from snakepit_telemetry.telemetry import implementation as telemetry_implementation
 from snakepit_telemetry.telemetry.correlation import CORRELATION_HEADER
 from snakepit_telemetry.telemetry.gc_events import flush_gc_events, gc_events_from_env
 
@@ -121,6 +141,7 @@ READY = "SNAKEPIT_TELEMETRY_READY"
 ACK = "SNAKEPIT_TELEMETRY_ACK"
 WORKLOAD_DONE = "SNAKEPIT_TELEMETRY_WORKLOAD_DONE"
 LOG = "SNAKEPIT_TELEMETRY_LOG"
+LISTEN_ENV = "SNAKEPIT_TELEMETRY_LISTEN"
 STOP_GRACE_S = 0.5
 PING_METHOD = f"/{SERVICE_NAME}/Ping"
 CALL_TIMEOUT_S = 5.0
@@ -200,10 +221,18 @@ def add_ping(server: grpc.Server) -> None:
 class Worker:
     """Executes stdin commands against the public telemetry API."""
 
-    def __init__(self, stream: TelemetryStream, out: Output, address: str | None = None) -> None:
+    def __init__(
+        self,
+        stream: TelemetryStream,
+        out: Output,
+        address: str | None = None,
+        telemetry_address: str | None = None,
+    ) -> None:
         self.stream = stream
         self.out = out
         self.address = address
+        # Where Elixir reaches the telemetry calls: the Rust server when serving natively.
+        self.telemetry_address = telemetry_address or address
         self._channel: grpc.Channel | None = None
         self.handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "emit": self.cmd_emit,
@@ -219,6 +248,7 @@ class Worker:
             "rusage": self.cmd_rusage,
             "write_stderr": self.cmd_write_stderr,
             "stats": self.cmd_stats,
+            "info": self.cmd_info,
             "backend_stats": self.cmd_backend_stats,
             "wait_drained": self.cmd_wait_drained,
             "call": self.cmd_call,
@@ -401,7 +431,19 @@ class Worker:
         return {"bytes": len(data)}
 
     def cmd_stats(self, _cmd: dict[str, Any]) -> dict[str, Any]:
-        return {**self.stream.stats(), "control": self.stream.control_state()}
+        return {
+            **self.stream.stats(),
+            "control": self.stream.control_state(),
+            "implementation": _implementation_of(self.stream),
+        }
+
+    def cmd_info(self, _cmd: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "implementation": _implementation_of(self.stream),
+            "telemetry_address": self.telemetry_address,
+            "grpc_address": self.address,
+            "serving": "grpcio" if self.telemetry_address == self.address else "rust",
+        }
 
     def cmd_backend_stats(self, _cmd: dict[str, Any]) -> dict[str, Any]:
         return backend_stats()
@@ -509,6 +551,35 @@ def _spins_for(work_us: int) -> int:
     return max(1, int(probe * work_us / 1e6 / best))
 
 
+def _implementation_of(stream: Any) -> str:
+    """``"native"`` or ``"python"``: the implementation of ``stream``."""
+    name = getattr(stream, "implementation", None)
+    return name if isinstance(name, str) else telemetry_implementation()
+
+
+def _serve_native(opts: argparse.Namespace, out: Output) -> str | None:
+    """Start the Rust telemetry server if asked to; its bound address, or ``None``.
+
+    ``--telemetry-listen`` must succeed (``SystemExit`` otherwise); the
+    environment's ``SNAKEPIT_TELEMETRY_LISTEN`` falls back to the grpcio server
+    with a warning line when the python implementation runs.
+    """
+    if opts.telemetry_listen is not None:
+        try:
+            return serve(opts.telemetry_listen)
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise SystemExit(f"--telemetry-listen {opts.telemetry_listen}: {exc}") from None
+    if not os.environ.get(LISTEN_ENV, "").strip():
+        return None
+    try:
+        return serve()
+    except RuntimeError as exc:  # the python implementation: serve through grpcio
+        out.line(f"{LOG} WARNING {LISTEN_ENV} ignored: {exc}".replace("\n", " "))
+        return None
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{LISTEN_ENV}={os.environ[LISTEN_ENV]}: {exc}") from None
+
+
 def _bind(server: grpc.Server, listen: str) -> str:
     """Bind ``listen`` and return the address to advertise in the READY line.
 
@@ -524,6 +595,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="command_worker.py")
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT or unix:/abs/path")
     parser.add_argument("--queue-size", type=int, default=None, help="telemetry queue bound")
+    parser.add_argument(
+        "--telemetry-listen",
+        default=None,
+        metavar="ADDRESS",
+        help="serve telemetry from the Rust server (native implementation) on HOST:PORT or "
+        "unix:/abs/path, and announce that address",
+    )
     parser.add_argument("--max-workers", type=int, default=8, help="gRPC thread pool size")
     parser.add_argument(
         "--samplers",
@@ -567,7 +645,7 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
     package_log = logging.getLogger("snakepit_telemetry")
     package_log.addHandler(_LogLines(out))
     package_log.propagate = False
-    stream = TelemetryStream(opts.queue_size)
+    stream = new_stream(opts.queue_size)
     set_stream(stream)
 
     executor = futures.ThreadPoolExecutor(max_workers=max(1, opts.max_workers))
@@ -584,7 +662,13 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
         print(f"could not bind {opts.listen}: {exc}", file=sys.stderr)
         return 1
     server.start()
-    worker = Worker(stream, out, address)
+    try:
+        telemetry_address = _serve_native(opts, out)
+    except SystemExit as exc:
+        print(exc, file=sys.stderr)
+        server.stop(None)
+        return 1
+    worker = Worker(stream, out, address, telemetry_address)
     for path in opts.commands:
         worker.handlers.update(runpy.run_path(path)["COMMANDS"])
     if opts.samplers is not None:
@@ -592,7 +676,7 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
     if opts.gc_events or gc_events_from_env():
         install_gc_hook()
     try:
-        out.line(f"{READY} {address}")
+        out.line(f"{READY} {worker.telemetry_address}")
         while True:
             line = stdin.readline()
             if not line:
@@ -613,10 +697,13 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
         with contextlib.suppress(Exception):
             get_backend().close()  # flushes queued stderr lines before os._exit
         stream.close()
+        if telemetry_address is not None:
+            stream.stop_serving()
         server.stop(STOP_GRACE_S).wait(STOP_GRACE_S + 1.0)
         executor.shutdown(wait=False, cancel_futures=True)
-        if opts.listen.startswith("unix:"):
-            _unlink_quietly(opts.listen[len("unix:") :])
+        for listen in (opts.listen, telemetry_address or ""):
+            if listen.startswith("unix:"):
+                _unlink_quietly(listen[len("unix:") :])
     return 0
 
 
