@@ -33,21 +33,30 @@ from snakepit_telemetry import snakepit_bridge_pb2 as pb  # noqa: E402
 from snakepit_telemetry import snakepit_bridge_pb2_grpc as pb_grpc  # noqa: E402
 from snakepit_telemetry import telemetry  # noqa: E402
 from snakepit_telemetry.telemetry import backends  # noqa: E402
-from snakepit_telemetry.telemetry._internal import implementation  # noqa: E402
+from snakepit_telemetry.telemetry._internal import core, implementation  # noqa: E402
 from snakepit_telemetry.telemetry._internal.convert import QueuedEvent  # noqa: E402
 
 # The implementation this run tests.
 NATIVE = implementation.name() == implementation.NATIVE
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        "python_only(reason): a test of pure-Python internals; skipped on the native run",
-    )
-    config.addinivalue_line(
-        "markers", "native_only: a test of the native implementation; skipped on the python run"
-    )
+# What a span that took the fast path to the default stream has as its backend.
+FAST_SPAN = core._NATIVE_SPAN if NATIVE else core._FAST_SPAN
+
+
+def fast_path(s: telemetry.AnyTelemetryStream) -> bool:
+    """Whether ``telemetry.emit`` and spans go straight to ``s`` (no backend object):
+    the extension's default stream (native), or the core's inlined path (python)."""
+    if NATIVE:
+        return core._native_stream is s._native and telemetry.emit is implementation.native().emit  # type: ignore[union-attr]
+    return core._fast_stream is s
+
+
+def idle(s: telemetry.AnyTelemetryStream) -> bool:
+    """Whether the stream's sender waits for an event (so an emit must wake it)."""
+    if NATIVE:
+        return bool(s._native.idle)
+    return s._idle > 0
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -68,6 +77,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=f"python implementation internals: {why}"))
         if not NATIVE and item.get_closest_marker("native_only") is not None:
             item.add_marker(pytest.mark.skip(reason="needs the native implementation"))
+
 
 _CLOSE = object()
 STATS_PARTS = ["telemetry", "python", "stats"]

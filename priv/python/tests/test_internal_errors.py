@@ -19,7 +19,7 @@ from snakepit_telemetry.telemetry import backends, gc_events, interceptor, sampl
 from snakepit_telemetry.telemetry._internal import core, errors
 from snakepit_telemetry.telemetry.backends import Backend, CompositeBackend, StderrBackend
 
-from .conftest import Client, wait_until
+from .conftest import Client, fast_path, wait_until
 
 Serve = Callable[[telemetry.AnyTelemetryStream], str]
 
@@ -137,7 +137,7 @@ def test_fast_span_end_failure_is_counted(
 ) -> None:
     # The grpc fast path (span -> queue directly) fails at the exception end.
     backends.set_backend("grpc")
-    assert core._fast_stream is stream
+    assert fast_path(stream)
     monkeypatch.setattr(backends, "error_fields", boom)
     before = errors.total()
     with pytest.raises(KeyError), telemetry.span("tool.execution"):
@@ -203,12 +203,14 @@ def test_the_stats_report_carries_process_wide_failures(
     monkeypatch.setenv("SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS", "50")
     s = telemetry.new_stream(queue_size=16)
     telemetry.set_stream(s)
-    # Three failures outside any stream.
+    # Three failures outside any stream (emit without a backend).
     with monkeypatch.context() as m:
         m.setattr(backends, "get_backend", boom)
-        m.setattr(core, "_fast_stream", None)
+        m.setattr(backends, "_current", None)
+        backends.notify_change()  # no fast path: emit goes through get_backend
         for _ in range(3):
             telemetry.emit("python.call.stop", {"duration": 1})
+    backends.notify_change()
     assert s.stats()["process_internal_errors"] == 3
     assert s.stats()["internal_errors"] == 0  # the stream's own
     client = Client(serve(s))
@@ -218,8 +220,10 @@ def test_the_stats_report_carries_process_wide_failures(
         # One more, after the call opened: the next report has it.
         with monkeypatch.context() as m:
             m.setattr(backends, "get_backend", boom)
-            m.setattr(core, "_fast_stream", None)
+            m.setattr(backends, "_current", None)
+            backends.notify_change()
             telemetry.emit("python.call.stop", {"duration": 1})
+        backends.notify_change()
 
         def reported_four() -> bool:
             while not client.stats.empty():

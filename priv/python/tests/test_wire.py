@@ -21,6 +21,11 @@ import pytest
 from snakepit_telemetry import snakepit_bridge_pb2 as pb
 from snakepit_telemetry.telemetry._internal import convert, wire
 
+pytestmark = pytest.mark.python_only(
+    "wire.BatchEncoder, the pure stream's batch encoder, against the reference conversion "
+    "(test_conformance.py checks the native conversion against the same cases)"
+)
+
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 # Values whose varint takes every length from 1 to 10 bytes, at the boundaries.

@@ -48,9 +48,9 @@ import grpc
 
 from .. import snakepit_bridge_pb2 as pb
 from . import correlation
+from ._internal import implementation as _implementation
 from ._internal.aio_context import aio_handler, is_aio_server
 from ._internal.auth import SECRET_ENV, SECRET_HEADER
-from ._internal import implementation as _implementation
 from ._internal.core import (
     ERROR_EVENT,
     ERROR_MESSAGE_LIMIT,
@@ -180,7 +180,7 @@ def serve(address: str | None = None, stream: NativeTelemetryStream | None = Non
     """
     target = stream if stream is not None else get_stream()
     if not isinstance(target, NativeTelemetryStream):
-        why = _implementation.reason() or "the default stream is a pure TelemetryStream (set_stream)"
+        why = _implementation.reason() or "the default stream is a pure-Python TelemetryStream"
         raise RuntimeError(
             "telemetry.serve() needs the native telemetry implementation, and this process "
             f"runs the python one ({why}); serve the telemetry calls with "

@@ -122,11 +122,15 @@ class NativeTelemetryStream:
             raise ValueError(f"queue_size must be >= 1, got {queue_size!r}")
         control = ControlState.from_env(os.environ)
         self._auth = auth.CallAuth(secret)
+        # The settings as parsed (the extension gets them in milliseconds).
+        self._stats_interval = env.seconds_from_ms(STATS_INTERVAL_ENV, DEFAULT_STATS_INTERVAL_MS)
+        self._flush_interval = env.seconds_from_ms(FLUSH_INTERVAL_ENV, DEFAULT_FLUSH_INTERVAL_MS)
+        self._max_message_bytes = env.positive_int(MAX_MESSAGE_BYTES_ENV, DEFAULT_MAX_MESSAGE_BYTES)
         self._native = native.Stream(
             queue_size=size,
-            flush_interval_ms=_ms(env.seconds_from_ms(FLUSH_INTERVAL_ENV, DEFAULT_FLUSH_INTERVAL_MS)),
-            stats_interval_ms=_ms(env.seconds_from_ms(STATS_INTERVAL_ENV, DEFAULT_STATS_INTERVAL_MS)),
-            max_message_bytes=env.positive_int(MAX_MESSAGE_BYTES_ENV, DEFAULT_MAX_MESSAGE_BYTES),
+            flush_interval_ms=_ms(self._flush_interval),
+            stats_interval_ms=_ms(self._stats_interval),
+            max_message_bytes=self._max_message_bytes,
             enabled=control.enabled,
             default_rate=control.default_rate,
             allow=list(control.allow),

@@ -41,8 +41,9 @@ report's ``internal_errors`` adds the failures counted outside any stream (see
 :mod:`._internal.errors`).
 
 Each stream has a random ``instance_id``, sent as the metadata of its stats
-events (with ``implementation``: ``"python"``): counters start at 0 with each instance, so Elixir knows from a new
-``instance_id`` (a restarted worker) that the counters started over. A forked
+events (with ``implementation``: ``"python"``): counters start at 0 with each
+instance, so Elixir knows from a new ``instance_id`` (a restarted worker) that
+the counters started over. A forked
 child starts over as a new instance: new id, counters at 0, empty queue (the
 queued events are the parent's to send), fresh locks.
 
