@@ -206,38 +206,43 @@ defmodule Bench do
   end
 
   @doc """
-  A/B of busy ~1 ms calls on several workers (`[{id, worker}]`), interleaved:
-  each round runs, on each worker in turn, the calls without telemetry and
-  the same calls each in a span (100% sampling, default settings), in
-  alternating order (off-on, then on-off). A handler counts the
-  `python.call.stop` events; a round goes on once every event of a traced
-  run was handled. Per worker: the overhead of each round (on / off - 1 of
-  the process CPU), its median, min and max, and the events handled.
+  A/B of busy ~1 ms calls on several workers (`[{id, worker}]`): per round,
+  on each worker in turn, one `spanab` command: `calls` calls without
+  telemetry and `calls` calls each in a span (100% sampling, default
+  settings), in alternating blocks of `block` calls (ABBA, the first side
+  alternating by round), so that a change in the machine's load hits both
+  sides alike. A handler counts the `python.call.stop` events; a round goes
+  on once all of them were handled. Per worker: the overhead of each round
+  (process CPU on / off - 1), its median, min and max.
   """
-  def busy_ab(workers, calls, rounds) do
+  def busy_ab(workers, calls, rounds, block) do
     counter = :counters.new(1, [:write_concurrency])
     handler = "bench-busy-ab"
     :ok = :telemetry.attach(handler, @python_call_stop, &__MODULE__.count/4, counter)
 
-    run = fn worker, traced ->
-      command = %{cmd: "spanwork", calls: calls, telemetry: traced, mode: "spin"}
+    run = fn worker, round, calls ->
+      first = if rem(round, 2) == 1, do: "off", else: "on"
+      command = %{cmd: "spanab", calls: calls, block: block, first: first}
       before = :counters.get(counter, 1)
-      cpu = command!(worker, command)["cpu_s"]
-      if traced, do: :ok = wait(fn -> :counters.get(counter, 1) >= before + calls end)
-      cpu
+      result = command!(worker, command)
+      :ok = wait(fn -> :counters.get(counter, 1) >= before + result["calls"] end)
+      result
     end
+
+    # Warm-up (not counted): calibrates the work, opens everything.
+    for {_id, worker} <- workers, do: run.(worker, 1, block * 2)
+    :counters.put(counter, 1, 0)
 
     pairs =
       for round <- 1..rounds, {id, worker} <- workers do
-        order = if rem(round, 2) == 1, do: [false, true], else: [true, false]
-        cpu = Map.new(order, fn traced -> {traced, run.(worker, traced)} end)
-        {id, cpu[true] / cpu[false] - 1, cpu}
+        r = run.(worker, round, calls)
+        {id, r["cpu_on_s"] / r["cpu_off_s"] - 1, r}
       end
 
     :telemetry.detach(handler)
 
     Map.new(workers, fn {id, _} ->
-      mine = for {^id, overhead, cpu} <- pairs, do: {overhead, cpu}
+      mine = for {^id, overhead, r} <- pairs, do: {overhead, r}
       overheads = Enum.map(mine, &elem(&1, 0))
 
       {id,
@@ -245,9 +250,11 @@ defmodule Bench do
          overhead: median(overheads),
          min: Enum.min(overheads),
          max: Enum.max(overheads),
-         on: median(for {_, cpu} <- mine, do: cpu[true]),
-         off: median(for {_, cpu} <- mine, do: cpu[false]),
+         on: median(for {_, r} <- mine, do: r["cpu_on_s"]),
+         off: median(for {_, r} <- mine, do: r["cpu_off_s"]),
+         calls: hd(mine) |> elem(1) |> Map.fetch!("calls"),
          rounds: length(overheads),
+         overheads: overheads,
          handled: :counters.get(counter, 1)
        }}
     end)
@@ -327,7 +334,10 @@ n_each = scale.(50_000, 5_000)
 latency_count = scale.(5_000, 500)
 hot_rounds = scale.(200, 20)
 span_calls = scale.(2_000, 200)
-span_rounds = scale.(9, 2)
+span_rounds = scale.(5, 1)
+busy_calls = scale.(1_000, 200)
+busy_rounds = scale.(11, 3)
+busy_block = 50
 flood_runs = 3
 
 IO.puts(:stderr, "bench: Python hot path, per implementation")
@@ -422,7 +432,7 @@ IO.puts(:stderr, "bench: CPU on paced ~1 ms calls in spans")
 
 overhead = fn id, worker_opts, mode ->
   w = Bench.start_worker!(id, [], [], worker_opts)
-  result = Bench.span_overhead(w, span_calls, min(span_rounds, 5), mode)
+  result = Bench.span_overhead(w, span_calls, span_rounds, mode)
   Bench.stop_worker(id, w)
   result
 end
@@ -431,7 +441,7 @@ paced = overhead.("spans-paced", default_opts, "sleep")
 paced_0 = overhead.("spans-paced-0", default_opts ++ flush.(0), "sleep")
 paced_50 = overhead.("spans-paced-50", default_opts ++ flush.(50), "sleep")
 
-IO.puts(:stderr, "bench: busy ~1 ms calls in spans, A/B, #{span_rounds} rounds")
+IO.puts(:stderr, "bench: busy ~1 ms calls in spans, A/B, #{busy_rounds} rounds")
 
 busy_workers =
   for which <- impls do
@@ -440,9 +450,9 @@ busy_workers =
   end
 
 busy_impl = Map.new(busy_workers, fn {id, w} -> {id, Bench.impl(id, w)} end)
-busy = Bench.busy_ab(busy_workers, span_calls, span_rounds)
+busy = Bench.busy_ab(busy_workers, busy_calls, busy_rounds, busy_block)
 busy_handled = busy |> Map.values() |> hd() |> Map.fetch!(:handled)
-busy_expected = span_rounds * span_calls * length(busy_workers)
+busy_expected = busy |> Map.values() |> Enum.map(&(&1.calls * &1.rounds)) |> Enum.sum()
 Enum.each(busy_workers, fn {id, w} -> Bench.stop_worker(id, w) end)
 
 w = Bench.start_worker!("spans", [], [], default_opts)
@@ -529,27 +539,31 @@ hot_rows =
 py = flood[:python]
 nat = flood[:native]
 
-native_rows =
+{cpu_rows, rate_rows} =
   if nat do
-    [
-      {"2", "Python CPU per delivered event (us), #{served.(nat.impl)}, batches",
-       Bench.fmt(med.(nat.cpu)), "#{served.(py.impl)}", Bench.fmt(med.(py.cpu)),
-       Bench.ratio(med.(nat.cpu), med.(py.cpu)), "<= 0.5 us", yes.(med.(nat.cpu) <= 0.5)},
-      {"3", "1 worker -> 1 handler (events/s), #{served.(nat.impl)}, #{nat.protocol}",
-       Bench.fmt(med.(nat.rate)), "#{served.(py.impl)}, #{py.protocol}", Bench.fmt(med.(py.rate)),
-       Bench.ratio(med.(nat.rate), med.(py.rate)), ">= 1x",
-       yes.(med.(nat.rate) >= med.(py.rate))},
-      {"3", "drops in those runs (most of one run)", "#{nat.drops} of #{n_batched}",
-       "#{served.(py.impl)}", "#{py.drops} of #{n_batched}", "-", "< 0.1%",
-       yes.(nat.drops < 0.001 * n_batched and py.drops < 0.001 * n_batched)}
-    ]
+    {[
+       {"2", "Python CPU per delivered event (us), #{served.(nat.impl)}, batches",
+        Bench.fmt(med.(nat.cpu)), served.(py.impl), Bench.fmt(med.(py.cpu)),
+        Bench.ratio(med.(nat.cpu), med.(py.cpu)), "<= 0.5 us", yes.(med.(nat.cpu) <= 0.5)}
+     ],
+     [
+       {"3", "1 worker -> 1 handler (events/s), #{served.(nat.impl)}, #{nat.protocol}",
+        Bench.fmt(med.(nat.rate)), "#{served.(py.impl)}, #{py.protocol}",
+        Bench.fmt(med.(py.rate)), Bench.ratio(med.(nat.rate), med.(py.rate)), ">= 1x",
+        yes.(med.(nat.rate) >= med.(py.rate))},
+       {"3", "drops in those runs (most in one run)", "#{nat.drops} of #{n_batched}",
+        served.(py.impl), "#{py.drops} of #{n_batched}", "-", "< 0.1%",
+        yes.(nat.drops < 0.001 * n_batched and py.drops < 0.001 * n_batched)}
+     ]}
   else
-    [
-      {"2", "Python CPU per delivered event (us), native", "not built", "-", "-", "-",
-       "<= 0.5 us", "-"},
-      {"3", "1 worker -> 1 handler (events/s), python (grpcio), #{py.protocol}",
-       Bench.fmt(med.(py.rate)), "native", "not built", "-", "-", "-"}
-    ]
+    {[
+       {"2", "Python CPU per delivered event (us), native", "not built", served.(py.impl),
+        Bench.fmt(med.(py.cpu)), "-", "<= 0.5 us", "-"}
+     ],
+     [
+       {"3", "1 worker -> 1 handler (events/s), native", "not built", served.(py.impl),
+        Bench.fmt(med.(py.rate)), "-", ">= 1x", "-"}
+     ]}
   end
 
 busy_rows =
@@ -559,21 +573,24 @@ busy_rows =
     target? = which == "native"
 
     {"5",
-     "busy ~1 ms calls in spans, process CPU overhead, #{served.(which)}: median (min..max) of #{b.rounds}",
-     "#{pct.(b.overhead)} (#{pct.(b.min)}..#{pct.(b.max)})", "same calls, no telemetry (CPU s)",
-     Bench.fmt(b.off), Bench.ratio(b.on, b.off), if(target?, do: "<= 0.3%", else: "-"),
-     if(target?, do: yes.(b.overhead <= 0.003), else: "-")}
+     "busy ~1 ms calls in spans, process CPU overhead, #{served.(which)}: median (min..max) of #{b.rounds} rounds",
+     "#{pct.(b.overhead)} (#{pct.(b.min)}..#{pct.(b.max)})",
+     "same calls, no telemetry (CPU s per round)", Bench.fmt(b.off), Bench.ratio(b.on, b.off),
+     if(target?, do: "<= 0.3%", else: "-"), if(target?, do: yes.(b.overhead <= 0.003), else: "-")}
   end
 
 rows =
   hot_rows ++
-    native_rows ++
+    cpu_rows ++
     [
       {"2", "Python CPU per delivered event (us), #{default_label}, batches",
        Bench.fmt(med.(batched.cpu)), "one message per event (#{served.(single_impl)})",
        Bench.fmt(single.cpu_us_per_event),
        Bench.ratio(med.(batched.cpu), single.cpu_us_per_event), "<= 1.5 us",
-       yes.(med.(batched.cpu) <= 1.5)},
+       yes.(med.(batched.cpu) <= 1.5)}
+    ] ++
+    rate_rows ++
+    [
       {"3", "1 worker -> 1 handler (events/s), #{default_label}, #{batched.protocol}",
        Bench.fmt(med.(batched.rate)),
        "one message per event (#{served.(single_impl)}, #{protocol_single})",
@@ -671,12 +688,13 @@ spread (min-max): #{flood_spread}. Elixir side: #{native_stats[:wire_messages]} 
 #{native_stats[:delivered]} events over the #{default_impl} runs. A native worker serves the telemetry calls from
 the extension's Rust server (telemetry.serve, registered with that address); a python one from grpcio.
 Latency: #{latency_count} samples per path. Row 5: "per call" rows pace #{span_calls} calls with sleeps (1 ms
-apart; medians of #{min(span_rounds, 5)} alternating rounds), so the process CPU is the telemetry's own, and set it
-against 1 ms of work. The busy A/B rows spin #{span_calls} ~1 ms calls per run, each in a span (100% sampling,
-default settings) or without telemetry, #{span_rounds} rounds interleaved across the implementations (order
-alternating off-on / on-off), every event delivered and handled before the next run; the overhead is
-per round on/off - 1 of the process CPU, median and (min..max); #{busy_handled} of #{busy_expected} `python.call.stop`
-events handled. Machine noise there is a few tenths of a percent.
+apart; medians of #{span_rounds} alternating rounds), so the process CPU is the telemetry's own, and set it
+against 1 ms of work. Busy A/B rows: per round, #{busy_calls} busy ~1 ms calls (a spin loop) each in a
+span (100% sampling, default settings) and #{busy_calls} without telemetry, in alternating blocks of #{busy_block}
+calls (ABBA order, the first side alternating by round; a block of spans ends when its events are
+handed to the stream), so a change in the machine's load hits both sides alike; #{busy_rounds} rounds,
+interleaved across the implementations. Overhead = process CPU (all threads) with / without - 1 per
+round: median and (min..max). #{busy_handled} of #{busy_expected} `python.call.stop` events were delivered and handled.
 Row 8: one handler that spins #{busy_us} us per event (the bottleneck), #{n_par} events per worker;
 each worker's events run in its own delivery process, so #{schedulers} workers can use all
 #{schedulers} schedulers (this VM: +S #{schedulers}; set ELIXIR_ERL_OPTIONS="+S n" to choose) while 1

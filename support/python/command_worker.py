@@ -41,7 +41,16 @@ Commands (one JSON object per stdin line, ACK payload after the arrow):
   ``work_us``, sleeping, so the process CPU is the telemetry's own), each in a
   ``python.call`` span unless ``telemetry`` is false; waits until the events were
   handed to gRPC -> {"calls": N, "cpu_s": process CPU (all threads) over the
-  run, "wall_s": s};
+  run, "wall_s": s}. The work per call is calibrated once per ``work_us`` (the
+  first spin run), so every later run does exactly the same work;
+* ``spanab`` {calls, work_us: 1000, block: 50, first: "off"}: an A/B of busy
+  calls as ``spanwork`` spins them, ``calls`` without telemetry and ``calls``
+  each in a ``python.call`` span, run in alternating blocks of ``block`` calls
+  (ABBA order from ``first``: off, on, on, off, off, ...), the process CPU of
+  each block (all threads) added to its side; a block of spans ends when its
+  events were handed to gRPC (``wait_drained``), so its telemetry work is not
+  left to the next block -> {"calls": per side, "blocks": per side,
+  "cpu_on_s", "cpu_off_s", "wall_s"};
 * ``rusage`` -> {"cpu_s": process CPU time so far, "rss_kb": resident memory};
 * ``write_stderr`` {parts: [{hex, repeat: 1}, ...]} writes to stderr, in one
   write, the bytes each ``hex`` encodes ``repeat`` times over (any bytes, e.g.
@@ -234,6 +243,9 @@ class Worker:
         # Where Elixir reaches the telemetry calls: the Rust server when serving natively.
         self.telemetry_address = telemetry_address or address
         self._channel: grpc.Channel | None = None
+        # spanwork's loop iterations per work_us, measured once: runs with and
+        # without telemetry must do the same work.
+        self._spins: dict[int, int] = {}
         self.handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "emit": self.cmd_emit,
             "span": self.cmd_span,
@@ -245,6 +257,7 @@ class Worker:
             "flood": self.cmd_flood,
             "paced": self.cmd_paced,
             "spanwork": self.cmd_spanwork,
+            "spanab": self.cmd_spanab,
             "rusage": self.cmd_rusage,
             "write_stderr": self.cmd_write_stderr,
             "stats": self.cmd_stats,
@@ -376,7 +389,7 @@ class Worker:
         if mode not in ("spin", "sleep"):
             raise CommandError('\'mode\' must be "spin" or "sleep"')
         if mode == "spin":
-            spins = _spins_for(work_us)
+            spins = self._spin_count(work_us)
 
             def work() -> None:
                 _spin(spins)
@@ -407,6 +420,46 @@ class Worker:
         return {
             "calls": calls,
             "cpu_s": time.process_time() - cpu,
+            "wall_s": time.perf_counter() - wall,
+        }
+
+    def _spin_count(self, work_us: int) -> int:
+        spins = self._spins.get(work_us)
+        if spins is None:
+            spins = self._spins[work_us] = _spins_for(work_us)
+        return spins
+
+    def cmd_spanab(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Busy calls with and without spans, in alternating blocks (see the module doc)."""
+        calls = _int_arg(cmd, "calls", 1000)
+        work_us = max(1, _int_arg(cmd, "work_us", 1000))
+        block = max(1, _int_arg(cmd, "block", 50))
+        first = cmd.get("first", "off")
+        if first not in ("off", "on"):
+            raise CommandError('\'first\' must be "off" or "on"')
+        spins = self._spin_count(work_us)
+        blocks = max(1, calls // block)
+        a = first == "on"
+        # ABBA order: a drift over the run costs both kinds the same.
+        order = [x for i in range(blocks) for x in ((a, not a) if i % 2 == 0 else (not a, a))]
+        cpu = {True: 0.0, False: 0.0}
+        wall = time.perf_counter()
+        for traced in order:
+            started = time.process_time()
+            if traced:
+                for _ in range(block):
+                    with span("python.call", {"command": "predict"}):
+                        _spin(spins)
+                self.stream.wait_drained(30)
+            else:
+                for _ in range(block):
+                    _spin(spins)
+            cpu[traced] += time.process_time() - started
+        return {
+            "calls": blocks * block,
+            "blocks": blocks,
+            "cpu_on_s": cpu[True],
+            "cpu_off_s": cpu[False],
             "wall_s": time.perf_counter() - wall,
         }
 
