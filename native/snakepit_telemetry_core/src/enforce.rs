@@ -298,7 +298,7 @@ impl ControlState {
         match &control.control {
             Some(telemetry_control::Control::Toggle(t)) => self.enabled = t.enabled,
             Some(telemetry_control::Control::Sampling(s)) => {
-                self.put_sampling(s.sampling_rate, s.event_patterns.clone())
+                self.put_sampling(s.sampling_rate, s.event_patterns.clone());
             }
             Some(telemetry_control::Control::Filter(f)) => {
                 self.allow = Globs::new(f.allow.clone());
@@ -308,11 +308,28 @@ impl ControlState {
         }
     }
 
-    fn put_sampling(&mut self, rate: f64, patterns: Vec<String>) {
+    /// Applies one control message like [`ControlState::apply`] and returns
+    /// how many sampling rules it pushed out (over [`MAX_RULES`]); `None`
+    /// when the message carries no control.
+    pub fn apply_counting(&mut self, control: &TelemetryControl) -> Option<usize> {
+        match &control.control {
+            Some(telemetry_control::Control::Sampling(s)) => {
+                Some(self.put_sampling(s.sampling_rate, s.event_patterns.clone()))
+            }
+            Some(_) => {
+                self.apply(control);
+                Some(0)
+            }
+            None => None,
+        }
+    }
+
+    /// Returns the number of rules dropped to stay within [`MAX_RULES`].
+    fn put_sampling(&mut self, rate: f64, patterns: Vec<String>) -> usize {
         let rate = clamp_rate(rate);
         if patterns.is_empty() {
             self.default_rate = rate;
-            return;
+            return 0;
         }
         self.rules.retain(|r| r.globs.patterns != patterns);
         self.rules.push(Rule {
@@ -321,6 +338,34 @@ impl ControlState {
         });
         let excess = self.rules.len().saturating_sub(MAX_RULES);
         self.rules.drain(..excess);
+        excess
+    }
+
+    /// The rate of events that no rule matches.
+    pub fn default_rate(&self) -> f64 {
+        self.default_rate
+    }
+
+    /// The sampling rules as `(rate, patterns)`, oldest first.
+    pub fn rules(&self) -> impl Iterator<Item = (f64, &[String])> {
+        self.rules
+            .iter()
+            .map(|r| (r.rate, r.globs.patterns.as_slice()))
+    }
+
+    /// The allow list's patterns.
+    pub fn allow_patterns(&self) -> &[String] {
+        &self.allow.patterns
+    }
+
+    /// The deny list's patterns.
+    pub fn deny_patterns(&self) -> &[String] {
+        &self.deny.patterns
+    }
+
+    /// Whether an allow or deny list is set.
+    pub fn filtering(&self) -> bool {
+        !self.allow.is_empty() || !self.deny.is_empty()
     }
 
     /// Whether any event may be sampled out.

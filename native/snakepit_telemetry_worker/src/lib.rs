@@ -1,0 +1,16 @@
+//! The worker side of snakepit_telemetry's telemetry stream in Rust, without
+//! Python symbols (so `cargo test` covers it): the Python extension
+//! `snakepit_telemetry._native` (crate `snakepit_telemetry_py`) converts
+//! emitted events under the GIL and hands them here.
+//!
+//! * [`event`]: encoded events and the messages built from them;
+//! * [`stream`]: the queue, counters, control state and call logic of
+//!   `telemetry/stream.py`;
+//! * [`server`]: a tonic server for `BridgeService`'s telemetry methods,
+//!   driven by the same call logic.
+
+pub mod counters;
+pub mod event;
+pub mod pb;
+pub mod server;
+pub mod stream;

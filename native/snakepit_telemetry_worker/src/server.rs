@@ -1,0 +1,422 @@
+//! A tonic server for `BridgeService`'s two telemetry methods, on a unix
+//! socket (mode 0600) or a TCP address, serving one [`Core`].
+//!
+//! Every call is checked for the secret (metadata
+//! [`SECRET_HEADER`](snakepit_telemetry_core::auth::SECRET_HEADER),
+//! compared in constant time) before it can take over the active call;
+//! refused calls end with `UNAUTHENTICATED` and are counted in
+//! `refused_calls`. Messages are sent as the call logic of [`Core::step`]
+//! builds them (already encoded); controls are applied as they arrive.
+
+use std::future::Future;
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BufMut, Bytes};
+use snakepit_telemetry_core::auth::SECRET_HEADER;
+use tokio::runtime::Runtime;
+use tokio::sync::futures::OwnedNotified;
+use tokio::task::JoinHandle;
+use tokio::time::Sleep;
+use tokio_stream::Stream;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::{http, BoxFuture, Service};
+use tonic::server::{Grpc, NamedService, StreamingService};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::stream::{CallCell, Core, Step};
+
+pub const BATCHES_PATH: &str = "/snakepit.bridge.BridgeService/StreamTelemetryBatches";
+pub const EVENTS_PATH: &str = "/snakepit.bridge.BridgeService/StreamTelemetry";
+
+/// Sends ready-encoded messages and hands received ones over undecoded.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawCodec;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawEncoder;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawDecoder;
+
+impl Encoder for RawEncoder {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawDecoder {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+/// Equality in time independent of where the values differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// The telemetry methods of `BridgeService` for one stream.
+#[derive(Clone, Debug)]
+pub struct TelemetryService {
+    core: Arc<Core>,
+}
+
+impl TelemetryService {
+    pub fn new(core: Arc<Core>) -> Self {
+        TelemetryService { core }
+    }
+}
+
+impl NamedService for TelemetryService {
+    const NAME: &'static str = "snakepit.bridge.BridgeService";
+}
+
+impl<B> Service<http::Request<B>> for TelemetryService
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let batched = match req.uri().path() {
+            BATCHES_PATH => true,
+            EVENTS_PATH => false,
+            _ => {
+                return Box::pin(async move {
+                    Ok(Status::unimplemented("not a telemetry method").into_http())
+                })
+            }
+        };
+        let method = Method {
+            core: self.core.clone(),
+            batched,
+        };
+        Box::pin(async move {
+            let mut grpc = Grpc::new(RawCodec);
+            Ok(grpc.streaming(method, req).await)
+        })
+    }
+}
+
+struct Method {
+    core: Arc<Core>,
+    batched: bool,
+}
+
+impl StreamingService<Bytes> for Method {
+    type Response = Bytes;
+    type ResponseStream = CallStream;
+    type Future = std::future::Ready<Result<Response<CallStream>, Status>>;
+
+    fn call(&mut self, request: Request<Streaming<Bytes>>) -> Self::Future {
+        std::future::ready(self.open(request))
+    }
+}
+
+impl Method {
+    fn open(&self, request: Request<Streaming<Bytes>>) -> Result<Response<CallStream>, Status> {
+        let core = &self.core;
+        if let Some(secret) = &core.settings().secret {
+            let given = request.metadata().get(SECRET_HEADER).map(|v| v.as_bytes());
+            if !given.is_some_and(|g| constant_time_eq(g, secret)) {
+                core.count("refused_calls", 1);
+                return Err(Status::unauthenticated(
+                    "telemetry call refused: missing or wrong secret",
+                ));
+            }
+        }
+        let cell = core.open_call(self.batched);
+        let mut inbound = request.into_inner();
+        let controls_core = core.clone();
+        let generation = cell.generation;
+        let controls = tokio::spawn(async move {
+            // Ends with the client's half of the call (or an error when the
+            // call is cancelled), or when a newer call took over.
+            while let Ok(Some(control)) = inbound.message().await {
+                if !controls_core.apply_control(&control, Some(generation))
+                    && !controls_core.is_current(generation)
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(CallStream {
+            core: core.clone(),
+            cell,
+            controls,
+            notified: None,
+            sleep: None,
+            idle: false,
+        }))
+    }
+}
+
+/// The response stream of one call: messages from [`Core::step`].
+pub struct CallStream {
+    core: Arc<Core>,
+    cell: Arc<CallCell>,
+    controls: JoinHandle<()>,
+    notified: Option<Pin<Box<OwnedNotified>>>,
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// Counted in the core's idle waiters.
+    idle: bool,
+}
+
+impl CallStream {
+    fn release(&mut self) {
+        self.notified = None;
+        if self.idle {
+            self.idle = false;
+            self.core.leave_idle();
+        }
+    }
+}
+
+impl Stream for CallStream {
+    type Item = Result<Bytes, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        this.release();
+        loop {
+            match this.core.step(&this.cell) {
+                Step::Message(message) => return Poll::Ready(Some(Ok(Bytes::from(message)))),
+                Step::Ended => return Poll::Ready(None),
+                Step::Wait { until, idle } => {
+                    let mut notified = Box::pin(this.core.notify().notified_owned());
+                    notified.as_mut().enable();
+                    let wait = this.core.announce_async(&this.cell, idle);
+                    this.idle = idle;
+                    if !wait {
+                        this.release();
+                        continue;
+                    }
+                    let deadline = tokio::time::Instant::from_std(until);
+                    let sleep = match &mut this.sleep {
+                        Some(sleep) => {
+                            sleep.as_mut().reset(deadline);
+                            sleep
+                        }
+                        None => this
+                            .sleep
+                            .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                    };
+                    if sleep.as_mut().poll(cx).is_ready() || notified.as_mut().poll(cx).is_ready() {
+                        this.release();
+                        continue;
+                    }
+                    this.notified = Some(notified);
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for CallStream {
+    fn drop(&mut self) {
+        self.release();
+        self.controls.abort();
+        self.core.finish(&self.cell);
+    }
+}
+
+/// Where a server listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddress {
+    /// `host:port` (port 0: any free port).
+    Tcp(String),
+    /// `unix:/absolute/path` or `unix:///absolute/path`.
+    Unix(PathBuf),
+}
+
+impl ListenAddress {
+    pub fn parse(address: &str) -> Result<ListenAddress, String> {
+        let invalid = || {
+            format!(
+                "invalid telemetry listen address {address:?}: expected \"host:port\" or \"unix:/absolute/path\""
+            )
+        };
+        if let Some(rest) = address.strip_prefix("unix:") {
+            let path = rest.strip_prefix("//").unwrap_or(rest);
+            if !path.starts_with('/') || path.len() < 2 {
+                return Err(invalid());
+            }
+            return Ok(ListenAddress::Unix(PathBuf::from(path)));
+        }
+        let authority = address.strip_prefix("http://").unwrap_or(address);
+        let (host, port) = authority.rsplit_once(':').ok_or_else(invalid)?;
+        if host.is_empty() || host.contains('/') || port.parse::<u16>().is_err() {
+            return Err(invalid());
+        }
+        Ok(ListenAddress::Tcp(authority.to_string()))
+    }
+}
+
+/// The tokio runtime of this process, built on first use and again in a
+/// forked child (whose copy has no threads): one worker thread.
+pub fn runtime() -> io::Result<Arc<Runtime>> {
+    static RUNTIME: Mutex<Option<(u32, Arc<Runtime>)>> = Mutex::new(None);
+    let pid = std::process::id();
+    let mut slot = RUNTIME.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((owner, rt)) = slot.as_ref() {
+        if *owner == pid {
+            return Ok(rt.clone());
+        }
+    }
+    if let Some((_, inherited)) = slot.take() {
+        // The parent's runtime: its threads do not exist here, and dropping
+        // it could wait for them forever.
+        std::mem::forget(inherited);
+    }
+    let rt = Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("snakepit-telemetry")
+            .enable_all()
+            .build()?,
+    );
+    *slot = Some((pid, rt.clone()));
+    Ok(rt)
+}
+
+/// A running server; [`ServerHandle::stop`] (or drop) ends it and its calls.
+#[derive(Debug)]
+pub struct ServerHandle {
+    address: String,
+    task: JoinHandle<()>,
+    path: Option<PathBuf>,
+    pid: u32,
+}
+
+impl ServerHandle {
+    /// The bound address: `ip:port` or `unix:/path`.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    pub fn stop(self) {}
+
+    /// Forgets the server without touching its task (in a forked child,
+    /// whose copy of the runtime has no threads).
+    pub fn forget(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        if self.pid != std::process::id() {
+            return;
+        }
+        self.task.abort();
+        if let Some(path) = &self.path {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Starts serving `core` on `address`.
+pub fn serve(core: Arc<Core>, address: &str) -> io::Result<ServerHandle> {
+    let listen = ListenAddress::parse(address)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let rt = runtime()?;
+    let service = TelemetryService::new(core);
+    let _guard = rt.enter();
+    match listen {
+        ListenAddress::Tcp(authority) => {
+            let std_listener = std::net::TcpListener::bind(authority.as_str())?;
+            std_listener.set_nonblocking(true)?;
+            let bound = std_listener.local_addr()?;
+            let listener = tokio::net::TcpListener::from_std(std_listener)?;
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let task = rt.spawn(async move {
+                let _ = tonic::transport::Server::builder()
+                    .tcp_nodelay(true)
+                    .serve_with_incoming(service, incoming)
+                    .await;
+            });
+            Ok(ServerHandle {
+                address: bound.to_string(),
+                task,
+                path: None,
+                pid: std::process::id(),
+            })
+        }
+        ListenAddress::Unix(path) => {
+            remove_stale_socket(&path)?;
+            let std_listener = std::os::unix::net::UnixListener::bind(&path)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            std_listener.set_nonblocking(true)?;
+            let listener = tokio::net::UnixListener::from_std(std_listener)?;
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            let task = rt.spawn(async move {
+                let _ = tonic::transport::Server::builder()
+                    .serve_with_incoming(service, incoming)
+                    .await;
+            });
+            Ok(ServerHandle {
+                address: format!("unix:{}", path.display()),
+                task,
+                path: Some(path),
+                pid: std::process::id(),
+            })
+        }
+    }
+}
+
+/// Removes a socket file nobody listens on (left by a dead process);
+/// anything else at `path` is left alone (bind then fails).
+fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} is served by another process", path.display()),
+                )),
+                Err(_) => std::fs::remove_file(path),
+            }
+        }
+        _ => Ok(()),
+    }
+}
