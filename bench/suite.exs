@@ -211,8 +211,7 @@ defmodule Bench do
   telemetry and `calls` calls each in a span (100% sampling, default
   settings), in alternating blocks of `block` calls (ABBA, the first side
   alternating by round), so that a change in the machine's load hits both
-  sides alike; the telemetry side also gets the CPU of the worker's other
-  threads. A handler counts the `python.call.stop` events; a round goes on
+  sides alike; each block's process CPU goes to its side. A handler counts the `python.call.stop` events; a round goes on
   once all of them were handled. Per worker: the overhead of each round
   (CPU on / off - 1), its median, min and max.
   """
@@ -256,6 +255,7 @@ defmodule Bench do
          calls: hd(mine) |> elem(1) |> Map.fetch!("calls"),
          rounds: length(overheads),
          overheads: overheads,
+         calling: median(for {_, r} <- mine, do: r["calling_on_s"] / r["calling_off_s"] - 1),
          handled: :counters.get(counter, 1)
        }}
     end)
@@ -338,7 +338,7 @@ span_calls = scale.(2_000, 200)
 span_rounds = scale.(5, 1)
 busy_calls = scale.(1_000, 200)
 busy_rounds = scale.(11, 3)
-busy_block = 10
+busy_block = 20
 flood_runs = 3
 
 IO.puts(:stderr, "bench: Python hot path, per implementation")
@@ -453,6 +453,12 @@ busy_workers =
 busy_impl = Map.new(busy_workers, fn {id, w} -> {id, Bench.impl(id, w)} end)
 busy = Bench.busy_ab(busy_workers, busy_calls, busy_rounds, busy_block)
 busy_handled = busy |> Map.values() |> hd() |> Map.fetch!(:handled)
+
+busy_calling =
+  Enum.map_join(busy_workers, ", ", fn {id, _} ->
+    "#{busy_impl[id]} #{Float.round(busy[id].calling * 100, 2)}%"
+  end)
+
 busy_expected = busy |> Map.values() |> Enum.map(&(&1.calls * &1.rounds)) |> Enum.sum()
 Enum.each(busy_workers, fn {id, w} -> Bench.stop_worker(id, w) end)
 
@@ -695,10 +701,11 @@ apart; medians of #{span_rounds} alternating rounds), so the process CPU is the 
 against 1 ms of work. Busy A/B rows: per round, #{busy_calls} busy ~1 ms calls (a spin loop) each in a
 span (100% sampling, default settings) and #{busy_calls} without telemetry, in alternating blocks of #{busy_block}
 calls (ABBA order, the first side alternating by round), so a change in the machine's load hits both
-sides alike; the calling thread's CPU of each block goes to its side, the CPU of all other threads of
-the process (the stream's sender and server) over the round to the telemetry side; #{busy_rounds} rounds,
-interleaved across the implementations. Overhead = CPU with / without - 1 per round: median and
-(min..max). #{busy_handled} of #{busy_expected} `python.call.stop` events were delivered and handled.
+sides alike; each block's process CPU (all threads) goes to its side, and a block of spans ends once
+its events were handed to the stream (so its telemetry work is not left to the next block);
+#{busy_rounds} rounds, interleaved across the implementations. Overhead = CPU with / without - 1 per
+round: median and (min..max); of that, in the calling thread (median): #{busy_calling}.
+#{busy_handled} of #{busy_expected} `python.call.stop` events were delivered and handled.
 Row 8: one handler that spins #{busy_us} us per event (the bottleneck), #{n_par} events per worker;
 each worker's events run in its own delivery process, so #{schedulers} workers can use all
 #{schedulers} schedulers (this VM: +S #{schedulers}; set ELIXIR_ERL_OPTIONS="+S n" to choose) while 1

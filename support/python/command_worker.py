@@ -43,15 +43,15 @@ Commands (one JSON object per stdin line, ACK payload after the arrow):
   handed to gRPC -> {"calls": N, "cpu_s": process CPU (all threads) over the
   run, "wall_s": s}. The work per call is calibrated once per ``work_us`` (the
   first spin run), so every later run does exactly the same work;
-* ``spanab`` {calls, work_us: 1000, block: 10, first: "off"}: an A/B of busy
+* ``spanab`` {calls, work_us: 1000, block: 20, first: "off"}: an A/B of busy
   calls as ``spanwork`` spins them, ``calls`` without telemetry and ``calls``
   each in a ``python.call`` span, in alternating blocks of ``block`` calls (ABBA
   order from ``first``: off, on, on, off, off, ...), so both sides see the same
-  machine load. The calling thread's CPU of each block goes to its side; the
-  CPU of every other thread of the process over the run (the telemetry's
-  sender and server threads, until the events were handed to gRPC) to the
-  "on" side -> {"calls": per side, "blocks": per side, "cpu_on_s",
-  "cpu_off_s", "main_on_s", "others_s", "wall_s"};
+  machine load; the process CPU (all threads) of each block goes to its side,
+  and a block of spans ends once its events were handed to gRPC
+  (``wait_drained``), so its telemetry work is not left to the next block ->
+  {"calls": per side, "blocks": per side, "cpu_on_s", "cpu_off_s",
+  "calling_on_s", "calling_off_s" (the calling thread's share), "wall_s"};
 * ``rusage`` -> {"cpu_s": process CPU time so far, "rss_kb": resident memory};
 * ``write_stderr`` {parts: [{hex, repeat: 1}, ...]} writes to stderr, in one
   write, the bytes each ``hex`` encodes ``repeat`` times over (any bytes, e.g.
@@ -434,7 +434,7 @@ class Worker:
         """Busy calls with and without spans, in alternating blocks (see the module doc)."""
         calls = _int_arg(cmd, "calls", 1000)
         work_us = max(1, _int_arg(cmd, "work_us", 1000))
-        block = max(1, _int_arg(cmd, "block", 10))
+        block = max(1, _int_arg(cmd, "block", 20))
         first = cmd.get("first", "off")
         if first not in ("off", "on"):
             raise CommandError('\'first\' must be "off" or "on"')
@@ -443,31 +443,30 @@ class Worker:
         a = first == "on"
         # ABBA order: a drift over the run costs both sides the same.
         order = [x for i in range(blocks) for x in ((a, not a) if i % 2 == 0 else (not a, a))]
-        main = {True: 0.0, False: 0.0}
-        thread_time = time.thread_time
+        process = {True: 0.0, False: 0.0}
+        calling = {True: 0.0, False: 0.0}
+        process_time, thread_time = time.process_time, time.thread_time
         wall = time.perf_counter()
-        process0, thread0 = time.process_time(), thread_time()
         for traced in order:
-            started = thread_time()
+            process0, thread0 = process_time(), thread_time()
             if traced:
                 for _ in range(block):
                     with span("python.call", {"command": "predict"}):
                         _spin(spins)
+                # The block's telemetry work is done in the block, not left to the next.
+                self.stream.wait_drained(30)
             else:
                 for _ in range(block):
                     _spin(spins)
-            main[traced] += thread_time() - started
-        self.stream.wait_drained(30)
-        # Every other thread's CPU is the telemetry's (the stream's sender and
-        # server threads; the grpcio server idles): it goes to the "on" side.
-        others = (time.process_time() - process0) - (thread_time() - thread0)
+            process[traced] += process_time() - process0
+            calling[traced] += thread_time() - thread0
         return {
             "calls": blocks * block,
             "blocks": blocks,
-            "cpu_on_s": main[True] + max(0.0, others),
-            "cpu_off_s": main[False],
-            "main_on_s": main[True],
-            "others_s": others,
+            "cpu_on_s": process[True],
+            "cpu_off_s": process[False],
+            "calling_on_s": calling[True],
+            "calling_off_s": calling[False],
             "wall_s": time.perf_counter() - wall,
         }
 
