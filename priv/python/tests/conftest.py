@@ -110,6 +110,10 @@ class Client:
     """
 
     def __init__(self, address: str, **channel_options: object) -> None:
+        if address.startswith("unix:"):
+            # grpc-core sends the percent-encoded socket path as :authority, which
+            # the native server's HTTP/2 stack (h2) rejects as malformed.
+            channel_options.setdefault("grpc.default_authority", "localhost")
         self.channel = grpc.insecure_channel(address, options=list(channel_options.items()))
         self._requests: queue.Queue[object] = queue.Queue()
         self.events: queue.Queue[pb.TelemetryEvent] = queue.Queue()

@@ -174,12 +174,14 @@ def native_stream() -> telemetry.NativeTelemetryStream:
 
 @pytest.mark.native_only
 def test_serve_on_tcp_port_0(native_stream: telemetry.NativeTelemetryStream) -> None:
-    assert telemetry.get_backend().name == "stderr"  # not served yet
+    backends._reset_for_tests()  # forget that set_stream chose the gRPC path
+    assert telemetry.get_backend().name == "stderr"
     address = telemetry.serve("127.0.0.1:0")
     host, port = address.rsplit(":", 1)
     assert host == "127.0.0.1" and int(port) > 0 and native_stream.serving == address
     assert telemetry.get_backend().name == "grpc"  # serving chose the gRPC path
-    for client in (BatchClient(address), Client(address)):
+    for make in (BatchClient, Client):
+        client = make(address)
         try:
             assert wait_until(lambda: native_stream.stats()["active_stream"])
             for i in range(50):
@@ -187,7 +189,11 @@ def test_serve_on_tcp_port_0(native_stream: telemetry.NativeTelemetryStream) -> 
             events = client.take(50)
             assert [e.measurements["seq"].int_value for e in events] == list(range(50))
             assert {(e.correlation_id, e.metadata["k"]) for e in events} == {("cid", "v")}
-            _, report = client.take_stats()
+            if isinstance(client, BatchClient):
+                assert wait_until(lambda: client.stats_batches)  # noqa: B023
+                report = client.stats_batches[0].events[0]
+            else:
+                _, report = client.take_stats()
             assert dict(report.metadata) == {
                 "instance_id": native_stream.instance_id,
                 "implementation": "native",
@@ -232,7 +238,7 @@ def test_served_calls_need_the_secret(tmp_path: Path) -> None:
         finally:
             intruder.close()
         assert s.stats()["refused_calls"] == 1
-        channel = grpc.insecure_channel(address)
+        channel = grpc.insecure_channel(address, options=[("grpc.default_authority", "x")])
         try:
             method = channel.stream_stream(
                 "/snakepit.bridge.BridgeService/StreamTelemetry",
@@ -328,8 +334,8 @@ def test_a_forked_child_has_a_working_stream_of_its_own(tmp_path: Path) -> None:
             try:
                 (event,) = client.take(1, timeout=10)
                 assert list(event.event_parts) == ["child", "evt"]
-                _, report = client.take_stats(timeout=10)
-                assert report.metadata["instance_id"] == child["id"]
+                assert wait_until(lambda: client.stats_batches, timeout=10)
+                assert client.stats_batches[0].events[0].metadata["instance_id"] == child["id"]
                 client.assert_quiet(0.1)
             finally:
                 client.close()

@@ -192,7 +192,12 @@ def _package_files() -> set[str]:
         str(p.relative_to(PY_ROOT))
         for d in PACKAGE_DIRS
         for p in d.rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+        if p.is_file()
+        and "__pycache__" not in p.parts
+        and p.suffix != ".pyc"
+        # The native extension built in place (script/build-python-ext) is a local,
+        # gitignored artifact: the setuptools wheel is the pure-Python package.
+        and not (p.name.startswith("_native.") and p.suffix in (".so", ".pyd"))
     }
 
 

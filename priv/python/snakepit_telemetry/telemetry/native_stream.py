@@ -137,11 +137,6 @@ class NativeTelemetryStream:
             deny=list(control.deny),
             secret=self._auth.secret(),
         )
-        # The stats events' internal_errors include the failures counted outside
-        # any stream, as the pure stream's do.
-        set_process_errors = getattr(self._native, "set_process_errors", None)
-        if set_process_errors is not None:
-            set_process_errors(errors.total)
         # The hot methods are the extension's own bound methods: no Python frame
         # between the caller and Rust.
         self.emit_event = self._native.emit_event  # type: ignore[method-assign]

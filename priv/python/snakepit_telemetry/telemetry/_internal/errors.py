@@ -8,12 +8,18 @@ to reach a backend, a backend's own failures (counted as its ``errors`` too),
 the interceptor, the samplers and the GC hook. Every stream adds this count to
 the ``internal_errors`` of its ``telemetry.python.stats`` reports, so it reaches
 Elixir with the stream's own.
+
+With the native implementation the count lives in the extension (an atomic its
+stats events read without the GIL): :func:`count` and :func:`total` are the
+extension's ``count_process_errors`` and ``process_errors``.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+
+from . import implementation
 
 _lock = threading.Lock()
 _count = 0
@@ -31,10 +37,18 @@ def total() -> int:
     return _count
 
 
+_native = implementation.native()
+if _native is not None:
+    count = _native.count_process_errors  # noqa: F811 - the extension's count wins
+    total = _native.process_errors  # noqa: F811
+
+
 def _reset_for_tests() -> None:
     global _count
     with _lock:
         _count = 0
+    if _native is not None:
+        _native.reset_process_errors()
 
 
 def _start_over_in_child() -> None:
@@ -43,6 +57,8 @@ def _start_over_in_child() -> None:
     global _lock, _count
     _lock = threading.Lock()
     _count = 0
+    if _native is not None:
+        _native.reset_process_errors()
 
 
 if hasattr(os, "register_at_fork"):
