@@ -54,13 +54,18 @@ pub enum NameLookup {
 const NAME_SLOTS: usize = 1024;
 
 struct NameSlot {
+    /// The `str` object last looked up here, with a reference of ours
+    /// (so its address cannot be reused while it is here). Released when
+    /// the slot is replaced (with the GIL held), leaked at thread exit.
+    object: *mut ffi::PyObject,
     key: Box<[u8]>,
     name: Option<Rc<Name>>,
 }
 
 thread_local! {
     /// Dotted name -> validated name, direct-mapped by Python's (cached)
-    /// string hash: bounded, no lock, no allocation on a hit.
+    /// string hash: bounded, no lock; a hit on the same object costs a
+    /// pointer comparison, on an equal string a memcmp.
     static NAMES: RefCell<Vec<Option<NameSlot>>> = RefCell::new((0..NAME_SLOTS).map(|_| None).collect());
 }
 
@@ -106,31 +111,41 @@ fn name_from_parts<'a>(parts: impl IntoIterator<Item = &'a str> + Clone) -> Opti
 /// A dotted name of an exact `str` object, cached.
 ///
 /// # Safety
-/// `event` must be a live exact `str` object.
+/// `event` must be a live exact `str` object; the GIL is held.
 #[inline]
 pub unsafe fn lookup_str(event: *mut ffi::PyObject) -> NameLookup {
-    let Some(text) = utf8(event) else {
-        return NameLookup::Unencodable;
-    };
     let hash = ffi::PyObject_Hash(event);
     let index = (hash as usize) & (NAME_SLOTS - 1);
     let hit = NAMES.with(|names| {
         let names = names.borrow();
         match &names[index] {
-            Some(slot) if &*slot.key == text.as_bytes() => Some(slot.name.clone()),
-            _ => None,
+            Some(slot) if slot.object == event => Some(slot.name.clone()),
+            Some(slot) => match utf8(event) {
+                Some(text) if &*slot.key == text.as_bytes() => Some(slot.name.clone()),
+                _ => None,
+            },
+            None => None,
         }
     });
     let name = match hit {
         Some(name) => name,
         None => {
+            let Some(text) = utf8(event) else {
+                return NameLookup::Unencodable;
+            };
             let name = name_from_parts(text.split('.')).map(Rc::new);
-            NAMES.with(|names| {
-                names.borrow_mut()[index] = Some(NameSlot {
+            ffi::Py_INCREF(event);
+            let old = NAMES.with(|names| {
+                names.borrow_mut()[index].replace(NameSlot {
+                    object: event,
                     key: text.as_bytes().into(),
                     name: name.clone(),
                 })
             });
+            if let Some(old) = old {
+                // A str's deallocation runs no Python code.
+                ffi::Py_DECREF(old.object);
+            }
             name
         }
     };
@@ -309,6 +324,16 @@ fn mapping_items<'py>(
     Ok(out)
 }
 
+/// Whether converting `obj` runs no Python code: an exact str, int or
+/// float, or None.
+#[inline]
+unsafe fn plain(obj: *mut ffi::PyObject) -> bool {
+    ffi::PyUnicode_CheckExact(obj) != 0
+        || ffi::PyLong_CheckExact(obj) != 0
+        || ffi::PyFloat_CheckExact(obj) != 0
+        || obj == ffi::Py_None()
+}
+
 /// Calls `f` with each (key, value) of a mapping: an exact dict is read in
 /// place (references held across any Python code `f` runs; a dict resized
 /// meanwhile fails the event, as iterating it in Python raises).
@@ -328,7 +353,10 @@ fn for_each_item<'py>(
                 let key = Bound::from_borrowed_ptr(py, key);
                 let value = Bound::from_borrowed_ptr(py, value);
                 f(&key, &value)?;
-                if ffi::PyDict_Size(dict.as_ptr()) != size {
+                // Only Python code (str(), int(), ...) can resize the dict.
+                if !(plain(key.as_ptr()) && plain(value.as_ptr()))
+                    && ffi::PyDict_Size(dict.as_ptr()) != size
+                {
                     return Err(Failed);
                 }
             }

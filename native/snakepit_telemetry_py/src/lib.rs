@@ -26,9 +26,9 @@ use snakepit_telemetry_worker::stream::{self as wstream, CallCell, Core, Reason,
 
 use convert::{Failed, NameLookup};
 
-/// Room reserved in an event's buffer beyond its name: enough for a few
-/// measurements and metadata entries, so the usual event needs one buffer.
-const EVENT_CAPACITY: usize = 96;
+/// Initial size of a thread's scratch buffer (events that fit their queue
+/// slot, see `INLINE_BODY`, are copied there).
+const EVENT_CAPACITY: usize = 256;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -61,7 +61,16 @@ fn emit_into(
     if core.is_full() {
         return core.refuse(Reason::QueueFull);
     }
-    let mut w = EventWriter::new(&name.encoded, EVENT_CAPACITY);
+    // A scratch buffer per thread: an event that fits its queue slot needs
+    // no allocation. (An emit re-entered from Python code run below finds
+    // it taken and uses a new one.)
+    let scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    let scratch = if scratch.capacity() == 0 {
+        Vec::with_capacity(EVENT_CAPACITY)
+    } else {
+        scratch
+    };
+    let mut w = EventWriter::with_buffer(scratch, &name.encoded);
     drop(name);
     match encode_fields(
         &mut w,
@@ -78,10 +87,16 @@ fn emit_into(
             if errors != 0 {
                 core.count("internal_errors", errors);
             }
-            core.push(w.finish(timestamp_ns));
+            let (item, scratch) = w.finish_reuse(timestamp_ns);
+            core.push(item);
+            SCRATCH.with(|s| *s.borrow_mut() = scratch);
         }
         Err(Failed) => core.refuse(Reason::InternalError),
     }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn encode_fields(
@@ -192,6 +207,12 @@ impl Stream {
     #[getter]
     fn instance_id(&self) -> String {
         self.core_ref().instance_id().to_string()
+    }
+
+    /// Whether a sender waits for an event (so an emit wakes it).
+    #[getter]
+    fn idle(&self) -> bool {
+        self.core_ref().idle_waiters() > 0
     }
 
     #[getter]
@@ -375,10 +396,6 @@ impl Stream {
         let settings = unsafe { (*old).settings().clone() };
         let fresh = Arc::into_raw(Arc::new(Core::new(settings))) as *mut Core;
         self.core.store(fresh, Ordering::Release);
-        // The default stream's pointer follows (its count is leaked too).
-        let _ = DEFAULT
-            .compare_exchange(old, fresh, Ordering::AcqRel, Ordering::Acquire)
-            .map(|_| unsafe { Arc::increment_strong_count(fresh) });
         // The server's task and socket belong to the parent. (A lock held
         // at the fork by a thread that does not exist here stays held.)
         if let Ok(mut server) = self.server.try_lock() {
@@ -446,8 +463,9 @@ impl Drop for Call {
     }
 }
 
-/// The default stream's core (one strong count), or null.
-static DEFAULT: AtomicPtr<Core> = AtomicPtr::new(std::ptr::null_mut());
+/// The default stream: a strong reference to a `Stream` object, or null.
+/// Read and written only with the GIL held.
+static DEFAULT: AtomicPtr<ffi::PyObject> = AtomicPtr::new(std::ptr::null_mut());
 
 struct Config {
     correlation_var: Py<PyAny>,
@@ -460,14 +478,14 @@ static CONFIG: AtomicPtr<Config> = AtomicPtr::new(std::ptr::null_mut());
 #[pyfunction]
 fn set_default(stream: Option<&Bound<'_, Stream>>) {
     let new = match stream {
-        Some(s) => Arc::into_raw(s.get().core()) as *mut Core,
+        Some(s) => s.clone().into_ptr(),
         None => std::ptr::null_mut(),
     };
     let old = DEFAULT.swap(new, Ordering::AcqRel);
     if !old.is_null() {
-        // SAFETY: DEFAULT's own strong count. Emitters hold a count of
-        // their own while they use the core (see emit).
-        drop(unsafe { Arc::from_raw(old) });
+        // SAFETY: DEFAULT's own reference, released with the GIL held (an
+        // emit running Python code holds a reference of its own).
+        unsafe { ffi::Py_DECREF(old) };
     }
 }
 
@@ -480,72 +498,177 @@ fn configure(correlation_var: Py<PyAny>, fallback: Py<PyAny>) {
     CONFIG.store(config, Ordering::Release);
 }
 
-/// `telemetry.emit` on the native implementation. Never raises.
-#[pyfunction]
-#[pyo3(signature = (event, measurements=None, metadata=None, correlation_id=None))]
-fn emit(
+const EMIT_PARAMS: [&str; 4] = ["event", "measurements", "metadata", "correlation_id"];
+
+/// Binds the vectorcall arguments of `emit` to its four parameters.
+///
+/// # Safety
+/// The arguments of a METH_FASTCALL | METH_KEYWORDS call.
+unsafe fn bind_emit_args(
     py: Python<'_>,
-    event: &Bound<'_, PyAny>,
-    measurements: Option<&Bound<'_, PyAny>>,
-    metadata: Option<&Bound<'_, PyAny>>,
-    correlation_id: Option<&Bound<'_, PyAny>>,
-) {
-    let config = CONFIG.load(Ordering::Acquire);
-    let ptr = DEFAULT.load(Ordering::Acquire);
-    let is_str = unsafe { ffi::PyUnicode_CheckExact(event.as_ptr()) } != 0;
-    if ptr.is_null() || !is_str {
-        if !config.is_null() {
-            // SAFETY: configs are never freed.
-            let fallback = unsafe { &(*config).fallback };
-            let none = py.None();
-            let none = none.bind(py);
-            let args = (
-                event,
-                measurements.unwrap_or(none),
-                metadata.unwrap_or(none),
-                correlation_id.unwrap_or(none),
-            );
-            if fallback.bind(py).call1(args).is_err() {
-                wstream::count_process_errors(1);
+    args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> PyResult<[*mut ffi::PyObject; 4]> {
+    let nargs = ffi::PyVectorcall_NARGS(nargsf as usize) as usize;
+    let mut slots = [std::ptr::null_mut(); 4];
+    if nargs > 4 {
+        return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+            "emit() takes from 2 to 4 positional arguments but {nargs} were given"
+        )));
+    }
+    for (i, slot) in slots.iter_mut().enumerate().take(nargs) {
+        *slot = *args.add(i);
+    }
+    if !kwnames.is_null() {
+        let names = Bound::from_borrowed_ptr(py, kwnames);
+        let names = names.cast_unchecked::<pyo3::types::PyTuple>();
+        for (i, name) in names.iter().enumerate() {
+            let name: String = name.extract()?;
+            let Some(index) = EMIT_PARAMS.iter().position(|p| *p == name) else {
+                return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                    "emit() got an unexpected keyword argument '{name}'"
+                )));
+            };
+            if !slots[index].is_null() {
+                return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                    "emit() got multiple values for argument '{name}'"
+                )));
             }
+            slots[index] = *args.add(nargs + i);
+        }
+    }
+    for (slot, name) in slots.iter().zip(EMIT_PARAMS).take(2) {
+        if slot.is_null() {
+            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                "emit() missing required argument: '{name}'"
+            )));
+        }
+    }
+    Ok(slots)
+}
+
+/// `telemetry.emit` on the native implementation: a bare METH_FASTCALL
+/// function (no argument-parsing layer). Never raises, except a TypeError
+/// for a call that does not match its signature, as a Python function would.
+unsafe extern "C" fn emit_raw(
+    _module: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    let py = Python::assume_attached();
+    let slots = match bind_emit_args(py, args, nargsf, kwnames) {
+        Ok(slots) => slots,
+        Err(e) => {
+            e.restore(py);
+            return std::ptr::null_mut();
+        }
+    };
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| emit_bound(py, slots)));
+    if outcome.is_err() {
+        wstream::count_process_errors(1);
+    }
+    if !ffi::PyErr_Occurred().is_null() {
+        // Every failure is counted where it happens; nothing may leak out.
+        ffi::PyErr_Clear();
+    }
+    ffi::Py_INCREF(ffi::Py_None());
+    ffi::Py_None()
+}
+
+/// # Safety
+/// `slots` are borrowed argument references (event and measurements set).
+unsafe fn emit_bound(py: Python<'_>, slots: [*mut ffi::PyObject; 4]) {
+    let [event, measurements, metadata, correlation_id] = slots;
+    let config = CONFIG.load(Ordering::Acquire);
+    let default = DEFAULT.load(Ordering::Acquire);
+    let none = ffi::Py_None();
+    let opt = |p: *mut ffi::PyObject| {
+        if p.is_null() || p == none {
+            None
         } else {
+            Some(Bound::from_borrowed_ptr(py, p))
+        }
+    };
+    if default.is_null() || ffi::PyUnicode_CheckExact(event) == 0 {
+        if config.is_null() {
+            wstream::count_process_errors(1);
+            return;
+        }
+        let arg = |p: *mut ffi::PyObject| {
+            Bound::from_borrowed_ptr(py, if p.is_null() { none } else { p })
+        };
+        // SAFETY: configs are never freed.
+        let fallback = (*config).fallback.bind(py);
+        let args = (
+            arg(event),
+            arg(measurements),
+            arg(metadata),
+            arg(correlation_id),
+        );
+        if fallback.call1(args).is_err() {
             wstream::count_process_errors(1);
         }
         return;
     }
-    // SAFETY: DEFAULT holds a strong count; this one keeps the core alive
-    // even if set_default replaces it while Python code runs below.
-    let core = unsafe {
-        Arc::increment_strong_count(ptr);
-        Arc::from_raw(ptr)
-    };
+    // Our own reference keeps the stream (and so its core) alive even if
+    // Python code run below replaces the default stream.
+    let stream = Bound::from_borrowed_ptr(py, default);
+    let stream = stream.cast_unchecked::<Stream>();
+    let core = stream.get().core_ref();
     let mut context_value = None;
-    let correlation_id = match correlation_id {
-        Some(c) if !c.is_none() => Some(c),
-        _ if !config.is_null() => {
+    let correlation_id = match opt(correlation_id) {
+        Some(c) => Some(c),
+        None if !config.is_null() => {
             // SAFETY: configs are never freed.
-            let var = unsafe { (*config).correlation_var.as_ptr() };
+            let var = (*config).correlation_var.as_ptr();
             let mut value: *mut ffi::PyObject = std::ptr::null_mut();
-            if unsafe { ffi::PyContextVar_Get(var, std::ptr::null_mut(), &mut value) } < 0 {
-                let _ = PyErr::take(py);
+            if ffi::PyContextVar_Get(var, std::ptr::null_mut(), &mut value) < 0 {
+                ffi::PyErr_Clear();
             } else if !value.is_null() {
-                context_value = Some(unsafe { Bound::from_owned_ptr(py, value) });
+                context_value = Some(Bound::from_owned_ptr(py, value));
             }
-            context_value.as_ref()
+            context_value.filter(|v| !v.is_none())
         }
-        _ => None,
+        None => None,
     };
-    let name = unsafe { convert::lookup_str(event.as_ptr()) };
+    let name = convert::lookup_str(event);
+    let measurements = opt(measurements);
+    let metadata = opt(metadata);
     emit_into(
-        &core,
+        core,
         name,
-        measurements,
-        metadata,
-        correlation_id,
+        measurements.as_ref(),
+        metadata.as_ref(),
+        correlation_id.as_ref(),
         None,
         0,
         None,
     );
+}
+
+static mut EMIT_DEF: ffi::PyMethodDef = ffi::PyMethodDef {
+    ml_name: c"emit".as_ptr(),
+    ml_meth: ffi::PyMethodDefPointer {
+        PyCFunctionFastWithKeywords: emit_raw,
+    },
+    ml_flags: ffi::METH_FASTCALL | ffi::METH_KEYWORDS,
+    ml_doc: c"emit(event, measurements, metadata=None, correlation_id=None)\n--\n\nQueue one event on the default stream (or hand it to the fallback); never raises.".as_ptr(),
+};
+
+fn add_emit(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    // SAFETY: a static method definition, read-only after this.
+    let function = unsafe {
+        let ptr = ffi::PyCFunction_NewEx(
+            std::ptr::addr_of_mut!(EMIT_DEF),
+            std::ptr::null_mut(),
+            m.name()?.as_ptr(),
+        );
+        Bound::from_owned_ptr_or_err(py, ptr)?
+    };
+    m.add("emit", function)
 }
 
 #[pyfunction]
@@ -572,7 +695,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("FLUSH_EVENTS", wstream::FLUSH_EVENTS)?;
     m.add_class::<Stream>()?;
     m.add_class::<Call>()?;
-    m.add_function(wrap_pyfunction!(emit, m)?)?;
+    add_emit(m)?;
     m.add_function(wrap_pyfunction!(set_default, m)?)?;
     m.add_function(wrap_pyfunction!(configure, m)?)?;
     m.add_function(wrap_pyfunction!(count_process_errors, m)?)?;

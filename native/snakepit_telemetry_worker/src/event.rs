@@ -11,11 +11,69 @@ use std::collections::VecDeque;
 
 use crate::pb::*;
 
+/// Bodies up to this size are stored in the queue slot itself: the usual
+/// event costs no allocation at all.
+pub const INLINE_BODY: usize = 176;
+
+/// An encoded event body.
+#[derive(Clone)]
+pub enum Body {
+    Inline { len: u8, data: [u8; INLINE_BODY] },
+    Heap(Vec<u8>),
+}
+
+impl Body {
+    #[inline]
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Body::Inline { len, data } => &data[..*len as usize],
+            Body::Heap(v) => v,
+        }
+    }
+
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `bytes` inline if they fit, else the vector itself.
+    #[inline]
+    pub fn from_vec(bytes: Vec<u8>) -> Body {
+        if bytes.len() <= INLINE_BODY && bytes.len() <= u8::MAX as usize {
+            let mut data = [0u8; INLINE_BODY];
+            data[..bytes.len()].copy_from_slice(&bytes);
+            Body::Inline {
+                len: bytes.len() as u8,
+                data,
+            }
+        } else {
+            Body::Heap(bytes)
+        }
+    }
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Body({:?})", self.as_slice())
+    }
+}
+
+impl PartialEq for Body {
+    fn eq(&self, other: &Body) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
 /// One queued event: encoded fields (all but the timestamp) and the
 /// wall-clock time of its emit in nanoseconds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Item {
-    pub body: Vec<u8>,
+    pub body: Body,
     pub timestamp_ns: i64,
 }
 
@@ -130,11 +188,46 @@ impl EventWriter {
         self.buf.is_empty()
     }
 
+    /// Starts in `buffer` (cleared; a scratch buffer reused across events).
+    #[inline]
+    pub fn with_buffer(mut buffer: Vec<u8>, name: &[u8]) -> EventWriter {
+        buffer.clear();
+        buffer.extend_from_slice(name);
+        EventWriter { buf: buffer }
+    }
+
     #[inline]
     pub fn finish(self, timestamp_ns: i64) -> Item {
         Item {
-            body: self.buf,
+            body: Body::from_vec(self.buf),
             timestamp_ns,
+        }
+    }
+
+    /// The event, plus the buffer back for reuse when the body went inline
+    /// (empty when the body kept it).
+    #[inline]
+    pub fn finish_reuse(self, timestamp_ns: i64) -> (Item, Vec<u8>) {
+        let buf = self.buf;
+        if buf.len() <= INLINE_BODY {
+            let mut data = [0u8; INLINE_BODY];
+            data[..buf.len()].copy_from_slice(&buf);
+            let item = Item {
+                body: Body::Inline {
+                    len: buf.len() as u8,
+                    data,
+                },
+                timestamp_ns,
+            };
+            (item, buf)
+        } else {
+            (
+                Item {
+                    body: Body::Heap(buf),
+                    timestamp_ns,
+                },
+                Vec::new(),
+            )
         }
     }
 }
@@ -165,7 +258,7 @@ pub fn event_message_len(item: &Item) -> usize {
 /// `item` as one serialized `TelemetryEvent` (absolute timestamp).
 pub fn event_message(item: &Item) -> Vec<u8> {
     let mut out = Vec::with_capacity(event_message_len(item));
-    out.extend_from_slice(&item.body);
+    out.extend_from_slice(item.body.as_slice());
     put_timestamp(&mut out, item.timestamp_ns);
     out
 }
@@ -235,7 +328,7 @@ pub fn encode_batch(events: &mut VecDeque<Item>, max_bytes: usize, max_events: u
             &mut payload,
             (item.body.len() + timestamp_len(offset)) as u64,
         );
-        payload.extend_from_slice(&item.body);
+        payload.extend_from_slice(item.body.as_slice());
         put_timestamp(&mut payload, offset);
         batch.encoded += 1;
     }
@@ -333,8 +426,7 @@ mod tests {
     #[test]
     fn batches_stay_within_bounds_and_drop_oversized_events() {
         let small = sample(5);
-        let mut big = sample(5);
-        big.body.extend(std::iter::repeat_n(0u8, 0)); // same size as small
+        let big = sample(5);
         let mut huge_writer = EventWriter::new(&encode_name(["a"]), 0);
         huge_writer.metadata("k", &"x".repeat(1000));
         let huge = huge_writer.finish(5);

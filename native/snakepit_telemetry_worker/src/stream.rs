@@ -911,6 +911,11 @@ impl Core {
         !self.should_wake(&shared, cell, idle)
     }
 
+    /// Callers asleep on an empty queue right now.
+    pub fn idle_waiters(&self) -> usize {
+        self.idle.load(Ordering::SeqCst)
+    }
+
     pub fn leave_idle(&self) {
         self.idle.fetch_sub(1, Ordering::SeqCst);
     }
