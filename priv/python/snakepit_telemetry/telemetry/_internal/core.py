@@ -10,7 +10,7 @@ one writing to a :class:`NativeTelemetryStream` (the one installed with
 ``_native.set_default``, kept up to date by :func:`_refresh_fast`), it converts
 and queues the event in Rust; otherwise it calls the pure :func:`_python_emit`
 below, which goes through the backends as with the python implementation.
-Spans on that stream take :meth:`span._enter_native`.
+Spans on that stream go straight to the extension too (see ``span.__enter__``).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ _fast_stream: TelemetryStream | None = None
 # Likewise for a native stream: its extension object, which spans write to directly.
 _native_stream: Any = None
 _time_ns = time.time_ns
+_monotonic_ns = time.monotonic_ns
 _current_correlation_id = _correlation_var.get  # get_correlation_id minus one call
 # The extension module when the native implementation runs, else None.
 _native = implementation.native()
@@ -185,11 +186,31 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
     def __enter__(self) -> span:
         try:
             native = _native_stream
-            if native is not None:
-                names = _native_span_names(self._name)
+            if native is not None and type(self._name) is str:
+                # The native default stream's common case, inlined (each call layer
+                # is a measurable share of a span's cost): sample once for the whole
+                # span, then emit <name>.start straight to the extension.
+                names = _native_span_name_cache.get(self._name, _MISSING)
+                if names is _MISSING:
+                    names = _native_span_names(self._name)
                 if names is not None:
-                    self._enter_native(native, names)
-                    self._started = time.monotonic_ns()
+                    correlation_id = self._correlation_id
+                    if correlation_id is None:
+                        correlation_id = self._correlation_id = _current_correlation_id()
+                    start = names[0]
+                    sampled = native.sample(start)
+                    self._backend = _NATIVE_SPAN
+                    self._token = (native, names, sampled)
+                    self._span_id = span_id = spans.new_span_id()
+                    native.emit_event(
+                        start,
+                        {"system_time": _time_ns()},
+                        self._metadata,
+                        correlation_id,
+                        sampled,
+                        span_id,
+                    )
+                    self._started = _monotonic_ns()
                     return self
             stream = _fast_stream
             if stream is not None and stream._fast_cap:
@@ -215,8 +236,22 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        ended = time.monotonic_ns()
+        ended = _monotonic_ns()
         if exc_type is None:
+            if self._backend is _NATIVE_SPAN:  # the common end, inlined
+                try:
+                    native, names, sampled = self._token
+                    native.emit_event(
+                        names[1],
+                        {"duration": ended - self._started},
+                        self._metadata,
+                        self._correlation_id,
+                        sampled,
+                        self._span_id,
+                    )
+                except Exception:
+                    errors.count()
+                return False
             self._end(None, None, ended)
         else:
             error = exc if exc is not None else backends.SpanFailure(exc_type.__name__, "")
@@ -267,24 +302,6 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
             (),
         )
         _queue_fast(stream, event)
-
-    def _enter_native(self, native: Any, names: tuple[str, str, str]) -> None:
-        """A native default stream: sample once for the whole span, then emit
-        ``<name>.start`` straight to the extension (converted there, at once)."""
-        if self._correlation_id is None:
-            self._correlation_id = _current_correlation_id()
-        self._backend = _NATIVE_SPAN
-        sampled = native.sample(names[0])
-        self._token = (native, names, sampled)
-        self._span_id = span_id = spans.new_span_id()
-        native.emit_event(
-            names[0],
-            {"system_time": _time_ns()},
-            self._metadata,
-            self._correlation_id,
-            sampled,
-            span_id,
-        )
 
     def _end_native(
         self, duration: int, error: BaseException | None, extra: Mapping[str, Any] | None
