@@ -489,6 +489,27 @@ fn set_default(stream: Option<&Bound<'_, Stream>>) {
     }
 }
 
+/// The default stream (`set_default`), or None.
+#[pyfunction]
+fn default_stream(py: Python<'_>) -> Option<Py<PyAny>> {
+    let ptr = DEFAULT.load(Ordering::Acquire);
+    // SAFETY: DEFAULT holds a reference; the GIL is held.
+    (!ptr.is_null()).then(|| unsafe { Bound::from_borrowed_ptr(py, ptr) }.unbind())
+}
+
+/// What `configure` set: `(correlation_var, fallback)`, or None.
+#[pyfunction]
+fn configuration(py: Python<'_>) -> Option<(Py<PyAny>, Py<PyAny>)> {
+    let ptr = CONFIG.load(Ordering::Acquire);
+    // SAFETY: configs are never freed.
+    (!ptr.is_null()).then(|| unsafe {
+        (
+            (*ptr).correlation_var.clone_ref(py),
+            (*ptr).fallback.clone_ref(py),
+        )
+    })
+}
+
 #[pyfunction]
 fn configure(correlation_var: Py<PyAny>, fallback: Py<PyAny>) {
     let config = Box::into_raw(Box::new(Config {
@@ -698,6 +719,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     add_emit(m)?;
     m.add_function(wrap_pyfunction!(set_default, m)?)?;
     m.add_function(wrap_pyfunction!(configure, m)?)?;
+    m.add_function(wrap_pyfunction!(default_stream, m)?)?;
+    m.add_function(wrap_pyfunction!(configuration, m)?)?;
     m.add_function(wrap_pyfunction!(count_process_errors, m)?)?;
     m.add_function(wrap_pyfunction!(process_errors, m)?)?;
     m.add_function(wrap_pyfunction!(reset_process_errors, m)?)?;
