@@ -244,35 +244,52 @@ def stream() -> Iterator[telemetry.AnyTelemetryStream]:
     s.close()
 
 
-@pytest.fixture
-def server(stream: telemetry.AnyTelemetryStream) -> Iterator[str]:
-    """A real gRPC server on loopback serving ``stream``; yields its address."""
+# How the ``server`` and ``serve`` fixtures serve a stream: through grpcio
+# (``telemetry.add_to_server``) and, on the native run, also from the extension's
+# own server (``NativeTelemetryStream.serve``): each test using them runs once per route.
+ROUTES = ["grpcio", "rust"] if NATIVE else ["grpcio"]
+
+
+@pytest.fixture(params=ROUTES)
+def route(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def start_serving(s: telemetry.AnyTelemetryStream, route: str) -> tuple[str, Callable[[], None]]:
+    """Serve ``s`` on a loopback port by ``route``; returns its address and how to stop."""
+    if route == "rust":
+        assert isinstance(s, telemetry.NativeTelemetryStream)
+        return s.serve("127.0.0.1:0"), s.stop_serving
     srv = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    telemetry.add_to_server(srv, stream)
+    telemetry.add_to_server(srv, s)
     port = srv.add_insecure_port("127.0.0.1:0")
     srv.start()
-    yield f"127.0.0.1:{port}"
-    stream.close()
-    srv.stop(0).wait(2)
+    return f"127.0.0.1:{port}", lambda: srv.stop(0).wait(2)
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[[telemetry.AnyTelemetryStream], str]]:
+def server(stream: telemetry.AnyTelemetryStream, route: str) -> Iterator[str]:
+    """A real gRPC server on loopback serving ``stream``; yields its address."""
+    address, stop = start_serving(stream, route)
+    yield address
+    stream.close()
+    stop()
+
+
+@pytest.fixture
+def serve(route: str) -> Iterator[Callable[[telemetry.AnyTelemetryStream], str]]:
     """Serve any stream (e.g. one built under a patched environment); yields a factory."""
-    servers: list[tuple[telemetry.AnyTelemetryStream, grpc.Server]] = []
+    servers: list[tuple[telemetry.AnyTelemetryStream, Callable[[], None]]] = []
 
     def start(s: telemetry.AnyTelemetryStream) -> str:
-        srv = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-        telemetry.add_to_server(srv, s)
-        port = srv.add_insecure_port("127.0.0.1:0")
-        srv.start()
-        servers.append((s, srv))
-        return f"127.0.0.1:{port}"
+        address, stop = start_serving(s, route)
+        servers.append((s, stop))
+        return address
 
     yield start
-    for s, srv in servers:
+    for s, stop in servers:
         s.close()
-        srv.stop(0).wait(2)
+        stop()
 
 
 @pytest.fixture

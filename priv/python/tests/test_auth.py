@@ -18,7 +18,7 @@ from snakepit_telemetry import snakepit_bridge_pb2_grpc as pb_grpc
 from snakepit_telemetry import telemetry
 from snakepit_telemetry.telemetry._internal import auth
 
-from .conftest import BATCHES_METHOD, BatchClient, Client, wait_until
+from .conftest import BATCHES_METHOD, BatchClient, Client, start_serving, wait_until
 
 SECRET = "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3I"
 WRONG = "d3Jvbmctd3Jvbmctd3Jvbmctd3Jvbmctd3Jvbmc"
@@ -66,15 +66,12 @@ def intrude(address: str, secret: str | None, batches: bool) -> grpc.StatusCode:
 
 
 @pytest.fixture
-def secured() -> Iterator[tuple[telemetry.AnyTelemetryStream, str]]:
+def secured(route: str) -> Iterator[tuple[telemetry.AnyTelemetryStream, str]]:
     s = telemetry.new_stream(queue_size=1024, secret=SECRET)
-    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    telemetry.add_to_server(srv, s)
-    port = srv.add_insecure_port("127.0.0.1:0")
-    srv.start()
-    yield s, f"127.0.0.1:{port}"
+    address, stop = start_serving(s, route)
+    yield s, address
     s.close()
-    srv.stop(0).wait(2)
+    stop()
 
 
 @pytest.mark.parametrize("owner_cls", [OwnerClient, OwnerBatchClient])
@@ -168,7 +165,7 @@ def test_the_secret_is_read_once_from_the_environment_and_removed(
         assert s._auth.required
         # Later streams of the process use the same secret.
         assert telemetry.new_stream()._auth.required
-        text = repr(s._auth) + repr(vars(s).get("_auth"))
+        text = repr(s._auth) + repr(vars(s).get("_auth")) + repr(vars(s).get("_native"))
         assert SECRET not in text
     finally:
         monkeypatch.delenv(auth.SECRET_ENV, raising=False)

@@ -267,6 +267,8 @@ class NativeTelemetryStream:
         socket). Returns the bound address. Raises ``OSError``/``ValueError`` if
         it cannot bind.
         """
+        if not self._auth.required:
+            auth.warn_open_once()  # the grpcio route warns at its first call
         return str(self._native.serve(address))
 
     def stop_serving(self) -> None:

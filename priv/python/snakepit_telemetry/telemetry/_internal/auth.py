@@ -36,7 +36,15 @@ from typing import Any
 
 import grpc
 
-__all__ = ["FROM_ENV", "SECRET_ENV", "SECRET_HEADER", "CallAuth", "process_secret", "refuse"]
+__all__ = [
+    "FROM_ENV",
+    "SECRET_ENV",
+    "SECRET_HEADER",
+    "CallAuth",
+    "process_secret",
+    "refuse",
+    "warn_open_once",
+]
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +125,7 @@ class CallAuth:
         """Whether the call may proceed: it carries the secret, or none is set."""
         expected = self._expected
         if expected is None:
-            _warn_open_once()
+            warn_open_once()
             return True
         try:
             given = _header(context)
@@ -134,7 +142,8 @@ def _header(context: grpc.ServicerContext) -> bytes | None:
     return None
 
 
-def _warn_open_once() -> None:
+def warn_open_once() -> None:
+    """Warn (once per process) that telemetry calls are served without a secret."""
     global _warned_open
     if _warned_open:
         return
