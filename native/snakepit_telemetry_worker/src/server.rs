@@ -12,13 +12,15 @@ use std::future::Future;
 use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes};
 use snakepit_telemetry_core::auth::SECRET_HEADER;
 use tokio::runtime::Runtime;
 use tokio::sync::futures::OwnedNotified;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Sleep;
 use tokio_stream::Stream;
@@ -85,15 +87,22 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// Calls opened through one server (so that stopping it ends them).
+type Calls = Arc<Mutex<Vec<Weak<CallCell>>>>;
+
 /// The telemetry methods of `BridgeService` for one stream.
 #[derive(Clone, Debug)]
 pub struct TelemetryService {
     core: Arc<Core>,
+    calls: Calls,
 }
 
 impl TelemetryService {
     pub fn new(core: Arc<Core>) -> Self {
-        TelemetryService { core }
+        TelemetryService {
+            core,
+            calls: Calls::default(),
+        }
     }
 }
 
@@ -127,6 +136,7 @@ where
         let method = Method {
             core: self.core.clone(),
             batched,
+            calls: self.calls.clone(),
         };
         Box::pin(async move {
             let mut grpc = Grpc::new(RawCodec);
@@ -138,6 +148,7 @@ where
 struct Method {
     core: Arc<Core>,
     batched: bool,
+    calls: Calls,
 }
 
 impl StreamingService<Bytes> for Method {
@@ -163,6 +174,11 @@ impl Method {
             }
         }
         let cell = core.open_call(self.batched);
+        {
+            let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+            calls.retain(|c| c.strong_count() > 0);
+            calls.push(Arc::downgrade(&cell));
+        }
         let mut inbound = request.into_inner();
         let controls_core = core.clone();
         let generation = cell.generation;
@@ -321,10 +337,17 @@ pub fn runtime() -> io::Result<Arc<Runtime>> {
 #[derive(Debug)]
 pub struct ServerHandle {
     address: String,
+    core: Arc<Core>,
+    calls: Calls,
+    shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
     path: Option<PathBuf>,
     pid: u32,
 }
+
+/// How long a stopped server's connections may take to close before its
+/// task is aborted.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 impl ServerHandle {
     /// The bound address: `ip:port` or `unix:/path`.
@@ -332,6 +355,9 @@ impl ServerHandle {
         &self.address
     }
 
+    /// Stops accepting, ends the calls opened through this server (as a
+    /// takeover would: unsent events go back to the queue) and closes its
+    /// connections; removes the unix socket.
     pub fn stop(self) {}
 
     /// Forgets the server without touching its task (in a forked child,
@@ -346,9 +372,22 @@ impl Drop for ServerHandle {
         if self.pid != std::process::id() {
             return;
         }
-        self.task.abort();
+        let calls = std::mem::take(&mut *self.calls.lock().unwrap_or_else(|e| e.into_inner()));
+        for cell in calls.iter().filter_map(Weak::upgrade) {
+            self.core.cancel(&cell);
+        }
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
         if let Some(path) = &self.path {
             let _ = std::fs::remove_file(path);
+        }
+        if let Ok(rt) = runtime() {
+            let task = self.task.abort_handle();
+            rt.spawn(async move {
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+                task.abort();
+            });
         }
     }
 }
@@ -358,9 +397,14 @@ pub fn serve(core: Arc<Core>, address: &str) -> io::Result<ServerHandle> {
     let listen = ListenAddress::parse(address)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let rt = runtime()?;
-    let service = TelemetryService::new(core);
+    let service = TelemetryService::new(core.clone());
+    let calls = service.calls.clone();
+    let (shutdown, signal) = oneshot::channel::<()>();
+    let signal = async move {
+        let _ = signal.await;
+    };
     let _guard = rt.enter();
-    match listen {
+    let (address, task, path) = match listen {
         ListenAddress::Tcp(authority) => {
             let std_listener = std::net::TcpListener::bind(authority.as_str())?;
             std_listener.set_nonblocking(true)?;
@@ -370,15 +414,10 @@ pub fn serve(core: Arc<Core>, address: &str) -> io::Result<ServerHandle> {
             let task = rt.spawn(async move {
                 let _ = tonic::transport::Server::builder()
                     .tcp_nodelay(true)
-                    .serve_with_incoming(service, incoming)
+                    .serve_with_incoming_shutdown(service, incoming, signal)
                     .await;
             });
-            Ok(ServerHandle {
-                address: bound.to_string(),
-                task,
-                path: None,
-                pid: std::process::id(),
-            })
+            (bound.to_string(), task, None)
         }
         ListenAddress::Unix(path) => {
             remove_stale_socket(&path)?;
@@ -390,17 +429,21 @@ pub fn serve(core: Arc<Core>, address: &str) -> io::Result<ServerHandle> {
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
             let task = rt.spawn(async move {
                 let _ = tonic::transport::Server::builder()
-                    .serve_with_incoming(service, incoming)
+                    .serve_with_incoming_shutdown(service, incoming, signal)
                     .await;
             });
-            Ok(ServerHandle {
-                address: format!("unix:{}", path.display()),
-                task,
-                path: Some(path),
-                pid: std::process::id(),
-            })
+            (format!("unix:{}", path.display()), task, Some(path))
         }
-    }
+    };
+    Ok(ServerHandle {
+        address,
+        core,
+        calls,
+        shutdown: Some(shutdown),
+        task,
+        path,
+        pid: std::process::id(),
+    })
 }
 
 /// Removes a socket file nobody listens on (left by a dead process);

@@ -184,6 +184,8 @@ pub struct CallCell {
     pub generation: u64,
     pub batched: bool,
     ended: AtomicBool,
+    /// Ended from outside (its server stops): the next step finishes it.
+    cancelled: AtomicBool,
     state: Mutex<CallState>,
 }
 
@@ -593,6 +595,7 @@ impl Core {
             generation,
             batched,
             ended: AtomicBool::new(false),
+            cancelled: AtomicBool::new(false),
             state: Mutex::new(CallState {
                 batch: VecDeque::new(),
                 pending: None,
@@ -665,7 +668,7 @@ impl Core {
         }
         loop {
             let mut shared = lock(&self.shared);
-            if shared.generation != cell.generation {
+            if shared.generation != cell.generation || cell.cancelled.load(Ordering::SeqCst) {
                 drop(shared);
                 self.finish_locked(cell, &mut st);
                 return Step::Ended;
@@ -826,6 +829,13 @@ impl Core {
         }
     }
 
+    /// Ends `cell`'s call from outside: its next step finishes it (the
+    /// message in a send, if any, counts as sent once it asks again).
+    pub fn cancel(&self, cell: &CallCell) {
+        cell.cancelled.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+
     /// The message of the last step was taken by the transport.
     pub fn confirm(&self, cell: &CallCell) {
         let mut st = lock(&cell.state);
@@ -874,6 +884,7 @@ impl Core {
     fn should_wake(&self, shared: &Shared, cell: &CallCell, idle: bool) -> bool {
         shared.generation != cell.generation
             || cell.is_finished()
+            || cell.cancelled.load(Ordering::SeqCst)
             || (idle && self.queue_len_locked(shared) > 0)
     }
 

@@ -349,3 +349,26 @@ fn bad_addresses_are_refused() {
     }
     assert!(server::serve(core, "unix:/nonexistent-dir/for/sure/t.sock").is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_server_ends_its_call_and_keeps_the_queue() {
+    let core = core(Some(SECRET));
+    let handle = server::serve(core.clone(), "127.0.0.1:0").unwrap();
+    let address = handle.address().to_string();
+    let mut reader = read(&address, config(SECRET));
+    assert_eq!(reader.status().await, Status::Connecting);
+    assert_eq!(reader.status().await, Status::Open(Protocol::Batches));
+    wait_for("the call", || core.stats().active_stream).await;
+    tokio::task::spawn_blocking(move || handle.stop())
+        .await
+        .unwrap();
+    match reader.status().await {
+        Status::Closed(CloseReason::EndOfStream) | Status::Closed(CloseReason::Error(_)) => {}
+        other => panic!("expected the call to end, got {other:?}"),
+    }
+    wait_for("the call to end", || !core.stats().active_stream).await;
+    // Nothing listens any more; events wait in the queue for the next call.
+    assert!(tokio::net::TcpStream::connect(&address).await.is_err());
+    core.push(stop_event(1, ""));
+    assert_eq!(stat(&core, "queue_len"), 1);
+}
