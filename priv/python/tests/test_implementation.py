@@ -21,7 +21,7 @@ from snakepit_telemetry import telemetry
 from snakepit_telemetry.telemetry import backends
 from snakepit_telemetry.telemetry._internal import auth, implementation
 
-from .conftest import NATIVE, PY_ROOT, BatchClient, Client, wait_until
+from .conftest import NATIVE, PY_ROOT, BatchClient, Client, start_serving, wait_until
 
 ENV = implementation.IMPLEMENTATION_ENV
 
@@ -349,3 +349,33 @@ def test_a_forked_child_has_a_working_stream_of_its_own(tmp_path: Path) -> None:
     # The parent's stream is unchanged.
     assert s.instance_id == parent_id
     assert [".".join(e.parts) for e in s.drain_queued()] == ["parent.evt"]
+
+
+@pytest.mark.native_only
+def test_one_active_call_across_both_routes(
+    native_stream: telemetry.NativeTelemetryStream,
+) -> None:
+    """A call on the extension's server takes over from a grpcio call, and back."""
+    grpcio_address, stop_grpcio = start_serving(native_stream, "grpcio")
+    rust_address = native_stream.serve("127.0.0.1:0")
+    try:
+        seq = 0
+        previous: BatchClient | None = None
+        for address in (grpcio_address, rust_address, grpcio_address):
+            want = native_stream.stats()["streams_opened"] + 1
+            client = BatchClient(address)
+            assert wait_until(lambda w=want: native_stream.stats()["streams_opened"] == w)
+            if previous is not None:
+                assert previous.done.wait(5), "the superseded call did not end"
+                assert previous.error is None  # ended normally, not cancelled
+                previous.close()
+            for _ in range(10):
+                native_stream.emit_event("route.evt", {"seq": seq})
+                seq += 1
+            got = [e.measurements["seq"].int_value for e in client.take(10)]
+            assert got == list(range(seq - 10, seq))
+            previous = client
+        assert previous is not None
+        previous.close()
+    finally:
+        stop_grpcio()
