@@ -16,9 +16,12 @@ Two implementations of that stream (:func:`implementation` says which one runs;
   (:class:`NativeTelemetryStream`), chosen by ``auto`` when it is built.
   ``emit`` is the extension's function: it converts the event during the call
   and keeps no reference to the caller's measurements and metadata (changing
-  them afterwards changes nothing that is sent); queueing, encoding and
-  sending run outside the GIL. :func:`serve` serves the calls from a gRPC
-  server on Rust threads in this process; :func:`add_to_server` still works.
+  them afterwards changes nothing that is sent; the other backends converted
+  during the call already, so this now holds on every path, except for a pure
+  :class:`TelemetryStream` passed to :func:`set_stream` explicitly). Queueing,
+  encoding and sending run in Rust, outside the GIL. :func:`serve` serves the
+  calls from a gRPC server on Rust threads in this process;
+  :func:`add_to_server` still works.
 * ``python``: :class:`TelemetryStream`, chosen where the extension is not built
   (``native`` falls back to it with one warning). Served with
   :func:`add_to_server` only. Its grpc path queues the caller's measurements

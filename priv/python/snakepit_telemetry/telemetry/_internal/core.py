@@ -94,7 +94,7 @@ def stats() -> dict[str, int | bool]:
     return get_stream().stats()
 
 
-def _python_emit(
+def emit(
     event: str | Sequence[str],
     measurements: Mapping[str, Any] | None,
     metadata: Mapping[Any, Any] | None = None,
@@ -131,10 +131,11 @@ def _python_emit(
         errors.count()
 
 
-emit: Callable[..., None] = _python_emit
+# The pure emit, which the native one falls back to.
+_python_emit = emit
 if _native is not None:
     _native.configure(_correlation_var, _python_emit)
-    emit = _native.emit
+    emit = _native.emit  # noqa: F811 - with the extension, emit is its function
 
 _suffixed = suffixed
 
