@@ -719,6 +719,38 @@ mod tests {
         }
     }
 
+    #[test]
+    fn apply_counting_reports_rules_pushed_out_and_the_state_reads_back() {
+        let mut state = ControlState::default();
+        assert!(!state.filtering());
+        for i in 0..MAX_RULES + 3 {
+            let p = format!("r{i}.*");
+            assert_eq!(
+                state.apply_counting(&sampling(0.5, &[p.as_str()])),
+                Some(usize::from(i >= MAX_RULES))
+            );
+        }
+        // Replacing a rule (same patterns) pushes nothing out.
+        assert_eq!(state.apply_counting(&sampling(0.25, &["r5.*"])), Some(0));
+        let rules: Vec<(f64, Vec<String>)> =
+            state.rules().map(|(rate, p)| (rate, p.to_vec())).collect();
+        assert_eq!(rules.len(), MAX_RULES);
+        assert_eq!(rules[0], (0.5, vec!["r3.*".to_string()]));
+        assert_eq!(rules[MAX_RULES - 1], (0.25, vec!["r5.*".to_string()]));
+        assert_eq!(state.apply_counting(&sampling(f64::NAN, &[])), Some(0));
+        assert_eq!(state.default_rate(), 1.0);
+        assert_eq!(state.apply_counting(&filter(&["a.*"], &["a.b"])), Some(0));
+        assert!(state.filtering());
+        assert_eq!(state.allow_patterns(), ["a.*"]);
+        assert_eq!(state.deny_patterns(), ["a.b"]);
+        assert_eq!(state.apply_counting(&toggle(false)), Some(0));
+        assert!(!state.enabled());
+        assert_eq!(
+            state.apply_counting(&TelemetryControl { control: None }),
+            None
+        );
+    }
+
     fn sampling(rate: f64, patterns: &[&str]) -> TelemetryControl {
         TelemetryControl {
             control: Some(telemetry_control::Control::Sampling(

@@ -305,10 +305,10 @@ fn coerce<'py>(
     Ok(None)
 }
 
+type Pair<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>);
+
 /// Items of a mapping that is not an exact dict, as owned pairs.
-fn mapping_items<'py>(
-    raw: &Bound<'py, PyAny>,
-) -> Result<Vec<(Bound<'py, PyAny>, Bound<'py, PyAny>)>, Failed> {
+fn mapping_items<'py>(raw: &Bound<'py, PyAny>) -> Result<Vec<Pair<'py>>, Failed> {
     let items = raw.call_method0("items").map_err(|_| Failed)?;
     let mut out = Vec::new();
     for item in items.try_iter().map_err(|_| Failed)? {

@@ -233,7 +233,9 @@ impl Stream {
         span_id: Option<&Bound<'_, PyAny>>,
         stacktrace: Option<&Bound<'_, PyAny>>,
     ) {
-        let core = self.core();
+        // `self` is borrowed from the object the caller holds: its core
+        // outlives this call even if Python code run below drops others.
+        let core = self.core_ref();
         let sampled = match sampled {
             None => None,
             Some(s) if s.is_none() => None,
@@ -244,7 +246,7 @@ impl Stream {
         };
         let span = span_id.map_or(0, convert::span_id);
         emit_into(
-            &core,
+            core,
             convert::lookup(event),
             measurements,
             metadata,

@@ -23,8 +23,8 @@ pub const TAG_STRING: u8 = 0x1a; // TelemetryValue.string_value
 /// Bytes of `value` as a base-128 varint.
 #[inline]
 pub fn varint_len(value: u64) -> usize {
-    // 1 + floor(log2(value | 1) / 7)
-    ((64 - (value | 1).leading_zeros() as usize) + 6) / 7
+    // ceil(bits / 7), at least 1
+    (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 #[inline]
