@@ -110,7 +110,7 @@ class SnakepitServicer(their_grpc.BridgeServiceServicer):
     def StreamTelemetry(self, request_iterator, context):
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, "served by Snakepit's servicer")
 
-stream = telemetry.TelemetryStream(queue_size=64)
+stream = telemetry.new_stream(queue_size=64)  # of the implementation under test
 telemetry.set_stream(stream)
 
 def build(server):
