@@ -8,8 +8,9 @@ With the native implementation (:mod:`.implementation`), ``emit`` *is* the
 extension's ``_native.emit``: while the current backend is the plain ``grpc``
 one writing to a :class:`NativeTelemetryStream` (the one installed with
 ``_native.set_default``, kept up to date by :func:`_refresh_fast`), it converts
-and queues the event in Rust; otherwise it calls the pure :func:`_python_emit`
-below, which goes through the backends as with the python implementation.
+and queues the event in Rust; otherwise it calls the pure ``emit`` defined below
+(kept as ``_python_emit``), which goes through the backends as with the python
+implementation.
 Spans on that stream go straight to the extension too (see ``span.__enter__``).
 """
 
