@@ -9,6 +9,7 @@
 //! * [`server`]: a tonic server for `BridgeService`'s telemetry methods,
 //!   driven by the same call logic.
 
+pub mod clock;
 pub mod counters;
 pub mod event;
 pub mod pb;

@@ -19,7 +19,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
 use prost::Message;
@@ -255,20 +255,17 @@ pub fn new_instance_id() -> String {
     if !from_urandom {
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(now_ns() as u128);
+        h.write_u128(crate::clock::system_ns() as u128);
         h.write_u32(std::process::id());
         bytes = h.finish().to_le_bytes();
     }
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Wall-clock nanoseconds since the epoch.
+/// Wall-clock nanoseconds since the epoch (see [`crate::clock`]).
 #[inline]
 pub fn now_ns() -> i64 {
-    match SystemTime::now().duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_nanos() as i64,
-        Err(e) => -(e.duration().as_nanos() as i64),
-    }
+    crate::clock::now_ns()
 }
 
 /// A snapshot of `stats()`.
