@@ -1,14 +1,16 @@
 # The benchmark suite: one table, every row next to a baseline measured in
 # the same run, with the ratio and the target.
 #
-#   script/bench [--quick]
+#   script/bench [--quick] [--unix]
 #
 # --quick runs every row with fewer events (a smoke run, not for figures).
+# --unix serves each worker's telemetry on a unix socket (Config.socket_path/1)
+# instead of a TCP port on 127.0.0.1.
 
 # PythonWorker and JSON are dev/test support, not in the prod build.
 Code.require_file("../support/load.exs", __DIR__)
 
-alias Snakepit.Telemetry.{GrpcStream, PythonWorker}
+alias Snakepit.Telemetry.{Config, GrpcStream, PythonWorker}
 
 defmodule Bench do
   @moduledoc false
@@ -64,9 +66,14 @@ defmodule Bench do
     result
   end
 
-  @doc "Starts a worker and registers it; returns once its stream is open."
+  @doc """
+  Starts a worker and registers it; returns once its stream is open. With
+  `transport(:unix)`, the server that serves the telemetry calls (the Rust
+  one with `:telemetry_listen`, else grpcio) listens on the worker's
+  `Config.socket_path/1` instead of a TCP port.
+  """
   def start_worker!(id, args, extra \\ [], worker_opts \\ []) do
-    {:ok, worker} = PythonWorker.start([args: args] ++ worker_opts)
+    {:ok, worker} = PythonWorker.start([args: args] ++ on_transport(id, worker_opts))
 
     :ok =
       GrpcStream.register_worker(
@@ -78,6 +85,19 @@ defmodule Bench do
 
     :ok = wait(fn -> stream(id)[:status] == :open end, 30_000)
     worker
+  end
+
+  def transport(which) when which in [:tcp, :unix],
+    do: :persistent_term.put({__MODULE__, :transport}, which)
+
+  def transport, do: :persistent_term.get({__MODULE__, :transport}, :tcp)
+
+  defp on_transport(id, opts) do
+    cond do
+      transport() == :tcp -> opts
+      opts[:telemetry_listen] -> Keyword.put(opts, :telemetry_listen, Config.socket_path(id))
+      true -> Keyword.put(opts, :listen, Config.socket_path(id))
+    end
   end
 
   def stop_worker(id, worker) do
@@ -325,8 +345,9 @@ defmodule Bench do
   def ratio(a, b), do: :erlang.float_to_binary(a / b, decimals: 2) <> "x"
 end
 
-{opts, _, _} = OptionParser.parse(System.argv(), strict: [quick: :boolean])
+{opts, _, _} = OptionParser.parse(System.argv(), strict: [quick: :boolean, unix: :boolean])
 quick? = Keyword.get(opts, :quick, false)
+if opts[:unix], do: Bench.transport(:unix)
 scale = fn full, small -> if quick?, do: small, else: full end
 
 n_batched = scale.(300_000, 20_000)
@@ -666,7 +687,7 @@ IO.puts("""
 
 snakepit_telemetry benchmarks#{if quick?, do: " (--quick: smoke run, not figures)", else: ""}
 #{:erlang.system_info(:logical_processors)} logical CPUs (#{cpu}), OTP #{System.otp_release()}, Elixir #{System.version()}; #{n_batched} / #{n_single} events (batches / one per message), 8 x #{n_each}
-Python implementations: #{Enum.join(impls, ", ")}#{if native?, do: "", else: " (the native extension is not built)"}; rows 4-8 without a named implementation run the default: #{default_label}
+Telemetry over #{if Bench.transport() == :unix, do: "unix sockets (Config.socket_path/1)", else: "TCP on 127.0.0.1"}; Python implementations: #{Enum.join(impls, ", ")}#{if native?, do: "", else: " (the native extension is not built)"}; rows 4-8 without a named implementation run the default: #{default_label}
 """)
 
 IO.puts("| # | measurement | value | baseline | baseline value | ratio | target | met |")
