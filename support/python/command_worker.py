@@ -51,7 +51,8 @@ Commands (one JSON object per stdin line, ACK payload after the arrow):
   and a block of spans ends once its events were handed to gRPC
   (``wait_drained``), so its telemetry work is not left to the next block ->
   {"calls": per side, "blocks": per side, "cpu_on_s", "cpu_off_s",
-  "calling_on_s", "calling_off_s" (the calling thread's share), "wall_s"};
+  "calling_on_s", "calling_off_s" (the calling thread's share),
+  "calling_drain_s" (the calling thread's CPU in ``wait_drained``), "wall_s"};
 * ``rusage`` -> {"cpu_s": process CPU time so far, "rss_kb": resident memory};
 * ``write_stderr`` {parts: [{hex, repeat: 1}, ...]} writes to stderr, in one
   write, the bytes each ``hex`` encodes ``repeat`` times over (any bytes, e.g.
@@ -445,6 +446,7 @@ class Worker:
         order = [x for i in range(blocks) for x in ((a, not a) if i % 2 == 0 else (not a, a))]
         process = {True: 0.0, False: 0.0}
         calling = {True: 0.0, False: 0.0}
+        draining = 0.0
         process_time, thread_time = time.process_time, time.thread_time
         wall = time.perf_counter()
         for traced in order:
@@ -454,7 +456,9 @@ class Worker:
                     with span("python.call", {"command": "predict"}):
                         _spin(spins)
                 # The block's telemetry work is done in the block, not left to the next.
+                drain0 = thread_time()
                 self.stream.wait_drained(30)
+                draining += thread_time() - drain0
             else:
                 for _ in range(block):
                     _spin(spins)
@@ -467,6 +471,7 @@ class Worker:
             "cpu_off_s": process[False],
             "calling_on_s": calling[True],
             "calling_off_s": calling[False],
+            "calling_drain_s": draining,
             "wall_s": time.perf_counter() - wall,
         }
 
