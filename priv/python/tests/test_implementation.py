@@ -152,6 +152,31 @@ def test_fallback_when_the_extension_cannot_be_imported(value: str) -> None:
         assert warnings == [], done.stderr
 
 
+def test_a_native_run_fails_at_once_without_the_extension() -> None:
+    """script/test's native run cannot silently test the pure implementation."""
+    target = str(PY_ROOT / "tests" / "test_proto.py")
+    code = (
+        BLOCKER
+        + f"""
+    import pytest
+    sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", {target!r}]))
+    """
+    )
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SNAKEPIT_TELEMETRY_")}
+    full_env.update({ENV: "native", "PYTHONPATH": str(PY_ROOT)})
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=full_env,
+        cwd=PY_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "the native implementation is not in use" in done.stdout + done.stderr
+    assert " passed" not in done.stdout
+
+
 def test_serve_refuses_a_pure_stream() -> None:
     telemetry.set_stream(telemetry.TelemetryStream(queue_size=8))
     with pytest.raises(RuntimeError, match="add_to_server"):
