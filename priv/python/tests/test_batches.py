@@ -149,6 +149,11 @@ def test_batched_takeover(
 
     def produce() -> None:
         for i in range(n):
+            if i == n // 2:
+                # The second half only once the new call is open, so that both
+                # calls get events however slowly the takeover goes on a busy
+                # machine (the first half is still in flight during it).
+                wait_until(lambda: big.stats()["streams_opened"] == 2, timeout=10)
             telemetry.emit("take.evt", {"seq": i})
             if i % 200 == 199:
                 time.sleep(0.002)  # spread the emits over the takeover
