@@ -377,6 +377,58 @@ def test_a_forked_child_has_a_working_stream_of_its_own(tmp_path: Path) -> None:
 
 
 @pytest.mark.native_only
+def test_a_child_forked_while_the_parent_serves(
+    native_stream: telemetry.NativeTelemetryStream, tmp_path: Path
+) -> None:
+    """The child has no server and no call of its parent's; both serve their own."""
+    parent = BatchClient(native_stream.serve(f"unix:{tmp_path / 'parent.sock'}"))
+    try:
+        assert wait_until(lambda: native_stream.stats()["active_stream"])
+        native_stream.emit_event("parent.before", {"x": 1})
+        assert [list(e.event_parts) for e in parent.take(1)] == [["parent", "before"]]
+        read_end, write_end = os.pipe()
+        go_read, go_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report and leave without running pytest's teardown
+            code = 1
+            try:
+                os.close(read_end)
+                os.close(go_write)
+                inherited = [native_stream.serving, native_stream.stats()["active_stream"]]
+                address = native_stream.serve(f"unix:{tmp_path / 'child.sock'}")
+                native_stream.emit_event("child.evt", {"x": 2})
+                os.write(write_end, json.dumps([inherited, address]).encode())
+                os.close(write_end)
+                os.read(go_read, 1)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        os.close(go_read)
+        try:
+            with os.fdopen(read_end, "rb") as pipe:
+                inherited, address = json.loads(pipe.read())
+            assert inherited == [None, False]
+            child = BatchClient(address)
+            try:
+                (event,) = child.take(1, timeout=10)
+                assert list(event.event_parts) == ["child", "evt"]
+            finally:
+                child.close()
+        finally:
+            os.write(go_write, b"x")
+            os.close(go_write)
+            _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        # The parent's call went on undisturbed.
+        native_stream.emit_event("parent.after", {"x": 3})
+        assert [list(e.event_parts) for e in parent.take(1)] == [["parent", "after"]]
+        assert parent.error is None and native_stream.stats()["streams_opened"] == 1
+    finally:
+        parent.close()
+
+
+@pytest.mark.native_only
 def test_one_active_call_across_both_routes(
     native_stream: telemetry.NativeTelemetryStream,
 ) -> None:
