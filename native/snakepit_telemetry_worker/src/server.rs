@@ -307,7 +307,7 @@ impl ListenAddress {
 }
 
 /// The tokio runtime of this process, built on first use and again in a
-/// forked child (whose copy has no threads): one worker thread.
+/// forked child (whose copy has no threads), driven by one thread of its own.
 pub fn runtime() -> io::Result<Arc<Runtime>> {
     static RUNTIME: Mutex<Option<(u32, Arc<Runtime>)>> = Mutex::new(None);
     let pid = std::process::id();
@@ -322,13 +322,17 @@ pub fn runtime() -> io::Result<Arc<Runtime>> {
         // it could wait for them forever.
         std::mem::forget(inherited);
     }
+    // One thread drives everything (a current-thread runtime): cheaper per
+    // message than a multi-thread scheduler, and the server's work is small.
     let rt = Arc::new(
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("snakepit-telemetry")
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?,
     );
+    let driver = rt.clone();
+    std::thread::Builder::new()
+        .name("snakepit-telemetry".into())
+        .spawn(move || driver.block_on(std::future::pending::<()>()))?;
     *slot = Some((pid, rt.clone()));
     Ok(rt)
 }

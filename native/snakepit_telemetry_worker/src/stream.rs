@@ -232,6 +232,9 @@ pub struct Core {
     refused: AtomicU64,
     shared: Mutex<Shared>,
     cond: Condvar,
+    /// Threads waiting on `cond` (changed with `shared` held), so that a
+    /// notification with nobody waiting costs no syscall.
+    blocked: AtomicUsize,
     notify: Arc<Notify>,
     instance_id: String,
     stats_name: Vec<u8>,
@@ -303,6 +306,7 @@ impl Core {
             refused: AtomicU64::new(0),
             shared: Mutex::new(Shared::default()),
             cond: Condvar::new(),
+            blocked: AtomicUsize::new(0),
             notify: Arc::new(Notify::new()),
             instance_id: new_instance_id(),
             stats_name: encode_name(STATS_EVENT),
@@ -440,11 +444,19 @@ impl Core {
         self.passthrough.store(passthrough, Ordering::SeqCst);
     }
 
+    /// Wakes the threads blocked on `cond`; the caller holds `shared`.
+    #[inline]
+    fn notify_blocked(&self) {
+        if self.blocked.load(Ordering::SeqCst) != 0 {
+            self.cond.notify_all();
+        }
+    }
+
     /// Wakes every caller waiting on this stream.
     pub fn wake(&self) {
         {
             let _shared = lock(&self.shared);
-            self.cond.notify_all();
+            self.notify_blocked();
         }
         self.notify.notify_waiters();
     }
@@ -538,11 +550,13 @@ impl Core {
                 return false;
             }
             let wait = (deadline - now).min(WAIT_SLICE);
+            self.blocked.fetch_add(1, Ordering::SeqCst);
             shared = self
                 .cond
                 .wait_timeout(shared, wait)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+            self.blocked.fetch_sub(1, Ordering::SeqCst);
         }
         true
     }
@@ -573,7 +587,7 @@ impl Core {
             let mut shared = lock(&self.shared);
             shared.generation += 1;
             shared.active = None;
-            self.cond.notify_all();
+            self.notify_blocked();
         }
         self.notify.notify_waiters();
     }
@@ -616,7 +630,7 @@ impl Core {
         add(&self.counters.streams_opened, 1);
         // Elixir re-sends its whole state on each call: start clean.
         self.set_control(self.default_control.clone());
-        self.cond.notify_all();
+        self.notify_blocked();
         drop(shared);
         self.notify.notify_waiters();
         cell
@@ -680,6 +694,15 @@ impl Core {
                         }
                         if let Some(d) = stale_due {
                             until = until.min(d);
+                        }
+                        // Within the flush interval an event would wait for
+                        // its end anyway: sleep until then without asking
+                        // emitters for a wake-up (one wake per batch, not two).
+                        if cell.batched && st.next_flush > now {
+                            return Step::Wait {
+                                until: until.min(st.next_flush),
+                                idle: false,
+                            };
                         }
                         return Step::Wait { until, idle: true };
                     }
@@ -748,7 +771,7 @@ impl Core {
             let mut shared = lock(&self.shared);
             shared.in_flight = shared.in_flight.saturating_sub(consumed);
             if shared.in_flight == 0 {
-                self.cond.notify_all();
+                self.notify_blocked();
             }
         }
     }
@@ -822,7 +845,7 @@ impl Core {
         let mut shared = lock(&self.shared);
         shared.in_flight = shared.in_flight.saturating_sub(pending.consumed);
         if shared.in_flight == 0 {
-            self.cond.notify_all();
+            self.notify_blocked();
         }
     }
 
@@ -872,7 +895,7 @@ impl Core {
             shared
                 .running
                 .retain(|(g, w)| *g != cell.generation && w.strong_count() > 0);
-            self.cond.notify_all();
+            self.notify_blocked();
         }
         self.notify.notify_waiters();
     }
@@ -894,7 +917,9 @@ impl Core {
         if !self.should_wake(&shared, cell, idle) {
             let timeout = until.saturating_duration_since(Instant::now());
             if !timeout.is_zero() {
+                self.blocked.fetch_add(1, Ordering::SeqCst);
                 let _ = self.cond.wait_timeout(shared, timeout);
+                self.blocked.fetch_sub(1, Ordering::SeqCst);
             }
         }
         if idle {
