@@ -710,7 +710,9 @@ fn reset_process_errors() {
     wstream::reset_process_errors();
 }
 
-#[pymodule]
+/// `gil_used = true`: the default stream, configuration and name cache rely
+/// on the GIL (a free-threaded Python re-enables it for this module).
+#[pymodule(gil_used = true)]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("IMPLEMENTATION_VERSION", env!("CARGO_PKG_VERSION"))?;
     m.add("IMPLEMENTATION", wstream::IMPLEMENTATION)?;

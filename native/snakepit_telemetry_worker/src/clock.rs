@@ -131,6 +131,12 @@ mod tsc {
         c.writing.store(false, Ordering::Release);
     }
 
+    /// In a forked child: a re-anchoring thread of the parent that does not
+    /// exist here must not keep the clock from ever re-anchoring.
+    pub fn after_fork() {
+        CALIBRATION.writing.store(false, Ordering::SeqCst);
+    }
+
     #[inline]
     pub fn now_ns() -> i64 {
         if !usable() {
@@ -155,6 +161,12 @@ mod tsc {
         }
         n0 + ((u128::from(elapsed) * u128::from(rate)) >> 32) as i64
     }
+}
+
+/// Call in a forked child (see [`crate::stream::reseed_after_fork`]).
+pub fn after_fork() {
+    #[cfg(target_arch = "x86_64")]
+    tsc::after_fork();
 }
 
 /// Wall-clock nanoseconds since the epoch for an event (see the module docs).

@@ -414,10 +414,11 @@ pub fn serve(core: Arc<Core>, address: &str) -> io::Result<ServerHandle> {
             std_listener.set_nonblocking(true)?;
             let bound = std_listener.local_addr()?;
             let listener = tokio::net::TcpListener::from_std(std_listener)?;
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            // Small messages go out at once (no Nagle delay behind an ACK).
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             let task = rt.spawn(async move {
                 let _ = tonic::transport::Server::builder()
-                    .tcp_nodelay(true)
                     .serve_with_incoming_shutdown(service, incoming, signal)
                     .await;
             });

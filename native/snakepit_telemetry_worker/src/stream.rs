@@ -972,8 +972,10 @@ pub fn reset_process_errors() {
     PROCESS_ERRORS.store(0, Ordering::SeqCst);
 }
 
-/// A forked child's random numbers must not repeat its parent's.
+/// In a forked child: random numbers must not repeat the parent's, and the
+/// clock must not wait for a parent's thread.
 pub fn reseed_after_fork() {
+    crate::clock::after_fork();
     let id = new_instance_id();
     fastrand::seed(u64::from_str_radix(&id, 16).unwrap_or(0) ^ u64::from(std::process::id()));
 }
