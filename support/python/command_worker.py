@@ -54,6 +54,8 @@ Commands (one JSON object per stdin line, ACK payload after the arrow):
   "calling_on_s", "calling_off_s" (the calling thread's share),
   "calling_drain_s" (the calling thread's CPU in ``wait_drained``), "wall_s"};
 * ``rusage`` -> {"cpu_s": process CPU time so far, "rss_kb": resident memory};
+* ``threads`` -> {tid: {"name", "cpu_s", "voluntary", "involuntary"}} for each
+  thread of the process (Linux ``/proc``; CPU in clock ticks, context switches);
 * ``write_stderr`` {parts: [{hex, repeat: 1}, ...]} writes to stderr, in one
   write, the bytes each ``hex`` encodes ``repeat`` times over (any bytes, e.g.
   invalid UTF-8 or an over-long telemetry line) -> {"bytes": n};
@@ -264,6 +266,7 @@ class Worker:
             "write_stderr": self.cmd_write_stderr,
             "stats": self.cmd_stats,
             "info": self.cmd_info,
+            "threads": self.cmd_threads,
             "backend_stats": self.cmd_backend_stats,
             "wait_drained": self.cmd_wait_drained,
             "call": self.cmd_call,
@@ -482,6 +485,30 @@ class Worker:
             "cpu_s": time.process_time(),
             "rss_kb": resident_pages * os.sysconf("SC_PAGE_SIZE") // 1024,
         }
+
+    def cmd_threads(self, _cmd: dict[str, Any]) -> dict[str, Any]:
+        """Per thread of this process (Linux ``/proc``): CPU and context switches."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    stat = f.read()
+                with open(f"/proc/self/task/{tid}/status") as f:
+                    status = dict(
+                        line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line
+                    )
+            except OSError:
+                continue  # the thread ended meanwhile
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
+            out[tid] = {
+                "name": name,
+                "cpu_s": (int(fields[11]) + int(fields[12])) / ticks,
+                "voluntary": int(status.get("voluntary_ctxt_switches", "0")),
+                "involuntary": int(status.get("nonvoluntary_ctxt_switches", "0")),
+            }
+        return out
 
     def cmd_write_stderr(self, cmd: dict[str, Any]) -> dict[str, Any]:
         parts = cmd.get("parts")
