@@ -242,6 +242,9 @@ defmodule Snakepit.Telemetry.Config do
   @spec python(term()) :: keyword()
   def python(pool \\ nil), do: fetch!(:python, pool)
 
+  # The address `telemetry.serve()` binds in a worker (see worker_env/2).
+  @listen_env "SNAKEPIT_TELEMETRY_LISTEN"
+
   @doc """
   Environment variables for a pool's Python workers:
 
@@ -256,6 +259,12 @@ defmodule Snakepit.Telemetry.Config do
       (`GrpcStream.register_worker(secret: secret, ...)`). Make a new one
       per worker (`Secret.new/0`). Raises `ArgumentError` for an invalid
       secret (the message never holds it).
+    * `:telemetry_address` - where the worker's Rust telemetry server
+      listens (`"unix:/path"`, e.g. from `socket_path/1`, or `"host:port"`):
+      adds `SNAKEPIT_TELEMETRY_LISTEN`, which the Python package's
+      `telemetry.serve()` binds when it runs the native implementation.
+      Register the worker with this address (`register_worker(address: ...)`).
+      Raises `ArgumentError` for anything but a non-empty string.
   """
   @spec worker_env(term(), keyword()) :: [{String.t(), String.t()}]
   def worker_env(pool \\ nil, opts \\ []) do
@@ -273,8 +282,20 @@ defmodule Snakepit.Telemetry.Config do
       # Python never sends a message the stream would refuse.
       {"SNAKEPIT_TELEMETRY_MAX_MESSAGE_BYTES",
        Integer.to_string(stream(pool)[:max_message_bytes])}
-    ] ++ secret_env(Keyword.get(opts, :secret))
+    ] ++
+      secret_env(Keyword.get(opts, :secret)) ++
+      listen_env(Keyword.get(opts, :telemetry_address))
   end
+
+  defp listen_env(nil), do: []
+  defp listen_env(address) when is_binary(address) and address != "", do: [{@listen_env, address}]
+
+  defp listen_env(other),
+    do:
+      raise(
+        ArgumentError,
+        "invalid :telemetry_address, expected a string, got: #{inspect(other)}"
+      )
 
   defp secret_env(nil), do: []
 

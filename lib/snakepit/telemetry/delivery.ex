@@ -154,9 +154,22 @@ defmodule Snakepit.Telemetry.Delivery do
       current: measurements,
       instance: instance,
       base: base,
-      at: at
+      at: at,
+      implementation: implementation(metadata)
     })
   end
+
+  # The worker's Python implementation as its report names it; a string
+  # from Python becomes one of two fixed atoms, never a new one.
+  defp implementation(%{implementation: "native"}), do: :native
+  defp implementation(%{implementation: "python"}), do: :python
+  defp implementation(_metadata), do: nil
+
+  @doc false
+  # The implementation named by the worker's latest Python stats report
+  # (`nil`: no report yet, or a worker that does not say).
+  @spec python_implementation(reference()) :: :native | :python | nil
+  def python_implementation(key), do: Map.get(Registrations.python(key), :implementation)
 
   @doc false
   # How old the worker's latest Python report is, in ms (nil: none yet).

@@ -183,7 +183,11 @@ defmodule Snakepit.Telemetry.GrpcStream do
   `list_streams/0` reports per worker: `:authenticated` (registered with a
   secret; the secret itself is never shown), `:pending` (events decoded and not
   yet handled by its delivery process, read now), `:python_age_ms` (age of
-  its latest Python stats report, `nil` before the first), `:status` (`:connecting`, `:open`,
+  its latest Python stats report, `nil` before the first),
+  `:python_implementation` (`:native` when the worker's telemetry runs in
+  the Rust extension, `:python` on the pure-Python path, as its latest
+  stats report says; `nil` before the first or for a worker that does not
+  say), `:status` (`:connecting`, `:open`,
   `:backing_off` or `{:failed, reason}`), `:protocol` (`:batches` or
   `:events`: the RPC of the current or latest open stream; `nil` before the
   first open), `:control`, `:reconnects`, `:delivery` (the pid of the
@@ -263,6 +267,7 @@ defmodule Snakepit.Telemetry.GrpcStream do
           delivery: pid(),
           pending: non_neg_integer(),
           python_age_ms: non_neg_integer() | nil,
+          python_implementation: :native | :python | nil,
           stats: %{atom() => non_neg_integer()},
           python: %{atom() => non_neg_integer()}
         }
@@ -1160,7 +1165,8 @@ defmodule Snakepit.Telemetry.GrpcStream do
       stats: add_stats(worker.totals, current),
       pending: if(worker.handle, do: Native.stream_pending(worker.handle), else: 0),
       python: python_totals(worker),
-      python_age_ms: Delivery.python_age_ms(worker.key)
+      python_age_ms: Delivery.python_age_ms(worker.key),
+      python_implementation: Delivery.python_implementation(worker.key)
     }
   end
 

@@ -15,7 +15,7 @@ defmodule Snakepit.Telemetry.Registrations do
 
   @table __MODULE__
   @python Module.concat(__MODULE__, Python)
-  @no_python %{current: %{}, instance: nil, base: %{}, at: nil}
+  @no_python %{current: %{}, instance: nil, base: %{}, at: nil, implementation: nil}
 
   def start_link(_opts), do: GenServer.start_link(__MODULE__, nil, name: __MODULE__)
 

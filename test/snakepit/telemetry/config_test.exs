@@ -149,6 +149,22 @@ defmodule Snakepit.Telemetry.ConfigTest do
     end
   end
 
+  describe "worker_env/2 :telemetry_address" do
+    test "adds SNAKEPIT_TELEMETRY_LISTEN, and refuses anything but a non-empty string" do
+      refute List.keymember?(Config.worker_env(nil), "SNAKEPIT_TELEMETRY_LISTEN", 0)
+
+      assert {"SNAKEPIT_TELEMETRY_LISTEN", "unix:/run/w1.sock"} in Config.worker_env(nil,
+               telemetry_address: "unix:/run/w1.sock"
+             )
+
+      for bad <- ["", :"127.0.0.1:0", 5000] do
+        assert_raise ArgumentError, ~r/invalid :telemetry_address/, fn ->
+          Config.worker_env(nil, telemetry_address: bad)
+        end
+      end
+    end
+  end
+
   describe ":pools" do
     test "must be a map of keyword lists of known sections" do
       put(:pools, inference: [python: [queue_size: 1]])

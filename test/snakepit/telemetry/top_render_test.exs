@@ -52,7 +52,8 @@ defmodule Snakepit.Telemetry.TopRenderTest do
         row(:a@h, "w1", :p1, rate: 5.0, queue_len: 9),
         row(:a@h, "w2", :p2,
           rate: 50.0,
-          drops: %{native: %{dropped_buffer_full: 7}, python: %{dropped_queue_full: 3}}
+          drops: %{native: %{dropped_buffer_full: 7}, python: %{dropped_queue_full: 3}},
+          implementation: :native
         ),
         row(:a@h, "w3", :p1,
           rate: 20.0,
@@ -105,6 +106,8 @@ defmodule Snakepit.Telemetry.TopRenderTest do
              lines,
              &(&1 =~ "drops: native dropped_buffer_full=7  | python dropped_queue_full=3")
            )
+
+    assert Enum.any?(lines, &(&1 =~ "python implementation: native"))
 
     lines = sample() |> Render.frame(width: 200, state: %State{selected: {:a@h, "w3"}}) |> plain()
 

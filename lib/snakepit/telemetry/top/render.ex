@@ -23,7 +23,8 @@ defmodule Snakepit.Telemetry.Top.Render do
 
   where a row is `%{node, worker_id, pool, status, protocol, rate,
   delivered, drops: %{native: %{reason => n}, python: %{reason => n}},
-  queue_len, reconnects, control}`.
+  queue_len, reconnects, control, implementation}` (`implementation`:
+  `:native`, `:python` or `nil`, from the worker's stats reports).
   """
 
   alias Snakepit.Telemetry.Top.State
@@ -198,7 +199,9 @@ defmodule Snakepit.Telemetry.Top.Render do
     main = {if(selected?, do: :selected, else: style_of(row.status)), line}
 
     if selected? do
-      [main, {:plain, "    control: " <> control_long(row.control)}] ++ drop_lines(drops)
+      [main, {:plain, "    control: " <> control_long(row.control)}] ++
+        drop_lines(drops) ++
+        [{:plain, "    python implementation: " <> to_string(row[:implementation] || "?")}]
     else
       [main]
     end

@@ -181,7 +181,8 @@ defmodule Snakepit.Telemetry.Top.Source do
       },
       queue_len: Map.get(python, :queue_len, 0),
       reconnects: s.reconnects,
-      control: control_map(s.control)
+      control: control_map(s.control),
+      implementation: Map.get(s, :python_implementation)
     }
   end
 
