@@ -6,7 +6,7 @@ defmodule Snakepit.Telemetry.NativeServerTest do
   # The NIF's side is the same for all of them.
   use Snakepit.Telemetry.Case, async: false
 
-  alias Snakepit.Telemetry.{Config, GrpcStream, Secret}
+  alias Snakepit.Telemetry.{Config, GrpcStream, PythonWorker, Secret}
 
   @call [:snakepit, :python, :call]
   @stop @call ++ [:stop]
@@ -17,7 +17,7 @@ defmodule Snakepit.Telemetry.NativeServerTest do
 
   defp native_worker!(extra_env \\ []) do
     secret = Secret.new()
-    {:ok, address} = Config.socket_path("native-#{unique()}")
+    address = Config.socket_path("native-#{unique()}")
 
     worker =
       start_worker!(
@@ -45,7 +45,10 @@ defmodule Snakepit.Telemetry.NativeServerTest do
 
     for i <- 0..19 do
       id = "#{prefix}-#{i}"
-      assert_receive {:event, @start, %{system_time: _}, %{correlation_id: ^id} = start_md}, 10_000
+
+      assert_receive {:event, @start, %{system_time: _}, %{correlation_id: ^id} = start_md},
+                     10_000
+
       assert_receive {:event, @stop, %{duration: d}, %{correlation_id: ^id} = stop_md}, 10_000
       assert is_integer(d) and d >= 0
       assert start_md.telemetry_span_context == stop_md.telemetry_span_context
@@ -74,15 +77,26 @@ defmodule Snakepit.Telemetry.NativeServerTest do
 
     :ok = GrpcStream.toggle(worker_id, false)
     await(fn -> command!(worker, %{cmd: "stats"})["control"]["enabled"] == false end)
-    command!(worker, %{cmd: "emit", event: "tool.result_size", measurements: %{bytes: 1}, count: 7})
+
+    command!(worker, %{
+      cmd: "emit",
+      event: "tool.result_size",
+      measurements: %{bytes: 1},
+      count: 7
+    })
+
     await(fn -> python_counter(worker_id, :dropped_disabled) == 7 end)
 
     :ok = GrpcStream.toggle(worker_id, true)
     :ok = GrpcStream.update_sampling(worker_id, 1.0, ["python.call.*"])
     await(fn -> command!(worker, %{cmd: "stats"})["control"]["enabled"] end)
-    await(fn -> command!(worker, %{cmd: "stats"})["control"]["rules"] |> hd() |> Map.get("rate") == 1.0 end)
+
+    await(fn ->
+      command!(worker, %{cmd: "stats"})["control"]["rules"] |> hd() |> Map.get("rate") == 1.0
+    end)
+
     command!(worker, %{cmd: "emit", event: "python.call.stop", measurements: %{n: 2}})
-    assert_receive {:event, @stop, %{n: 2}, _}, 10_000
+    assert_receive {:event, @stop, %{"n" => 2}, _}, 10_000
   end
 
   test "the Rust server refuses a worker registered without the secret" do
@@ -100,7 +114,10 @@ defmodule Snakepit.Telemetry.NativeServerTest do
   test "list_streams names each worker's implementation: native through grpcio, and python" do
     native = start_worker!(implementation: :native)
     python = start_worker!(implementation: :python)
-    assert {:ok, %{"implementation" => "native", "serving" => "grpcio"}} = PythonWorker.info(native)
+
+    assert {:ok, %{"implementation" => "native", "serving" => "grpcio"}} =
+             PythonWorker.info(native)
+
     assert {:ok, %{"implementation" => "python"}} = PythonWorker.info(python)
 
     native_id = register!(native)
@@ -109,7 +126,7 @@ defmodule Snakepit.Telemetry.NativeServerTest do
 
     for {worker, id} <- [{native, native_id}, {python, python_id}] do
       command!(worker, %{cmd: "emit", event: "python.call.stop", measurements: %{n: 3}})
-      assert_receive {:event, @stop, %{n: 3}, %{worker_id: ^id}}, 10_000
+      assert_receive {:event, @stop, %{"n" => 3}, %{worker_id: ^id}}, 10_000
     end
 
     await(fn -> stream(native_id).python_implementation == :native end)
