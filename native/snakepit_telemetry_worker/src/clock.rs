@@ -4,11 +4,12 @@
 //! emit. Where the kernel itself keeps time with the TSC (x86_64, clocksource
 //! `tsc`: invariant and trusted), a timestamp is interpolated from the TSC
 //! instead: `anchor_ns + (tsc - anchor_tsc) * rate`, with the anchor taken
-//! from `clock_gettime` again about every [`REANCHOR`] (and the rate measured
+//! from `clock_gettime` again about every second (and the rate measured
 //! between two anchors), so the result tracks the wall clock (NTP slews,
 //! steps) within a second and stays within well under a microsecond of it in
-//! between. Until a rate is known (the first [`MIN_SPAN`]), and everywhere
-//! else, every timestamp comes from `clock_gettime`.
+//! between. Until a rate is known (the first 50 ms), and everywhere else
+//! (or with `SNAKEPIT_TELEMETRY_NO_TSC` set), every timestamp comes from
+//! `clock_gettime`.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

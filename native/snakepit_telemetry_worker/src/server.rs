@@ -2,7 +2,7 @@
 //! socket (mode 0600) or a TCP address, serving one [`Core`].
 //!
 //! Every call is checked for the secret (metadata
-//! [`SECRET_HEADER`](snakepit_telemetry_core::auth::SECRET_HEADER),
+//! `x-snakepit-telemetry-secret`, [`SECRET_HEADER`],
 //! compared in constant time) before it can take over the active call;
 //! refused calls end with `UNAUTHENTICATED` and are counted in
 //! `refused_calls`. Messages are sent as the call logic of [`Core::step`]
