@@ -16,6 +16,14 @@ calls = Keyword.get(opts, :calls, 12)
 interval_ms = Keyword.get(opts, :interval_ms, 40)
 # Default: a unix socket in a private (0700) directory; TCP with --listen HOST:PORT.
 listen = Keyword.get_lazy(opts, :listen, fn -> Config.socket_path("demo_worker_1") end)
+# Where the worker's telemetry is served when the Python package runs its
+# native implementation (a Rust gRPC server inside the worker, beside its own
+# grpcio server): another private socket, or any free port with --listen.
+telemetry_address =
+  if String.starts_with?(listen, "unix:"),
+    do: Config.socket_path("demo_worker_1_telemetry"),
+    else: "127.0.0.1:0"
+
 # Only this VM may open the worker's telemetry call (see Snakepit.Telemetry.Secret).
 secret = Secret.new()
 
@@ -73,10 +81,20 @@ defmodule Demo do
 end
 
 {:ok, worker} =
-  PythonWorker.start_link(listen: listen, env: Config.worker_env(:demo_pool, secret: secret))
+  PythonWorker.start_link(
+    listen: listen,
+    env: Config.worker_env(:demo_pool, secret: secret, telemetry_address: telemetry_address)
+  )
 
+# The address the worker announced: its Rust server's (native implementation)
+# or its grpcio server's (pure-Python implementation).
 address = PythonWorker.address(worker)
-IO.puts("Python worker (os pid #{PythonWorker.os_pid(worker)}) serves telemetry on #{address}")
+{:ok, info} = PythonWorker.info(worker)
+
+IO.puts(
+  "Python worker (os pid #{PythonWorker.os_pid(worker)}, #{info["implementation"]} implementation) " <>
+    "serves telemetry on #{address} (#{info["serving"]})"
+)
 
 :ok =
   :telemetry.attach_many(
@@ -143,7 +161,7 @@ for {event, n} <- Enum.sort(counts) do
 end
 
 IO.puts(
-  "\nstream (#{stream.protocol}): " <>
+  "\nstream (#{stream.protocol}, Python implementation #{stream.python_implementation}): " <>
     inspect(
       Map.take(stream.stats, [
         :received,
