@@ -271,6 +271,22 @@ impl SpanBase {
         }
     }
 
+    /// The garbage collector sees what a span holds (a cycle through its
+    /// metadata or token is collectable: dicts and tuples clear).
+    fn __traverse__(&self, visit: pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
+        visit.call(&self.name)?;
+        if let Some(m) = &self.metadata {
+            visit.call(m)?;
+        }
+        visit.call(&self.correlation_id)?;
+        visit.call(&self.backend)?;
+        visit.call(&self.token)?;
+        if let Some(native) = &self.native {
+            visit.call(&native.stream)?;
+        }
+        Ok(())
+    }
+
     #[getter(_metadata)]
     fn get_metadata(&mut self, py: Python<'_>) -> Py<PyAny> {
         self.metadata

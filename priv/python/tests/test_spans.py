@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
+import weakref
 from typing import Any
 
 import pytest
@@ -110,6 +112,24 @@ def test_native_span_runs_in_the_extension_and_keeps_its_own_metadata(
     assert len({sp._span_id, other, second._span_id}) == 3
     assert start2.span_id == stop2.span_id == second._span_id
     assert stop.measurements["duration"] >= 0
+
+
+def test_a_span_in_a_reference_cycle_is_collected(stream: telemetry.AnyTelemetryStream) -> None:
+    class Held:
+        pass
+
+    telemetry.get_backend()
+    sp = telemetry.span("python.call", {"k": 1})
+    with sp:
+        pass
+    drain(stream)  # the pure stream's queued events hold the metadata dict itself
+    held = Held()
+    ref = weakref.ref(held)
+    sp._metadata["held"] = held
+    sp._token = [sp]  # a cycle through the span
+    del sp, held
+    gc.collect()
+    assert ref() is None
 
 
 def test_plain_events_have_no_span_id(stream: telemetry.AnyTelemetryStream) -> None:
