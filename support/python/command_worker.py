@@ -55,7 +55,8 @@ Commands (one JSON object per stdin line, ACK payload after the arrow):
   "calling_drain_s" (the calling thread's CPU in ``wait_drained``), "wall_s"};
 * ``rusage`` -> {"cpu_s": process CPU time so far, "rss_kb": resident memory};
 * ``threads`` -> {tid: {"name", "cpu_s", "voluntary", "involuntary"}} for each
-  thread of the process (Linux ``/proc``; CPU in clock ticks, context switches);
+  thread of the process (Linux ``/proc``: CPU from ``schedstat`` in ns, else in
+  clock ticks; context switches);
 * ``write_stderr`` {parts: [{hex, repeat: 1}, ...]} writes to stderr, in one
   write, the bytes each ``hex`` encodes ``repeat`` times over (any bytes, e.g.
   invalid UTF-8 or an over-long telemetry line) -> {"bytes": n};
@@ -502,9 +503,16 @@ class Worker:
                 continue  # the thread ended meanwhile
             name = stat[stat.index("(") + 1 : stat.rindex(")")]
             fields = stat[stat.rindex(")") + 2 :].split()
+            cpu_s = (int(fields[11]) + int(fields[12])) / ticks
+            # Nanoseconds on the CPU, where the kernel keeps scheduler statistics.
+            with (
+                contextlib.suppress(OSError, ValueError, IndexError),
+                open(f"/proc/self/task/{tid}/schedstat") as f,
+            ):
+                cpu_s = int(f.read().split()[0]) / 1e9
             out[tid] = {
                 "name": name,
-                "cpu_s": (int(fields[11]) + int(fields[12])) / ticks,
+                "cpu_s": cpu_s,
                 "voluntary": int(status.get("voluntary_ctxt_switches", "0")),
                 "involuntary": int(status.get("nonvoluntary_ctxt_switches", "0")),
             }

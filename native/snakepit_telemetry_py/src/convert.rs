@@ -88,7 +88,9 @@ pub unsafe fn utf8<'a>(obj: *mut ffi::PyObject) -> Option<&'a str> {
     )))
 }
 
-fn name_from_parts<'a>(parts: impl IntoIterator<Item = &'a str> + Clone) -> Option<Name> {
+pub(crate) fn name_from_parts<'a>(
+    parts: impl IntoIterator<Item = &'a str> + Clone,
+) -> Option<Name> {
     let mut dotted = String::new();
     for (i, part) in parts.clone().into_iter().enumerate() {
         if part.is_empty() {

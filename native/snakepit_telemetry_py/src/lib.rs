@@ -9,6 +9,7 @@
 //! threads.
 
 mod convert;
+mod span;
 
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,10 +38,39 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Converts and queues one event on `core`. Never raises; every outcome is
 /// counted.
 #[allow(clippy::too_many_arguments)]
-fn emit_into(
+pub(crate) fn emit_into(
     core: &Core,
     name: NameLookup,
-    measurements: Option<&Bound<'_, PyAny>>,
+    measurements: Measure<'_, '_>,
+    metadata: Option<&Bound<'_, PyAny>>,
+    correlation_id: Option<&Bound<'_, PyAny>>,
+    sampled: Option<bool>,
+    span_id: u64,
+    stacktrace: Option<&Bound<'_, PyAny>>,
+) {
+    let name = match name {
+        NameLookup::Valid(name) => name,
+        NameLookup::Invalid => return core.refuse(Reason::Invalid),
+        NameLookup::Unencodable => return core.refuse(Reason::InternalError),
+    };
+    emit_named(
+        core,
+        &name,
+        measurements,
+        metadata,
+        correlation_id,
+        sampled,
+        span_id,
+        stacktrace,
+    );
+}
+
+/// [`emit_into`] for a validated name.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn emit_named(
+    core: &Core,
+    name: &convert::Name,
+    measurements: Measure<'_, '_>,
     metadata: Option<&Bound<'_, PyAny>>,
     correlation_id: Option<&Bound<'_, PyAny>>,
     sampled: Option<bool>,
@@ -48,11 +78,6 @@ fn emit_into(
     stacktrace: Option<&Bound<'_, PyAny>>,
 ) {
     let timestamp_ns = wstream::now_ns();
-    let name = match name {
-        NameLookup::Valid(name) => name,
-        NameLookup::Invalid => return core.refuse(Reason::Invalid),
-        NameLookup::Unencodable => return core.refuse(Reason::InternalError),
-    };
     if !(core.passthrough() && sampled != Some(false)) {
         if let Err(reason) = core.decide(&name.dotted, sampled) {
             return core.refuse(reason);
@@ -71,7 +96,6 @@ fn emit_into(
         scratch
     };
     let mut w = EventWriter::with_buffer(scratch, &name.encoded);
-    drop(name);
     match encode_fields(
         &mut w,
         measurements,
@@ -95,21 +119,33 @@ fn emit_into(
     }
 }
 
+/// An event's measurements: the caller's object, or one integer a span
+/// writes itself (no dict built).
+#[derive(Clone, Copy)]
+pub(crate) enum Measure<'a, 'py> {
+    Object(Option<&'a Bound<'py, PyAny>>),
+    Int(&'static str, i64),
+}
+
 thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn encode_fields(
     w: &mut EventWriter,
-    measurements: Option<&Bound<'_, PyAny>>,
+    measurements: Measure<'_, '_>,
     metadata: Option<&Bound<'_, PyAny>>,
     correlation_id: Option<&Bound<'_, PyAny>>,
     span_id: u64,
     stacktrace: Option<&Bound<'_, PyAny>>,
 ) -> Result<(u64, u64), Failed> {
     let dropped = match measurements {
-        Some(m) => convert::measurements(w, m)?,
-        None => 0,
+        Measure::Object(Some(m)) => convert::measurements(w, m)?,
+        Measure::Object(None) => 0,
+        Measure::Int(key, value) => {
+            w.measurement_int(key, value);
+            0
+        }
     };
     let errors = match metadata {
         Some(m) => convert::metadata(w, m)?,
@@ -123,7 +159,7 @@ fn encode_fields(
 
 /// A telemetry stream whose queue, encoding, calls and server run in Rust.
 #[pyclass(frozen, module = "snakepit_telemetry._native")]
-struct Stream {
+pub(crate) struct Stream {
     /// One strong count of the core. Replaced in a forked child (the old
     /// one is leaked: its locks may be held by threads that do not exist
     /// there), never freed before the stream.
@@ -132,7 +168,7 @@ struct Stream {
 }
 
 impl Stream {
-    fn core_ref(&self) -> &Core {
+    pub(crate) fn core_ref(&self) -> &Core {
         // SAFETY: the pointer holds a strong count for as long as `self`
         // lives; a replaced core is leaked, never freed.
         unsafe { &*self.core.load(Ordering::Acquire) }
@@ -248,7 +284,7 @@ impl Stream {
         emit_into(
             core,
             convert::lookup(event),
-            measurements,
+            Measure::Object(measurements),
             metadata,
             correlation_id,
             sampled,
@@ -467,15 +503,15 @@ impl Drop for Call {
 
 /// The default stream: a strong reference to a `Stream` object, or null.
 /// Read and written only with the GIL held.
-static DEFAULT: AtomicPtr<ffi::PyObject> = AtomicPtr::new(std::ptr::null_mut());
+pub(crate) static DEFAULT: AtomicPtr<ffi::PyObject> = AtomicPtr::new(std::ptr::null_mut());
 
-struct Config {
-    correlation_var: Py<PyAny>,
+pub(crate) struct Config {
+    pub(crate) correlation_var: Py<PyAny>,
     fallback: Py<PyAny>,
 }
 
 /// Set by `configure`; replaced configs are leaked (configure is rare).
-static CONFIG: AtomicPtr<Config> = AtomicPtr::new(std::ptr::null_mut());
+pub(crate) static CONFIG: AtomicPtr<Config> = AtomicPtr::new(std::ptr::null_mut());
 
 #[pyfunction]
 fn set_default(stream: Option<&Bound<'_, Stream>>) {
@@ -662,7 +698,7 @@ unsafe fn emit_bound(py: Python<'_>, slots: [*mut ffi::PyObject; 4]) {
     emit_into(
         core,
         name,
-        measurements.as_ref(),
+        Measure::Object(measurements.as_ref()),
         metadata.as_ref(),
         correlation_id.as_ref(),
         None,
@@ -720,6 +756,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("FLUSH_EVENTS", wstream::FLUSH_EVENTS)?;
     m.add_class::<Stream>()?;
     m.add_class::<Call>()?;
+    span::register(m)?;
     add_emit(m)?;
     m.add_function(wrap_pyfunction!(set_default, m)?)?;
     m.add_function(wrap_pyfunction!(configure, m)?)?;

@@ -18,11 +18,11 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes};
 use snakepit_telemetry_core::auth::SECRET_HEADER;
+use tokio::io::unix::AsyncFd;
 use tokio::runtime::Runtime;
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio::time::Sleep;
 use tokio_stream::Stream;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{http, BoxFuture, Service};
@@ -198,7 +198,7 @@ impl Method {
             cell,
             controls,
             notified: None,
-            sleep: None,
+            timer: None,
             idle: false,
         }))
     }
@@ -210,7 +210,7 @@ pub struct CallStream {
     cell: Arc<CallCell>,
     controls: JoinHandle<()>,
     notified: Option<Pin<Box<OwnedNotified>>>,
-    sleep: Option<Pin<Box<Sleep>>>,
+    timer: Option<Timer>,
     /// Counted in the core's idle waiters.
     idle: bool,
 }
@@ -244,23 +244,131 @@ impl Stream for CallStream {
                         this.release();
                         continue;
                     }
-                    let deadline = tokio::time::Instant::from_std(until);
-                    let sleep = match &mut this.sleep {
-                        Some(sleep) => {
-                            sleep.as_mut().reset(deadline);
-                            sleep
-                        }
-                        None => this
-                            .sleep
-                            .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                    let timer = match &mut this.timer {
+                        Some(timer) => timer,
+                        None => match Timer::new() {
+                            Ok(timer) => this.timer.insert(timer),
+                            Err(_) => {
+                                // No timer: look again soon rather than never.
+                                this.release();
+                                cx.waker().wake_by_ref();
+                                return Poll::Pending;
+                            }
+                        },
                     };
-                    if sleep.as_mut().poll(cx).is_ready() || notified.as_mut().poll(cx).is_ready() {
+                    if timer.poll_until(cx, until).is_ready()
+                        || notified.as_mut().poll(cx).is_ready()
+                    {
                         this.release();
                         continue;
                     }
                     this.notified = Some(notified);
                     return Poll::Pending;
                 }
+            }
+        }
+    }
+}
+
+/// A deadline for the call's waits: a timerfd on the runtime's IO driver
+/// rather than a tokio timer, so that moving the deadline after a send
+/// does not make the driver wake itself (one wake per batch: the expiry).
+struct Timer {
+    fd: AsyncFd<std::os::fd::OwnedFd>,
+    /// The deadline it is armed for.
+    armed: Option<std::time::Instant>,
+}
+
+impl Timer {
+    fn new() -> io::Result<Timer> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain syscall; the fd is owned below.
+        let raw = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new fd nobody else owns; the AsyncFd owns it and never
+        // replaces or closes it while registered.
+        let fd = unsafe {
+            AsyncFd::register_with_interest(
+                std::os::fd::OwnedFd::from_raw_fd(raw),
+                tokio::io::Interest::READABLE,
+            )?
+        };
+        Ok(Timer { fd, armed: None })
+    }
+
+    /// Arms the timer for `until` (CLOCK_MONOTONIC, as `Instant`).
+    fn arm(&mut self, until: std::time::Instant) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        // At least 1 ns: an all-zero value would disarm it.
+        let total =
+            (now.tv_sec as u128) * 1_000_000_000 + now.tv_nsec as u128 + left.as_nanos().max(1);
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: (total / 1_000_000_000) as libc::time_t,
+                tv_nsec: (total % 1_000_000_000) as libc::c_long,
+            },
+        };
+        // SAFETY: a valid fd and itimerspec.
+        let rc = unsafe {
+            libc::timerfd_settime(
+                self.fd.get_ref().as_raw_fd(),
+                libc::TFD_TIMER_ABSTIME,
+                &spec,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.armed = Some(until);
+        Ok(())
+    }
+
+    /// Ready once `until` passed; otherwise registers the waker.
+    fn poll_until(&mut self, cx: &mut Context<'_>, until: std::time::Instant) -> Poll<()> {
+        if std::time::Instant::now() >= until {
+            return Poll::Ready(());
+        }
+        if self.armed != Some(until) && self.arm(until).is_err() {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        loop {
+            match self.fd.poll_read_ready(cx) {
+                Poll::Ready(Ok(mut guard)) => {
+                    // The expiry need not be read: the registration is
+                    // edge-triggered, each expiry is an edge, and arming
+                    // resets the count. A readiness left from an earlier
+                    // expiry is cleared and waited past.
+                    guard.clear_ready();
+                    if std::time::Instant::now() >= until {
+                        self.armed = None;
+                        return Poll::Ready(());
+                    }
+                }
+                Poll::Ready(Err(_)) => {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Poll::Pending => return Poll::Pending,
             }
         }
     }

@@ -4,7 +4,7 @@ of the telemetry stream (crate ``native/snakepit_telemetry_py``, built by
 
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Self
 
 IMPLEMENTATION_VERSION: str
 IMPLEMENTATION: str  # "native": the stats events' "implementation" metadata
@@ -80,3 +80,32 @@ def default_stream() -> Stream | None: ...
 def configuration() -> (
     tuple[ContextVar[str | None], Callable[[Any, Any, Any, Any], None]] | None
 ): ...
+
+# Spans (the base of telemetry.span with this implementation).
+NATIVE_SPAN: object  # a native span's _backend
+
+class SpanBase:
+    _name: Any
+    _metadata: Any
+    _correlation_id: Any
+    _started: int
+    _span_id: int
+    _backend: Any
+    _token: Any
+    @property
+    def _native_active(self) -> bool: ...
+    def __init__(
+        self, name: Any, metadata: Mapping[Any, Any] | None = None, correlation_id: object = None
+    ) -> None: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> bool: ...
+    def _native_end(
+        self,
+        failed: bool,
+        duration: int,
+        metadata: Mapping[Any, Any] | None,
+        stacktrace: tuple[tuple[str, int, str], ...] | None = None,
+    ) -> None: ...
+
+def new_span_id() -> int: ...
+def seed_span_ids(base: int) -> None: ...

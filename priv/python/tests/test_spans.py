@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
+import weakref
 from typing import Any
 
 import pytest
@@ -44,13 +46,23 @@ def test_span_ids_are_nonzero_64_bit_and_unique() -> None:
 
 @pytest.mark.parametrize("backend", ["fast", "grpc"])
 def test_a_span_shares_its_id_and_every_span_has_its_own(
-    stream: telemetry.AnyTelemetryStream, backend: str, monkeypatch: pytest.MonkeyPatch
+    stream: telemetry.AnyTelemetryStream,
+    backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     if backend == "grpc":
         # The backend path (GrpcBackend.handle_span_*), as when controls sample
         # (the native implementation's spans take it without a native default).
         if NATIVE:
+            # Native spans start in the extension only while it has a default stream.
+            native = core._native
+            assert native is not None
+            previous = native.default_stream()
+            native.set_default(None)
             monkeypatch.setattr(core, "_native_stream", None)
+            monkeypatch.setattr(core, "_fast_stream", None)
+            request.addfinalizer(lambda: native.set_default(previous))
         else:
             monkeypatch.setattr(stream, "_fast_cap", 0)
     run_span("tool.execution", fail=False)
@@ -75,6 +87,49 @@ def test_a_span_shares_its_id_and_every_span_has_its_own(
     stack = pairs[1][1].stacktrace
     assert stack[0][2] == "_raise_at" and stack[-1][2] == "run_span"
     assert all(file.endswith("test_spans.py") and line > 0 for file, line, _ in stack)
+
+
+@pytest.mark.skipif(not NATIVE, reason="the extension's span")
+def test_native_span_runs_in_the_extension_and_keeps_its_own_metadata(
+    stream: telemetry.AnyTelemetryStream,
+) -> None:
+    telemetry.get_backend()  # resolve the lazily chosen grpc backend: the fast path
+    meta = {"tool": "t"}
+    sp = telemetry.span("python.call", meta, correlation_id="c-1")
+    meta["tool"] = "changed"  # the span copied its metadata when it was made
+    with sp:
+        assert sp._backend is core._NATIVE_SPAN
+        assert sp._native_active
+    other = spans.new_span_id()
+    with telemetry.span("python.call") as second:
+        pass
+    start, stop, start2, stop2 = drain(stream)
+    assert names([start, stop]) == ["python.call.start", "python.call.stop"]
+    assert start.metadata == stop.metadata == {"tool": "t"}
+    assert start.correlation_id == stop.correlation_id == "c-1"
+    assert start.span_id == stop.span_id == sp._span_id != 0
+    # One counter for spans of both paths: ids never repeat.
+    assert len({sp._span_id, other, second._span_id}) == 3
+    assert start2.span_id == stop2.span_id == second._span_id
+    assert stop.measurements["duration"] >= 0
+
+
+def test_a_span_in_a_reference_cycle_is_collected(stream: telemetry.AnyTelemetryStream) -> None:
+    class Held:
+        pass
+
+    telemetry.get_backend()
+    sp = telemetry.span("python.call", {"k": 1})
+    with sp:
+        pass
+    drain(stream)  # the pure stream's queued events hold the metadata dict itself
+    held = Held()
+    ref = weakref.ref(held)
+    sp._metadata["held"] = held
+    sp._token = [sp]  # a cycle through the span
+    del sp, held
+    gc.collect()
+    assert ref() is None
 
 
 def test_plain_events_have_no_span_id(stream: telemetry.AnyTelemetryStream) -> None:

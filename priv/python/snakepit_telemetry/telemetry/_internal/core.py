@@ -48,6 +48,8 @@ _monotonic_ns = time.monotonic_ns
 _current_correlation_id = _correlation_var.get  # get_correlation_id minus one call
 # The extension module when the native implementation runs, else None.
 _native = implementation.native()
+if _native is not None:
+    spans.use_native(_native)
 
 
 def _refresh_fast() -> None:
@@ -141,86 +143,29 @@ if _native is not None:
 _suffixed = suffixed
 
 
-class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
-    """Context manager for a span on the current backend (see ``Backend.span_start``).
+class _SpanMethods:
+    """What both implementations' ``span`` share: the paths other than the native
+    stream's common case (which the native ``span`` runs in the extension)."""
 
-    By default (events backends) it emits ``<name>.start`` and
-    ``<name>.stop``/``.exception``. Durations come from ``time.monotonic_ns`` so
-    wall-clock jumps cannot make them negative; the user's exception always
-    propagates unchanged. Both ends go to the backend that was current at enter,
-    with the correlation ID in force at enter unless one was passed. On the grpc
-    backend sampling is decided once at enter (with the rate for ``<name>.start``)
-    and shared by the stop/exception, so a sampled span is never delivered half.
+    __slots__ = ()
+    _name: str | Sequence[str]
+    _metadata: dict[Any, Any]
+    _correlation_id: str | None
+    _started: int
+    _span_id: int
+    _backend: backends.Backend | None
+    _token: object
 
-    The three events carry the span's id (see :mod:`._internal.spans`), which
-    Elixir gives handlers as ``telemetry_span_context``; an exception event also
-    carries the traceback (bounded, innermost frames first).
-    """
-
-    __slots__ = (
-        "_backend",
-        "_correlation_id",
-        "_metadata",
-        "_name",
-        "_span_id",
-        "_started",
-        "_token",
-    )
-
-    def __init__(
-        self,
-        name: str | Sequence[str],
-        metadata: Mapping[Any, Any] | None = None,
-        correlation_id: str | None = None,
-    ) -> None:
-        self._name = name
-        self._correlation_id = correlation_id
-        self._started = 0
-        self._span_id = 0
-        self._backend: backends.Backend | None = None
-        self._token: object = backends.NO_SPAN
+    def _enter_slow(self) -> None:
+        """Start the span on the current backend (or the pure fast path)."""
         try:
-            self._metadata: dict[Any, Any] = dict(metadata) if metadata else {}
-        except Exception:
-            self._metadata = {}
-            errors.count()
-
-    def __enter__(self) -> span:
-        try:
-            native = _native_stream
-            if native is not None and type(self._name) is str:
-                # The native default stream's common case, inlined (each call layer
-                # is a measurable share of a span's cost): sample once for the whole
-                # span, then emit <name>.start straight to the extension.
-                names = _native_span_name_cache.get(self._name, _MISSING)
-                if names is _MISSING:
-                    names = _native_span_names(self._name)
-                if names is not None:
-                    correlation_id = self._correlation_id
-                    if correlation_id is None:
-                        correlation_id = self._correlation_id = _current_correlation_id()
-                    start = names[0]
-                    sampled = native.sample(start)
-                    self._backend = _NATIVE_SPAN
-                    self._token = (native, names, sampled)
-                    self._span_id = span_id = spans.new_span_id()
-                    native.emit_event(
-                        start,
-                        {"system_time": _time_ns()},
-                        self._metadata,
-                        correlation_id,
-                        sampled,
-                        span_id,
-                    )
-                    self._started = _monotonic_ns()
-                    return self
             stream = _fast_stream
             if stream is not None and stream._fast_cap:
                 names = _span_names(self._name)
                 if names is not None:
                     self._enter_fast(stream, names)
                     self._started = time.monotonic_ns()
-                    return self
+                    return
             if self._correlation_id is None:
                 self._correlation_id = get_correlation_id()
             backend = self._backend = backends.get_backend()
@@ -230,35 +175,18 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
         except Exception:
             errors.count()
         self._started = time.monotonic_ns()
-        return self
 
-    def __exit__(
+    def _exit_slow(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        ended = _monotonic_ns()
+        ended: int,
+    ) -> None:
         if exc_type is None:
-            if self._backend is _NATIVE_SPAN:  # the common end, inlined
-                try:
-                    native, names, sampled = self._token
-                    native.emit_event(
-                        names[1],
-                        {"duration": ended - self._started},
-                        self._metadata,
-                        self._correlation_id,
-                        sampled,
-                        self._span_id,
-                    )
-                except Exception:
-                    errors.count()
-                return False
             self._end(None, None, ended)
         else:
             error = exc if exc is not None else backends.SpanFailure(exc_type.__name__, "")
             self._end(error, None, ended)
-        return False  # never swallow the user's exception
 
     def stop(self, extra: Mapping[str, Any] | None = None, ended: int | None = None) -> None:
         """End the span successfully; for callers (the interceptor) that cannot use ``with``."""
@@ -308,38 +236,27 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
     def _end_native(
         self, duration: int, error: BaseException | None, extra: Mapping[str, Any] | None
     ) -> None:
-        native, names, sampled = self._token
         meta = self._metadata
         stack: tuple[spans.Frame, ...] = ()
         if error is not None:
-            name = names[2]
             extra = backends.error_fields(error)
             stack = spans.frames(error)
-        else:
-            name = names[1]
         if extra:
             meta = {**meta, **extra}
-        native.emit_event(
-            name,
-            {"duration": duration},
-            meta,
-            self._correlation_id,
-            sampled,
-            self._span_id,
-            stack,
-        )
+        self._native_end(error is not None, duration, meta, stack)  # type: ignore[attr-defined]
 
     def _end(
         self, error: BaseException | None, extra: Mapping[str, Any] | None, ended: int | None
     ) -> None:
         duration = (time.monotonic_ns() if ended is None else ended) - self._started
-        backend = self._backend
-        if backend is None:
-            return  # enter failed before it could start anything
         try:
-            if backend is _NATIVE_SPAN:
+            if getattr(self, "_native_active", False):
                 self._end_native(duration, error, extra)
-            elif backend is _FAST_SPAN:
+                return
+            backend = self._backend
+            if backend is None:
+                return  # enter failed before it could start anything
+            if backend is _FAST_SPAN:
                 self._end_fast(duration, error, extra)
             else:
                 backend.handle_span_end(self._token, duration, error, extra)
@@ -349,7 +266,7 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
     def _end_fast(
         self, duration: int, error: BaseException | None, extra: Mapping[str, Any] | None
     ) -> None:
-        stream, names = self._token
+        stream, names = cast(tuple[TelemetryStream, _SpanNames], self._token)
         meta = self._metadata
         stack: tuple[spans.Frame, ...] = ()
         if error is not None:
@@ -372,17 +289,86 @@ class span:  # noqa: N801 - used like a function: ``with telemetry.span(...)``
         _queue_fast(stream, event)
 
 
+_SPAN_DOC = """Context manager for a span on the current backend (see ``Backend.span_start``).
+
+    By default (events backends) it emits ``<name>.start`` and
+    ``<name>.stop``/``.exception``. Durations come from ``time.monotonic_ns`` so
+    wall-clock jumps cannot make them negative; the user's exception always
+    propagates unchanged. Both ends go to the backend that was current at enter,
+    with the correlation ID in force at enter unless one was passed. On the grpc
+    backend sampling is decided once at enter (with the rate for ``<name>.start``)
+    and shared by the stop/exception, so a sampled span is never delivered half.
+
+    The three events carry the span's id (see :mod:`._internal.spans`), which
+    Elixir gives handlers as ``telemetry_span_context``; an exception event also
+    carries the traceback (bounded, innermost frames first).
+
+    With the native implementation, construction, ``__enter__`` and a successful
+    ``__exit__`` on the native default stream run in the extension
+    (``_native.SpanBase``), without a Python frame.
+    """
+
+
+class span(_SpanMethods):  # noqa: N801 - used like a function: ``with telemetry.span(...)``
+    __doc__ = _SPAN_DOC
+    __slots__ = (
+        "_backend",
+        "_correlation_id",
+        "_metadata",
+        "_name",
+        "_span_id",
+        "_started",
+        "_token",
+    )
+
+    def __init__(
+        self,
+        name: str | Sequence[str],
+        metadata: Mapping[Any, Any] | None = None,
+        correlation_id: str | None = None,
+    ) -> None:
+        self._name = name
+        self._correlation_id = correlation_id
+        self._started = 0
+        self._span_id = 0
+        self._backend = None
+        self._token = backends.NO_SPAN
+        try:
+            self._metadata = dict(metadata) if metadata else {}
+        except Exception:
+            self._metadata = {}
+            errors.count()
+
+    def __enter__(self) -> span:
+        self._enter_slow()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        self._exit_slow(exc_type, exc, time.monotonic_ns())
+        return False  # never swallow the user's exception
+
+
+if _native is not None:
+
+    class span(_SpanMethods, _native.SpanBase):  # type: ignore[no-redef]  # noqa: N801
+        __doc__ = _SPAN_DOC
+        __slots__ = ()
+
+
 # A span name's (start, stop, exception) event parts.
 _SpanNames = tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
 _span_name_cache: dict[object, _SpanNames | None] = {}
 _SPAN_NAME_CACHE_LIMIT = 4096
 # Marks a span started by span._enter_fast (in place of a backend).
 _FAST_SPAN: Any = object()
-# Marks a span started by span._enter_native.
-_NATIVE_SPAN: Any = object()
+# Marks a span started on the native stream in the extension (its ``_backend``).
+_NATIVE_SPAN: Any = _native.NATIVE_SPAN if _native is not None else object()
 _MISSING: Any = object()
-# A span name's (start, stop, exception) dotted event names, for the native path.
-_native_span_name_cache: dict[object, tuple[str, str, str] | None] = {}
 
 
 def _span_names(name: object) -> _SpanNames | None:
@@ -397,21 +383,6 @@ def _span_names(name: object) -> _SpanNames | None:
     if len(_span_name_cache) >= _SPAN_NAME_CACHE_LIMIT:
         _span_name_cache.clear()
     _span_name_cache[name] = names
-    return names
-
-
-def _native_span_names(name: object) -> tuple[str, str, str] | None:
-    """Dotted names of a dotted span name's three events (cached); ``None`` if not valid."""
-    if type(name) is not str:
-        return None
-    names = _native_span_name_cache.get(name, _MISSING)
-    if names is not _MISSING:
-        return names
-    parts = NAME_CACHE.get(name) or convert_event_parts(name)
-    names = None if parts is None else (f"{name}.start", f"{name}.stop", f"{name}.exception")
-    if len(_native_span_name_cache) >= _SPAN_NAME_CACHE_LIMIT:
-        _native_span_name_cache.clear()
-    _native_span_name_cache[name] = names
     return names
 
 

@@ -20,6 +20,7 @@ import os
 from collections import deque
 from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 __all__ = ["MAX_FRAMES", "MAX_FRAME_CHARS", "Frame", "frames", "new_span_id"]
 
@@ -36,10 +37,26 @@ Frame = tuple[str, int, str]
 new_span_id: Callable[[], int]
 
 
+# The extension module whose counter gives the ids (see use_native), or None.
+_native_ids: Any = None
+
+
 def _reseed() -> None:
     global new_span_id
     base = (int.from_bytes(os.urandom(8), "little") >> 2) | 1
-    new_span_id = itertools.count(base).__next__
+    if _native_ids is not None:
+        _native_ids.seed_span_ids(base)
+        new_span_id = _native_ids.new_span_id
+    else:
+        new_span_id = itertools.count(base).__next__
+
+
+def use_native(module: Any) -> None:
+    """Draw span ids from the extension's counter (``module.new_span_id``), which its
+    spans use too, so ids stay unique across both; same base rule, reseeded at fork."""
+    global _native_ids
+    _native_ids = module
+    _reseed()
 
 
 _reseed()
