@@ -476,19 +476,35 @@ paced_50 = overhead.("spans-paced-50", default_opts ++ flush.(50), "sleep")
 
 IO.puts(:stderr, "bench: busy ~1 ms calls in spans, A/B, #{busy_rounds} rounds")
 
+# Default settings (flush interval 10 ms); native also at a 50 ms flush interval
+# (fewer, larger batches: less CPU, more latency).
+busy_flush50? = fn id -> String.ends_with?(id, "-flush50") end
+
+busy_setups =
+  for(which <- impls, do: {which, "busy-#{which}", []}) ++
+    if native?, do: [{:native, "busy-native-flush50", flush.(50)}], else: []
+
 busy_workers =
-  for which <- impls do
-    id = "busy-#{which}"
-    {id, Bench.start_worker!(id, [], [], Bench.impl_opts(which))}
+  for {which, id, extra} <- busy_setups do
+    {id, Bench.start_worker!(id, [], [], Bench.impl_opts(which) ++ extra)}
   end
 
 busy_impl = Map.new(busy_workers, fn {id, w} -> {id, Bench.impl(id, w)} end)
-busy = Bench.busy_ab(busy_workers, busy_calls, busy_rounds, busy_block)
-busy_handled = busy |> Map.values() |> hd() |> Map.fetch!(:handled)
+# A block of spans starts on an idle stream and ends drained, so its batches
+# are cut at the block's ends: at a 50 ms flush interval, blocks of 100 calls.
+{busy_50, busy_10} = Enum.split_with(busy_workers, fn {id, _} -> busy_flush50?.(id) end)
+
+busy =
+  Map.merge(
+    Bench.busy_ab(busy_10, busy_calls, busy_rounds, busy_block),
+    if(busy_50 == [], do: %{}, else: Bench.busy_ab(busy_50, busy_calls, busy_rounds, 100))
+  )
+
+busy_handled = Enum.sum(for [{id, _} | _] <- [busy_10, busy_50], do: busy[id].handled)
 
 busy_calling =
   Enum.map_join(busy_workers, ", ", fn {id, _} ->
-    "#{busy_impl[id]} #{Float.round(busy[id].calling * 100, 2)}%"
+    "#{busy_impl[id]}#{if busy_flush50?.(id), do: " (flush 50 ms)"} #{Float.round(busy[id].calling * 100, 2)}%"
   end)
 
 busy_expected = busy |> Map.values() |> Enum.map(&(&1.calls * &1.rounds)) |> Enum.sum()
@@ -611,7 +627,9 @@ busy_rows =
   for {id, _w} <- busy_workers do
     b = busy[id]
     which = busy_impl[id]
-    target? = which == "native"
+    flush50? = busy_flush50?.(id)
+    target? = which == "native" and not flush50?
+    setting = if flush50?, do: ", flush interval 50 ms", else: ""
     hot = if which == "native", do: hot_nat, else: hot_py
     # The same overhead from its parts, which the load of the machine moves less:
     # the span's own cost (row 1) plus the other threads' CPU per call.
@@ -620,12 +638,13 @@ busy_rows =
 
     [
       {"5",
-       "busy ~1 ms calls in spans, process CPU overhead, #{served.(which)}: median (min..max) of #{b.rounds} rounds",
+       "busy ~1 ms calls in spans, process CPU overhead, #{served.(which)}#{setting}: median (min..max) of #{b.rounds} rounds",
        "#{pct.(b.overhead)} (#{pct.(b.min)}..#{pct.(b.max)})",
        "same calls, no telemetry (CPU s per round)", Bench.fmt(b.off), Bench.ratio(b.on, b.off),
        if(target?, do: "<= 0.3%", else: "-"),
        if(target?, do: yes.(b.overhead <= 0.003), else: "-")},
-      {"5", "the same from its parts: span (row 1) + stream threads' CPU per call (us), #{which}",
+      {"5",
+       "the same from its parts: span (row 1) + stream threads' CPU per call (us), #{which}#{setting}",
        "#{Bench.fmt(hot["span_ns"] / 1000)} + #{Bench.fmt(b.others_us)}",
        "CPU of one call without telemetry (us)", Bench.fmt(b.call_us), pct.(parts),
        if(target?, do: "<= 0.3%", else: "-"), if(target?, do: yes.(parts <= 0.003), else: "-")}
@@ -745,9 +764,11 @@ Latency: #{latency_count} samples per path. Row 5: "per call" rows pace #{span_c
 apart; medians of #{span_rounds} alternating rounds), so the process CPU is the telemetry's own, and set it
 against 1 ms of work. Busy A/B rows: per round, #{busy_calls} busy ~1 ms calls (a spin loop) each in a
 span (100% sampling, default settings) and #{busy_calls} without telemetry, in alternating blocks of #{busy_block}
-calls (ABBA order, the first side alternating by round), so a change in the machine's load hits both
-sides alike; each block's process CPU (all threads) goes to its side, and a block of spans ends once
-its events were handed to the stream (so its telemetry work is not left to the next block);
+calls (100 at the 50 ms flush interval; ABBA order, the first side alternating by round), so a change
+in the machine's load hits both sides alike; each block's process CPU (all threads) goes to its side,
+and a block of spans ends once its events were handed to the stream (so its telemetry work is not left
+to the next block; it also starts on an idle stream, so it sends about one batch more than steady
+operation would: an upper bound);
 #{busy_rounds} rounds, interleaved across the implementations. Overhead = CPU with / without - 1 per
 round: median and (min..max); of that, in the calling thread (median): #{busy_calling}. "From its
 parts": the empty span of row 1 plus the median CPU of the worker's other threads per call in spans
