@@ -367,8 +367,17 @@ async fn stopping_the_server_ends_its_call_and_keeps_the_queue() {
         other => panic!("expected the call to end, got {other:?}"),
     }
     wait_for("the call to end", || !core.stats().active_stream).await;
-    // Nothing listens any more; events wait in the queue for the next call.
-    assert!(tokio::net::TcpStream::connect(&address).await.is_err());
+    // The listener closes on the server's own thread, soon after stop():
+    // await the condition (a connection refused), never a duration.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(&address).await.is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stopped server still accepts connections"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // Events wait in the queue for the next call.
     core.push(stop_event(1, ""));
     assert_eq!(stat(&core, "queue_len"), 1);
 }
