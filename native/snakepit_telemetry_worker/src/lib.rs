@@ -15,3 +15,4 @@ pub mod event;
 pub mod pb;
 pub mod server;
 pub mod stream;
+pub mod unix_conn;

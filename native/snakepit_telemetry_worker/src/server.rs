@@ -539,7 +539,9 @@ pub fn serve(core: Arc<Core>, address: &str) -> io::Result<ServerHandle> {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
             std_listener.set_nonblocking(true)?;
             let listener = tokio::net::UnixListener::from_std(std_listener)?;
-            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            // Connections registered for reads only: one wake per batch, as on
+            // TCP (see unix_conn).
+            let incoming = crate::unix_conn::UnixIncoming::new(listener);
             let task = rt.spawn(async move {
                 let _ = tonic::transport::Server::builder()
                     .serve_with_incoming_shutdown(service, incoming, signal)
