@@ -20,7 +20,6 @@ from snakepit_telemetry import snakepit_bridge_pb2 as pb
 from snakepit_telemetry import telemetry
 from snakepit_telemetry.telemetry._internal import convert, wire
 
-from .conftest import NATIVE
 from .test_wire import EDGE_CASES, random_event, value_key
 
 
@@ -76,10 +75,8 @@ def test_generated_events(s: telemetry.AnyTelemetryStream, seed: int) -> None:
     check(s, [random_event(rng, 1_700_000_000_000_000_000) for _ in range(300)])
 
 
-@pytest.mark.skipif(
-    not NATIVE,
-    reason="the pure stream queues raw values; its encoders drop invalid UTF-8 (test_wire)",
-)
+# The pure stream queues raw values; its encoders drop invalid UTF-8 (test_wire).
+@pytest.mark.native_only
 def test_lone_surrogates_never_reach_the_queue(s: telemetry.AnyTelemetryStream) -> None:
     bad = "bad\ud800"
     check(

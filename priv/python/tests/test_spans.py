@@ -89,7 +89,7 @@ def test_a_span_shares_its_id_and_every_span_has_its_own(
     assert all(file.endswith("test_spans.py") and line > 0 for file, line, _ in stack)
 
 
-@pytest.mark.skipif(not NATIVE, reason="the extension's span")
+@pytest.mark.native_only
 def test_native_span_runs_in_the_extension_and_keeps_its_own_metadata(
     stream: telemetry.AnyTelemetryStream,
 ) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -50,6 +49,7 @@ from .stream import (
     TAKEOVER_GRACE_S,
     TelemetryStream,
 )
+from .stream import _streams as _fork_registry
 
 __all__ = ["AnyTelemetryStream", "NativeTelemetryStream", "queued_event"]
 
@@ -58,18 +58,6 @@ log = logging.getLogger(__name__)
 # How long a grpcio handler waits for the next message before it checks
 # whether its call is still active (a takeover or close ends the wait at once).
 _WAIT_SLICE_S = 0.25
-
-# Every native stream of this process, so that a forked child can renew them.
-_streams: weakref.WeakSet[NativeTelemetryStream] = weakref.WeakSet()
-
-
-def _renew_after_fork() -> None:
-    for stream in list(_streams):
-        stream._start_over_after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_renew_after_fork)
 
 
 def _ms(seconds: float) -> int:
@@ -145,7 +133,7 @@ class NativeTelemetryStream:
         self._lock = threading.Lock()
         # grpcio calls whose handler has not returned yet, by generation.
         self._running: dict[int, grpc.ServicerContext] = {}
-        _streams.add(self)
+        _fork_registry.add(self)  # renewed in a forked child, as pure streams are
 
     def _start_over_after_fork(self) -> None:
         """In a forked child: a new instance (new id, counters at 0, empty queue,

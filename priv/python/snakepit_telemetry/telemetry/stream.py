@@ -168,8 +168,9 @@ def _new_instance_id() -> str:
     return os.urandom(8).hex()
 
 
-# Every stream of this process, so that a forked child can renew them.
-_streams: weakref.WeakSet[TelemetryStream] = weakref.WeakSet()
+# Every stream of this process, of either implementation (the native
+# stream registers itself here too), so that a forked child can renew them.
+_streams: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def _renew_after_fork() -> None:
