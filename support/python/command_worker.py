@@ -52,7 +52,9 @@ Commands (one JSON object per stdin line, ACK payload after the arrow):
   (``wait_drained``), so its telemetry work is not left to the next block ->
   {"calls": per side, "blocks": per side, "cpu_on_s", "cpu_off_s",
   "calling_on_s", "calling_off_s" (the calling thread's share),
-  "calling_drain_s" (the calling thread's CPU in ``wait_drained``), "wall_s"};
+  "calling_drain_s" (the calling thread's CPU in ``wait_drained``),
+  "calling_inline_s" (time the calling thread spent sending due batches itself,
+  native stream served by its Rust server), "wall_s"};
 * ``rusage`` -> {"cpu_s": process CPU time so far, "rss_kb": resident memory};
 * ``threads`` -> {tid: {"name", "cpu_s", "voluntary", "involuntary"}} for each
   thread of the process (Linux ``/proc``: CPU from ``schedstat`` in ns, else in
@@ -451,11 +453,16 @@ class Worker:
         process = {True: 0.0, False: 0.0}
         calling = {True: 0.0, False: 0.0}
         draining = 0.0
+        # What sending cost the calling thread itself (the native stream's
+        # server lets an emit send a due batch; see server_rounds).
+        rounds = getattr(self.stream, "server_rounds", lambda: None)
+        inline_ns = 0
         process_time, thread_time = time.process_time, time.thread_time
         wall = time.perf_counter()
         for traced in order:
             process0, thread0 = process_time(), thread_time()
             if traced:
+                before = rounds()
                 for _ in range(block):
                     with span("python.call", {"command": "predict"}):
                         _spin(spins)
@@ -463,6 +470,9 @@ class Worker:
                 drain0 = thread_time()
                 self.stream.wait_drained(30)
                 draining += thread_time() - drain0
+                after = rounds()
+                if before is not None and after is not None:
+                    inline_ns += after["emitter_ns"] - before["emitter_ns"]
             else:
                 for _ in range(block):
                     _spin(spins)
@@ -476,6 +486,7 @@ class Worker:
             "calling_on_s": calling[True],
             "calling_off_s": calling[False],
             "calling_drain_s": draining,
+            "calling_inline_s": inline_ns / 1e9,
             "wall_s": time.perf_counter() - wall,
         }
 

@@ -421,6 +421,16 @@ impl Stream {
         py.detach(move || drop(old));
     }
 
+    /// How the server's work ran: rounds run by emitting threads (that sent
+    /// a due batch themselves) and by its own thread, and the time the
+    /// emitters' rounds took (ns); `None` when not serving.
+    fn server_rounds(&self) -> Option<(u64, u64, u64)> {
+        lock(&self.server).as_ref().map(|h| {
+            let r = h.rounds();
+            (r.by_emitters, r.by_runtime, r.emitter_ns)
+        })
+    }
+
     #[getter]
     fn serving(&self) -> Option<String> {
         lock(&self.server).as_ref().map(|h| h.address().to_string())

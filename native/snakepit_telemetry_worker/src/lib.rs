@@ -11,6 +11,7 @@
 
 pub mod clock;
 pub mod counters;
+pub mod drive;
 pub mod event;
 pub mod pb;
 pub mod server;

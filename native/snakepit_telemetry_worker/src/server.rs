@@ -24,6 +24,13 @@ use tokio::sync::futures::OwnedNotified;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::Stream;
+
+use hyper_util::rt::TokioIo;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::drive::{Driver, DriverExec};
+use crate::stream::Flush;
+use crate::unix_conn::UnixConn;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{http, BoxFuture, Service};
 use tonic::server::{Grpc, NamedService, StreamingService};
@@ -233,8 +240,16 @@ impl Stream for CallStream {
         this.release();
         loop {
             match this.core.step(&this.cell) {
-                Step::Message(message) => return Poll::Ready(Some(Ok(Bytes::from(message)))),
-                Step::Ended => return Poll::Ready(None),
+                Step::Message(message) => {
+                    // Until hyper asks for more (it may wait for window),
+                    // emits have nothing to send.
+                    this.core.set_flush_due(None);
+                    return Poll::Ready(Some(Ok(Bytes::from(message))));
+                }
+                Step::Ended => {
+                    this.core.set_flush_due(None);
+                    return Poll::Ready(None);
+                }
                 Step::Wait { until, idle } => {
                     let mut notified = Box::pin(this.core.notify().notified_owned());
                     notified.as_mut().enable();
@@ -263,6 +278,7 @@ impl Stream for CallStream {
                         continue;
                     }
                     this.notified = Some(notified);
+                    this.core.set_flush_due((!idle).then_some(until));
                     return Poll::Pending;
                 }
             }
@@ -376,6 +392,9 @@ impl Timer {
 
 impl Drop for CallStream {
     fn drop(&mut self) {
+        if self.core.is_current(self.cell.generation) {
+            self.core.set_flush_due(None);
+        }
         self.release();
         self.controls.abort();
         self.core.finish(&self.cell);
@@ -451,15 +470,23 @@ pub struct ServerHandle {
     address: String,
     core: Arc<Core>,
     calls: Calls,
+    driver: Arc<Driver>,
+    /// Set when stopping: connections shut down gracefully.
+    stopping: Arc<AtomicBool>,
     shutdown: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
     path: Option<PathBuf>,
     pid: u32,
 }
 
-/// How long a stopped server's connections may take to close before its
-/// task is aborted.
+/// How long a stopped server's connections may take to close before they
+/// are dropped.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How early, as a share of the flush interval, an emit may send a batch
+/// that is nearly due (see [`Flush`]): the later it may, the fewer batches;
+/// the earlier, the likelier an emit comes in time and saves the timer's
+/// wake.
+pub const FLUSH_MARGIN_SHARE: u32 = 5;
 
 impl ServerHandle {
     /// The bound address: `ip:port` or `unix:/path`.
@@ -477,6 +504,17 @@ impl ServerHandle {
     pub fn forget(self) {
         std::mem::forget(self);
     }
+
+    /// The rounds of polling its connections and calls, by emitters (that
+    /// sent a due batch themselves) and by the runtime's thread.
+    pub fn rounds(&self) -> crate::drive::Rounds {
+        self.driver.rounds()
+    }
+
+    /// The server's connections and calls not finished yet.
+    pub fn open_tasks(&self) -> usize {
+        self.driver.len()
+    }
 }
 
 impl Drop for ServerHandle {
@@ -484,6 +522,8 @@ impl Drop for ServerHandle {
         if self.pid != std::process::id() {
             return;
         }
+        let flush: Weak<dyn Flush> = Arc::downgrade(&self.driver) as Weak<dyn Flush>;
+        self.core.remove_flush(&flush);
         let calls = std::mem::take(&mut *self.calls.lock().unwrap_or_else(|e| e.into_inner()));
         for cell in calls.iter().filter_map(Weak::upgrade) {
             self.core.cancel(&cell);
@@ -491,18 +531,87 @@ impl Drop for ServerHandle {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }
+        self.stopping.store(true, Ordering::SeqCst);
+        self.driver.ask_poll();
         if let Some(path) = &self.path {
             let _ = std::fs::remove_file(path);
         }
         if let Ok(rt) = runtime() {
-            let task = self.task.abort_handle();
+            let driver = self.driver.clone();
             rt.spawn(async move {
-                tokio::time::sleep(SHUTDOWN_GRACE).await;
-                task.abort();
+                let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+                while !driver.is_empty() && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                driver.abort_all();
             });
         }
     }
 }
+
+/// [`TelemetryService`] as hyper calls it.
+#[derive(Clone, Debug)]
+struct HyperService(TelemetryService);
+
+impl hyper::service::Service<http::Request<hyper::body::Incoming>> for HyperService {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn call(&self, req: http::Request<hyper::body::Incoming>) -> Self::Future {
+        self.0.clone().call(req)
+    }
+}
+
+/// One HTTP/2 connection, shut down gracefully once its server stops.
+struct Connection<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> {
+    conn: Pin<Box<hyper::server::conn::http2::Connection<TokioIo<I>, HyperService, DriverExec>>>,
+    stopping: Arc<AtomicBool>,
+    shutting_down: bool,
+}
+
+impl<I> Future for Connection<I>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.shutting_down && self.stopping.load(Ordering::SeqCst) {
+            self.shutting_down = true;
+            self.conn.as_mut().graceful_shutdown();
+        }
+        self.conn.as_mut().poll(cx).map(|_| ())
+    }
+}
+
+/// What accepts a server's connections.
+struct Acceptor {
+    driver: Arc<Driver>,
+    service: HyperService,
+    stopping: Arc<AtomicBool>,
+    http2: hyper::server::conn::http2::Builder<DriverExec>,
+}
+
+impl Acceptor {
+    fn add<I>(&self, io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let conn = self
+            .http2
+            .serve_connection(TokioIo::new(io), self.service.clone());
+        self.driver.add(Box::pin(Connection {
+            conn: Box::pin(conn),
+            stopping: self.stopping.clone(),
+            shutting_down: false,
+        }));
+    }
+}
+
+/// A failed accept (e.g. out of descriptors) is retried after a pause
+/// rather than ending the server.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
 /// Starts serving `core` on `address`.
 pub fn serve(core: Arc<Core>, address: &str) -> io::Result<ServerHandle> {
@@ -511,26 +620,39 @@ pub fn serve(core: Arc<Core>, address: &str) -> io::Result<ServerHandle> {
     let rt = runtime()?;
     let service = TelemetryService::new(core.clone());
     let calls = service.calls.clone();
-    let (shutdown, signal) = oneshot::channel::<()>();
-    let signal = async move {
-        let _ = signal.await;
-    };
+    let (shutdown, mut signal) = oneshot::channel::<()>();
     let _guard = rt.enter();
-    let (address, task, path) = match listen {
+    let driver = Driver::start(rt.handle().clone(), core.clone());
+    let stopping = Arc::new(AtomicBool::new(false));
+    let acceptor = Acceptor {
+        driver: driver.clone(),
+        service: HyperService(service),
+        stopping: stopping.clone(),
+        http2: hyper::server::conn::http2::Builder::new(DriverExec(driver.clone())),
+    };
+    let (address, path) = match listen {
         ListenAddress::Tcp(authority) => {
             let std_listener = std::net::TcpListener::bind(authority.as_str())?;
             std_listener.set_nonblocking(true)?;
             let bound = std_listener.local_addr()?;
             let listener = tokio::net::TcpListener::from_std(std_listener)?;
-            // Small messages go out at once (no Nagle delay behind an ACK).
-            let incoming =
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-            let task = rt.spawn(async move {
-                let _ = tonic::transport::Server::builder()
-                    .serve_with_incoming_shutdown(service, incoming, signal)
-                    .await;
+            rt.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = &mut signal => return,
+                        accepted = listener.accept() => match accepted {
+                            Ok((stream, _)) => {
+                                // Small messages go out at once (no Nagle
+                                // delay behind an ACK).
+                                let _ = stream.set_nodelay(true);
+                                acceptor.add(stream);
+                            }
+                            Err(_) => tokio::time::sleep(ACCEPT_RETRY).await,
+                        },
+                    }
+                }
             });
-            (bound.to_string(), task, None)
+            (bound.to_string(), None)
         }
         ListenAddress::Unix(path) => {
             remove_stale_socket(&path)?;
@@ -539,23 +661,42 @@ pub fn serve(core: Arc<Core>, address: &str) -> io::Result<ServerHandle> {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
             std_listener.set_nonblocking(true)?;
             let listener = tokio::net::UnixListener::from_std(std_listener)?;
-            // Connections registered for reads only: one wake per batch, as on
-            // TCP (see unix_conn).
-            let incoming = crate::unix_conn::UnixIncoming::new(listener);
-            let task = rt.spawn(async move {
-                let _ = tonic::transport::Server::builder()
-                    .serve_with_incoming_shutdown(service, incoming, signal)
-                    .await;
+            rt.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = &mut signal => return,
+                        accepted = listener.accept() => {
+                            // Registered for reads only: one wake per batch,
+                            // as on TCP (see unix_conn).
+                            match accepted.and_then(|(s, _)| s.into_std()).and_then(UnixConn::new) {
+                                Ok(conn) => acceptor.add(conn),
+                                Err(_) => tokio::time::sleep(ACCEPT_RETRY).await,
+                            }
+                        }
+                    }
+                }
             });
-            (format!("unix:{}", path.display()), task, Some(path))
+            (format!("unix:{}", path.display()), Some(path))
         }
     };
+    // With a flush interval, batches are at most one per interval less the
+    // margin, so an emitter sends at most that many. Without one (every
+    // event at once), sending on the emitter's thread would write once per
+    // event there: the runtime's thread sends, batching what comes meanwhile.
+    let interval = core.settings().flush_interval;
+    if !interval.is_zero() {
+        core.install_flush(
+            Arc::downgrade(&driver) as Weak<dyn Flush>,
+            interval / FLUSH_MARGIN_SHARE,
+        );
+    }
     Ok(ServerHandle {
         address,
         core,
         calls,
+        driver,
+        stopping,
         shutdown: Some(shutdown),
-        task,
         path,
         pid: std::process::id(),
     })

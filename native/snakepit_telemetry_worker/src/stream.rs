@@ -15,9 +15,14 @@
 //! the next step) and finishes the call when it ends ([`Core::finish`]):
 //! unsent events go back to the queue front, and the events of a message
 //! handed out but not confirmed are counted as `interrupted_sends`.
+//!
+//! A server that can send from any thread installs a [`Flush`]: then the
+//! emit that finds a batch due (its flush time is within the margin, or the
+//! call waits on an empty queue) sends it itself, so that a steady stream
+//! costs no thread wake per batch; the call's own timer stays the deadline.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -75,6 +80,26 @@ pub enum Reason {
     Sampled,
     QueueFull,
     InternalError,
+}
+
+/// Sends what a call has ready from the calling thread; installed on a
+/// [`Core`] by a server that can (see [`Core::install_flush`]).
+pub trait Flush: Send + Sync {
+    /// Runs the server's calls once on this thread (never blocking: if
+    /// another thread is at it, leaves the work to it). False if it could
+    /// not run here at all.
+    fn flush(&self) -> bool;
+}
+
+/// The emit-side trigger of a [`Flush`].
+struct InlineFlush {
+    flush: Mutex<Option<Weak<dyn Flush>>>,
+    /// Wall-clock ns (as [`now_ns`]) from which an emit flushes;
+    /// `i64::MAX`: none is due.
+    due_ns: AtomicI64,
+    /// How long before its flush time a batch may go (ns); 0 without a
+    /// flush.
+    margin_ns: AtomicU64,
 }
 
 /// A stream's settings, validated by the caller.
@@ -238,6 +263,7 @@ pub struct Core {
     notify: Arc<Notify>,
     instance_id: String,
     stats_name: Vec<u8>,
+    inline: InlineFlush,
 }
 
 impl std::fmt::Debug for Core {
@@ -310,6 +336,11 @@ impl Core {
             notify: Arc::new(Notify::new()),
             instance_id: new_instance_id(),
             stats_name: encode_name(STATS_EVENT),
+            inline: InlineFlush {
+                flush: Mutex::new(None),
+                due_ns: AtomicI64::new(i64::MAX),
+                margin_ns: AtomicU64::new(0),
+            },
             settings: Settings {
                 queue_size,
                 ..settings
@@ -348,15 +379,84 @@ impl Core {
     /// Queues an encoded event, or counts it as `dropped_queue_full`.
     #[inline]
     pub fn push(&self, item: Item) {
+        let timestamp_ns = item.timestamp_ns;
         if self.queue.push(item).is_err() {
             self.refuse(Reason::QueueFull);
             return;
         }
         // A sender that announced its sleep before this push sees the event
         // when it re-checks; one that announces later finds it queued.
-        if self.idle.load(Ordering::SeqCst) != 0 {
-            self.wake();
+        let idle = self.idle.load(Ordering::SeqCst) != 0;
+        if idle || timestamp_ns >= self.inline.due_ns.load(Ordering::Relaxed) {
+            // Sending here saves the wake of a sleeping sender; a sender the
+            // flush did not reach (another route's) is still woken.
+            if self.flush_inline() && self.idle.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            if idle {
+                self.wake();
+            }
         }
+    }
+
+    /// Runs the installed [`Flush`] on this thread; false without one.
+    fn flush_inline(&self) -> bool {
+        let flush = {
+            let slot = lock(&self.inline.flush);
+            match slot.as_ref().and_then(Weak::upgrade) {
+                Some(flush) => flush,
+                None => return false,
+            }
+        };
+        // Telemetry never raises into the emitter.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| flush.flush())) {
+            Ok(ran) => ran,
+            Err(_) => {
+                add(&self.counters.internal_errors, 1);
+                false
+            }
+        }
+    }
+
+    /// Lets emits send due batches through `flush`, up to `margin` before
+    /// their flush time (see [`Flush`]).
+    pub fn install_flush(&self, flush: Weak<dyn Flush>, margin: Duration) {
+        *lock(&self.inline.flush) = Some(flush);
+        self.inline.margin_ns.store(
+            u64::try_from(margin.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::SeqCst,
+        );
+    }
+
+    /// Removes `flush` if it is the one installed.
+    pub fn remove_flush(&self, flush: &Weak<dyn Flush>) {
+        let mut slot = lock(&self.inline.flush);
+        if slot.as_ref().is_some_and(|f| Weak::ptr_eq(f, flush)) {
+            *slot = None;
+            self.inline.margin_ns.store(0, Ordering::SeqCst);
+            self.inline.due_ns.store(i64::MAX, Ordering::SeqCst);
+        }
+    }
+
+    /// How long before its flush time a batch may go.
+    pub fn flush_margin(&self) -> Duration {
+        Duration::from_nanos(self.inline.margin_ns.load(Ordering::Relaxed))
+    }
+
+    /// Sets when emits should flush: at `wait`'s flush time less the margin
+    /// for a call that waits for its flush time, never otherwise (an idle
+    /// wait is seen by `push` itself; a call mid-send is run by its server).
+    pub fn set_flush_due(&self, wait: Option<Instant>) {
+        let due = match wait {
+            Some(until) if self.inline.margin_ns.load(Ordering::Relaxed) != 0 => {
+                let left = until
+                    .saturating_duration_since(Instant::now())
+                    .saturating_sub(self.flush_margin());
+                now_ns().saturating_add(i64::try_from(left.as_nanos()).unwrap_or(i64::MAX))
+            }
+            _ => i64::MAX,
+        };
+        self.inline.due_ns.store(due, Ordering::Relaxed);
     }
 
     /// Counts an emit that did not reach the queue.
@@ -669,6 +769,8 @@ impl Core {
     /// of the previous step if it was not confirmed yet.
     pub fn step(&self, cell: &CallCell) -> Step {
         let now = Instant::now();
+        // A batch may go this early (an emit that found it due).
+        let flush_at = now + self.flush_margin();
         let stale_due = self.reap_stale(now);
         let mut st = lock(&cell.state);
         if st.finished {
@@ -698,7 +800,7 @@ impl Core {
                         // Within the flush interval an event would wait for
                         // its end anyway: sleep until then without asking
                         // emitters for a wake-up (one wake per batch, not two).
-                        if cell.batched && st.next_flush > now {
+                        if cell.batched && st.next_flush > flush_at {
                             return Step::Wait {
                                 until: until.min(st.next_flush),
                                 idle: false,
@@ -708,7 +810,7 @@ impl Core {
                     }
                 } else if cell.batched
                     && queued < FLUSH_EVENTS
-                    && st.next_flush > now
+                    && st.next_flush > flush_at
                     && !st.clock.due(st.next_flush)
                 {
                     let mut until = st.next_flush;

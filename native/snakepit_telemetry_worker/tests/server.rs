@@ -381,3 +381,55 @@ async fn stopping_the_server_ends_its_call_and_keeps_the_queue() {
     core.push(stop_event(1, ""));
     assert_eq!(stat(&core, "queue_len"), 1);
 }
+
+/// With a steady stream of emits, batches go out on the emitting thread
+/// (it finds them due within the margin of their flush time), in order and
+/// all of them; the runtime's thread keeps the deadline for the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_emitter_sends_its_batches_itself() {
+    let dir = std::env::temp_dir().join(format!("snakepit-inline-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("telemetry.sock");
+    for listen in [
+        "127.0.0.1:0".to_string(),
+        format!("unix:{}", socket.display()),
+    ] {
+        let core = Arc::new(Core::new(Settings {
+            secret: Some(SECRET.as_bytes().to_vec()),
+            flush_interval: Duration::from_millis(10),
+            stats_interval: Duration::ZERO,
+            ..Settings::default()
+        }));
+        let handle = server::serve(core.clone(), &listen).unwrap();
+        let mut reader = read(handle.address(), config(SECRET));
+        assert_eq!(reader.status().await, Status::Connecting);
+        assert_eq!(reader.status().await, Status::Open(Protocol::Batches));
+        wait_for("the call", || core.stats().active_stream).await;
+        let before = handle.rounds();
+        let emitter = core.clone();
+        let total = 400;
+        std::thread::spawn(move || {
+            for i in 1..=total {
+                let mut w = EventWriter::new(&encode_name(["python", "call", "stop"]), 64);
+                w.measurement_int("duration", i);
+                emitter.push(w.finish(snakepit_telemetry_worker::stream::now_ns()));
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        });
+        reader
+            .until(|events| durations(events).len() == total as usize)
+            .await;
+        assert_eq!(durations(&reader.events), (1..=total).collect::<Vec<_>>());
+        let rounds = handle.rounds();
+        assert!(
+            rounds.by_emitters > before.by_emitters,
+            "no batch went out on the emitting thread: {rounds:?}"
+        );
+        wait_for("sent", || stat(&core, "sent") == total as u64).await;
+        assert_eq!(stat(&core, "internal_errors"), 0);
+        reader.stop.take().unwrap().send(()).unwrap();
+        assert_eq!(reader.status().await, Status::Closed(CloseReason::Stopped));
+        handle.stop();
+    }
+    let _ = std::fs::remove_dir(&dir);
+}

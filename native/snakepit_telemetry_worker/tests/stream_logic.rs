@@ -13,7 +13,7 @@ use snakepit_telemetry_core::proto::{
 };
 use snakepit_telemetry_worker::event::{encode_name, EventWriter, Item};
 use snakepit_telemetry_worker::stream::{
-    Core, Reason, Settings, Step, STATS_MEASUREMENTS, TAKEOVER_GRACE,
+    now_ns, Core, Flush, Reason, Settings, Step, STATS_MEASUREMENTS, TAKEOVER_GRACE,
 };
 
 fn settings() -> Settings {
@@ -314,6 +314,126 @@ fn small_batches_wait_for_the_flush_interval() {
     assert_eq!(stat(&core, "queue_len"), 256);
     let events = batch_events(&next_message(&core, &cell));
     assert_eq!(events.len(), 256);
+}
+
+/// A [`Flush`] that counts its runs (and may panic).
+#[derive(Default)]
+struct CountingFlush {
+    runs: std::sync::atomic::AtomicUsize,
+    panic: bool,
+}
+
+impl Flush for CountingFlush {
+    fn flush(&self) -> bool {
+        self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.panic {
+            panic!("flush failed");
+        }
+        true
+    }
+}
+
+impl CountingFlush {
+    fn runs(&self) -> usize {
+        self.runs.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// An event stamped now (the trigger compares emit times with the due time).
+fn item_now(seq: i64) -> Item {
+    let mut w = EventWriter::new(&encode_name(["a", "b"]), 32);
+    w.measurement_int("seq", seq);
+    w.finish(now_ns())
+}
+
+#[test]
+fn an_emit_runs_the_installed_flush_only_once_a_batch_is_due() {
+    let core = Core::new(Settings {
+        flush_interval: Duration::from_secs(30),
+        queue_size: 512,
+        ..settings()
+    });
+    let flush = Arc::new(CountingFlush::default());
+    let weak: std::sync::Weak<dyn Flush> = Arc::downgrade(&flush) as _;
+    core.install_flush(weak.clone(), Duration::from_secs(10));
+    assert_eq!(core.flush_margin(), Duration::from_secs(10));
+    // Nothing due: no flush.
+    core.push(item_now(1));
+    assert_eq!(flush.runs(), 0);
+    // A call waiting for a flush time 25 s away: due 10 s before it.
+    core.set_flush_due(Some(Instant::now() + Duration::from_secs(25)));
+    core.push(item_now(2));
+    assert_eq!(flush.runs(), 0, "not due yet");
+    // Within the margin: the emit flushes.
+    core.set_flush_due(Some(Instant::now() + Duration::from_secs(5)));
+    core.push(item_now(3));
+    assert_eq!(flush.runs(), 1);
+    // A call mid-send: not due.
+    core.set_flush_due(None);
+    core.push(item_now(4));
+    assert_eq!(flush.runs(), 1);
+    // Removed: never again; the events are all queued.
+    core.set_flush_due(Some(Instant::now()));
+    core.remove_flush(&weak);
+    core.push(item_now(5));
+    assert_eq!(flush.runs(), 1);
+    assert_eq!(stat(&core, "queue_len"), 5);
+}
+
+#[test]
+fn an_emit_runs_the_flush_for_a_sender_asleep_on_an_empty_queue() {
+    let core = Core::new(Settings {
+        flush_interval: Duration::from_secs(30),
+        ..settings()
+    });
+    let flush = Arc::new(CountingFlush::default());
+    core.install_flush(Arc::downgrade(&flush) as _, Duration::from_secs(1));
+    let cell = core.open_call(true);
+    assert!(
+        core.announce_async(&cell, true),
+        "an empty queue: it sleeps"
+    );
+    core.push(item("a.b", 1));
+    assert_eq!(flush.runs(), 1, "an idle sender's wake becomes a flush");
+    core.leave_idle();
+}
+
+#[test]
+fn a_panicking_flush_is_counted_and_the_event_stays_queued() {
+    let core = Core::new(settings());
+    let flush = Arc::new(CountingFlush {
+        panic: true,
+        ..Default::default()
+    });
+    core.install_flush(Arc::downgrade(&flush) as _, Duration::from_secs(1));
+    core.set_flush_due(Some(Instant::now()));
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    core.push(item_now(1));
+    std::panic::set_hook(hook);
+    assert_eq!(flush.runs(), 1);
+    assert_eq!(stat(&core, "internal_errors"), 1);
+    assert_eq!(stat(&core, "queue_len"), 1);
+}
+
+#[test]
+fn with_a_flush_installed_a_batch_goes_within_the_margin_of_its_flush_time() {
+    let core = Core::new(Settings {
+        flush_interval: Duration::from_secs(30),
+        queue_size: 512,
+        ..settings()
+    });
+    let cell = core.open_call(true);
+    core.push(item("a.b", 1));
+    next_message(&core, &cell);
+    core.confirm(&cell); // the next flush time: 30 s from now
+    core.push(item("a.b", 2));
+    assert!(matches!(core.step(&cell), Step::Wait { idle: false, .. }));
+    // A margin wider than what is left: it goes now.
+    let flush = Arc::new(CountingFlush::default());
+    core.install_flush(Arc::downgrade(&flush) as _, Duration::from_secs(40));
+    let events = batch_events(&next_message(&core, &cell));
+    assert_eq!(seq_of(&events[0]), 2);
 }
 
 #[test]

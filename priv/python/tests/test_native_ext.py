@@ -27,7 +27,7 @@ from snakepit_telemetry.telemetry._internal import auth, wire
 from snakepit_telemetry.telemetry._internal.control import ControlState
 from snakepit_telemetry.telemetry.stream import STATS_MEASUREMENTS
 
-from .conftest import NATIVE
+from .conftest import NATIVE, BatchClient, wait_until
 
 pytestmark = pytest.mark.native_only
 
@@ -561,6 +561,44 @@ def test_serve_replace_and_stop(tmp_path: Any) -> None:
             s.serve(f"unix:{tmp_path}/missing/dir/t.sock")
     finally:
         s.stop_serving()
+
+
+def test_a_steady_emitter_sends_due_batches_itself(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a flush interval, an emit that finds a batch due sends it on the
+    emitting thread (no thread woken); server_rounds() shows it, and every
+    event arrives in order."""
+    from snakepit_telemetry.telemetry.native_stream import NativeTelemetryStream
+
+    monkeypatch.setenv("SNAKEPIT_TELEMETRY_FLUSH_INTERVAL_MS", "10")
+    s = NativeTelemetryStream(queue_size=4096, secret=None)
+    client = None
+    try:
+        assert s.server_rounds() is None
+        address = s.serve(f"unix:{tmp_path / 't.sock'}")
+        client = BatchClient(address)
+        assert wait_until(lambda: s.stats()["active_stream"], timeout=10)
+        total = 300
+        for i in range(total):
+            s.emit_event("steady.evt", {"seq": i})
+            time.sleep(0.0005)
+        got: list[int] = []
+        deadline = time.monotonic() + 30
+        while len(got) < total and time.monotonic() < deadline:
+            event = client.events.get(timeout=max(0.01, deadline - time.monotonic()))
+            got.append(int(event.measurements["seq"].int_value))
+        assert got == list(range(total))
+        rounds = s.server_rounds()
+        assert rounds is not None
+        assert rounds["by_emitters"] > 0, rounds
+        assert rounds["emitter_ns"] > 0, rounds
+        assert s.stats()["internal_errors"] == 0
+    finally:
+        if client is not None:
+            client.close()
+        s.stop_serving()
+    assert s.server_rounds() is None
 
 
 def test_after_fork_in_child_starts_a_new_instance() -> None:

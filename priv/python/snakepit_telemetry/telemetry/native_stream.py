@@ -263,6 +263,22 @@ class NativeTelemetryStream:
         """Stop the server of :meth:`serve` (the active call on it ends)."""
         self._native.stop_serving()
 
+    def server_rounds(self) -> dict[str, int] | None:
+        """How the server of :meth:`serve` ran its work, or ``None``.
+
+        ``by_emitters``: rounds run by threads that emitted an event and found
+        a batch due (they sent it themselves, with no thread woken);
+        ``by_runtime``: rounds run by the server's own thread (a batch whose
+        flush time passed with no emit, controls, connections);
+        ``emitter_ns``: the time the emitters' rounds took, what sending cost
+        the emitting threads.
+        """
+        rounds = self._native.server_rounds()
+        if rounds is None:
+            return None
+        by_emitters, by_runtime, emitter_ns = rounds
+        return {"by_emitters": by_emitters, "by_runtime": by_runtime, "emitter_ns": emitter_ns}
+
     @property
     def serving(self) -> str | None:
         """The address :meth:`serve` bound, or ``None``."""
