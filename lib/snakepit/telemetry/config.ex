@@ -43,7 +43,7 @@ defmodule Snakepit.Telemetry.Config do
           allow: [],
           deny: []
         ],
-        python: [queue_size: 1024, stats_interval_ms: 1_000, flush_interval_ms: 10],
+        python: [queue_size: 1024, stats_interval_ms: 1_000, flush_interval_ms: 50],
         # Cluster-wide calls (Snakepit.Telemetry.Cluster, GrpcStream control):
         # how long to wait for each node, in parallel.
         cluster: [query_timeout_ms: 500, control_timeout_ms: 2_000],
@@ -105,7 +105,7 @@ defmodule Snakepit.Telemetry.Config do
     max_value_bytes: 4_096
   ]
   @control [enabled: true, sampling_rate: 1.0, sampling_rules: [], allow: [], deny: []]
-  @python [queue_size: 1024, stats_interval_ms: 1_000, flush_interval_ms: 10]
+  @python [queue_size: 1024, stats_interval_ms: 1_000, flush_interval_ms: 50]
   @cluster [query_timeout_ms: 500, control_timeout_ms: 2_000]
 
   @defaults %{stream: @stream, control: @control, python: @python}

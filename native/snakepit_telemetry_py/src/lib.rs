@@ -477,7 +477,7 @@ impl Call {
         let cell = &self.cell;
         let step = py.detach(|| loop {
             match core.step(cell) {
-                Step::Wait { until, idle } => {
+                Step::Wait { until, idle, .. } => {
                     let now = Instant::now();
                     if now >= deadline {
                         return None;

@@ -47,9 +47,9 @@ pub struct Driver {
     wake_runtime: Arc<Notify>,
     handle: Handle,
     core: Arc<Core>,
-    /// The process that may poll them (a forked child must not: the
-    /// sockets are its parent's).
-    pid: u32,
+    /// The process that may poll them, as [`forks`] counts it (a forked
+    /// child must not: the sockets are its parent's).
+    fork: u64,
     me: Weak<Driver>,
     /// Rounds of polling run by emitters ([`Flush`]) and by the runtime.
     rounds: [AtomicU64; 2],
@@ -78,7 +78,7 @@ pub struct Rounds {
 
 impl std::fmt::Debug for Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Driver").field("pid", &self.pid).finish()
+        f.debug_struct("Driver").field("fork", &self.fork).finish()
     }
 }
 
@@ -92,7 +92,7 @@ impl Driver {
             wake_runtime: Arc::new(Notify::new()),
             handle: handle.clone(),
             core,
-            pid: std::process::id(),
+            fork: forks(),
             me: me.clone(),
             rounds: Default::default(),
             emitter_ns: AtomicU64::new(0),
@@ -158,7 +158,7 @@ impl Driver {
     /// Polls every future on this thread until none asks for more; false
     /// if another thread is polling them (it will poll once more).
     pub fn poll_all(&self, by: By) -> bool {
-        if self.pid != std::process::id() {
+        if self.fork != forks() {
             return false;
         }
         let Some(me) = self.me.upgrade() else {
@@ -231,6 +231,23 @@ impl Flush for Driver {
     fn flush(&self) -> bool {
         self.poll_all(By::Emitter)
     }
+}
+
+/// Forks this process went through, counted in each child: a cheaper check
+/// than `getpid` (a syscall, several us on a VM after a spell of user code),
+/// and it sees every `fork()` through libc, from Python or not.
+pub fn forks() -> u64 {
+    static REGISTERED: std::sync::Once = std::sync::Once::new();
+    static FORKS: AtomicU64 = AtomicU64::new(0);
+    extern "C" fn in_child() {
+        FORKS.fetch_add(1, Ordering::SeqCst);
+    }
+    REGISTERED.call_once(|| {
+        // SAFETY: registers a handler that only adds to an atomic
+        // (async-signal-safe), as pthread_atfork requires of the child's.
+        unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
+    });
+    FORKS.load(Ordering::Relaxed)
 }
 
 /// hyper's executor for a driver's connections: their calls become the
@@ -310,6 +327,34 @@ mod tests {
     }
 
     /// A panicking future is dropped and counted; the others go on.
+    /// A forked child does not poll its parent's futures (their sockets are
+    /// the parent's); the parent still does.
+    #[test]
+    fn a_forked_child_leaves_the_parents_futures_alone() {
+        let rt = runtime();
+        let core = Arc::new(Core::new(Default::default()));
+        let driver = Driver::start(rt.handle().clone(), core);
+        let polls = Arc::new(AtomicUsize::new(0));
+        lock(&driver.added).push(Box::pin(Countdown(polls.clone(), 1000)));
+        // SAFETY: the child only polls (no allocation on a path that could
+        // deadlock: the driver's locks are free) and exits at once.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let polled = driver.poll_all(By::Emitter) || polls.load(Ordering::SeqCst) != 0;
+            unsafe { libc::_exit(if polled { 1 } else { 0 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child forked above.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "{status}"
+        );
+        assert!(driver.poll_all(By::Emitter));
+        assert!(polls.load(Ordering::SeqCst) > 0);
+    }
+
     #[test]
     fn a_panic_is_contained_and_counted() {
         let rt = runtime();

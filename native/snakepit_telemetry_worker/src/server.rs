@@ -250,7 +250,7 @@ impl Stream for CallStream {
                     this.core.set_flush_due(None);
                     return Poll::Ready(None);
                 }
-                Step::Wait { until, idle } => {
+                Step::Wait { until, idle, flush } => {
                     let mut notified = Box::pin(this.core.notify().notified_owned());
                     notified.as_mut().enable();
                     let wait = this.core.announce_async(&this.cell, idle);
@@ -278,7 +278,7 @@ impl Stream for CallStream {
                         continue;
                     }
                     this.notified = Some(notified);
-                    this.core.set_flush_due((!idle).then_some(until));
+                    this.core.set_flush_due(flush.filter(|_| !idle));
                     return Poll::Pending;
                 }
             }

@@ -120,7 +120,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             queue_size: 1024,
-            flush_interval: Duration::from_millis(10),
+            flush_interval: Duration::from_millis(50),
             stats_interval: Duration::from_millis(1000),
             max_message_bytes: 4 * 1024 * 1024,
             control: ControlState::default(),
@@ -161,8 +161,13 @@ pub enum Step {
     Message(Vec<u8>),
     /// Nothing to send before `until`. `idle`: waiting for events, so an
     /// emit wakes the caller (it must announce itself, see
-    /// [`Core::wait_blocking`]).
-    Wait { until: Instant, idle: bool },
+    /// [`Core::wait_blocking`]). `flush`: the flush time of the events
+    /// waiting, if any (a [`Flush`] may send them from the margin before).
+    Wait {
+        until: Instant,
+        idle: bool,
+        flush: Option<Instant>,
+    },
     /// The call was superseded, closed or finished; it is finished now.
     Ended,
 }
@@ -443,11 +448,11 @@ impl Core {
         Duration::from_nanos(self.inline.margin_ns.load(Ordering::Relaxed))
     }
 
-    /// Sets when emits should flush: at `wait`'s flush time less the margin
-    /// for a call that waits for its flush time, never otherwise (an idle
-    /// wait is seen by `push` itself; a call mid-send is run by its server).
-    pub fn set_flush_due(&self, wait: Option<Instant>) {
-        let due = match wait {
+    /// Sets when emits should flush: at `flush` (a waiting call's flush
+    /// time, [`Step::Wait`]) less the margin; never for `None` (an idle wait
+    /// is seen by `push` itself; a call mid-send is run by its server).
+    pub fn set_flush_due(&self, flush: Option<Instant>) {
+        let due = match flush {
             Some(until) if self.inline.margin_ns.load(Ordering::Relaxed) != 0 => {
                 let left = until
                     .saturating_duration_since(Instant::now())
@@ -804,20 +809,34 @@ impl Core {
                             return Step::Wait {
                                 until: until.min(st.next_flush),
                                 idle: false,
+                                flush: Some(st.next_flush),
                             };
                         }
-                        return Step::Wait { until, idle: true };
+                        return Step::Wait {
+                            until,
+                            idle: true,
+                            flush: None,
+                        };
                     }
                 } else if cell.batched
                     && queued < FLUSH_EVENTS
                     && st.next_flush > flush_at
-                    && !st.clock.due(st.next_flush)
+                    && !st.clock.due(now)
                 {
+                    // Until the flush time, or the stats time if sooner (the
+                    // report and the batch then go together).
                     let mut until = st.next_flush;
+                    if st.clock.enabled() {
+                        until = until.min(st.clock.next_due);
+                    }
                     if let Some(d) = stale_due {
                         until = until.min(d);
                     }
-                    return Step::Wait { until, idle: false };
+                    return Step::Wait {
+                        until,
+                        idle: false,
+                        flush: Some(st.next_flush),
+                    };
                 }
                 let report = self.stats_report_locked(&mut st.clock, cell.batched, now, &shared);
                 self.take_locked(&mut shared, &mut st.batch);

@@ -44,7 +44,7 @@ fn next_message(core: &Core, cell: &snakepit_telemetry_worker::stream::CallCell)
     loop {
         match core.step(cell) {
             Step::Message(m) => return m,
-            Step::Wait { until, idle } => {
+            Step::Wait { until, idle, .. } => {
                 assert!(Instant::now() < deadline, "no message in time");
                 core.wait_blocking(cell, until.min(deadline), idle);
             }
@@ -252,7 +252,7 @@ fn close_ends_the_active_call() {
     let (c2, cell2) = (core.clone(), cell.clone());
     let waiter = std::thread::spawn(move || loop {
         match c2.step(&cell2) {
-            Step::Wait { until, idle } => c2.wait_blocking(&cell2, until, idle),
+            Step::Wait { until, idle, .. } => c2.wait_blocking(&cell2, until, idle),
             other => return other,
         }
     });
@@ -272,7 +272,7 @@ fn an_emit_wakes_a_sender_asleep_on_an_empty_queue() {
             Step::Wait { idle: true, .. } => {
                 c2.wait_blocking(&cell2, Instant::now() + Duration::from_secs(60), true)
             }
-            Step::Wait { until, idle } => c2.wait_blocking(&cell2, until, idle),
+            Step::Wait { until, idle, .. } => c2.wait_blocking(&cell2, until, idle),
             Step::Message(m) => return m,
             Step::Ended => panic!("ended"),
         }
@@ -302,7 +302,12 @@ fn small_batches_wait_for_the_flush_interval() {
     core.confirm(&cell);
     core.push(item("a.b", 2));
     match core.step(&cell) {
-        Step::Wait { until, idle: false } => {
+        Step::Wait {
+            until,
+            idle: false,
+            flush,
+        } => {
+            assert_eq!(flush, Some(until));
             assert!(until > Instant::now() + Duration::from_secs(20))
         }
         other => panic!("expected the flush wait, got {other:?}"),
@@ -434,6 +439,39 @@ fn with_a_flush_installed_a_batch_goes_within_the_margin_of_its_flush_time() {
     core.install_flush(Arc::downgrade(&flush) as _, Duration::from_secs(40));
     let events = batch_events(&next_message(&core, &cell));
     assert_eq!(seq_of(&events[0]), 2);
+}
+
+#[test]
+fn a_batch_waits_for_a_stats_report_due_before_its_flush_time() {
+    let core = Core::new(Settings {
+        flush_interval: Duration::from_secs(30),
+        stats_interval: Duration::from_secs(5),
+        queue_size: 512,
+        ..settings()
+    });
+    let cell = core.open_call(true);
+    let first = next_message(&core, &cell); // the opening stats report
+    assert!(!batch_events(&first).is_empty());
+    core.confirm(&cell);
+    core.push(item("a.b", 1));
+    next_message(&core, &cell); // after a quiet spell: at once
+    core.confirm(&cell);
+    core.push(item("a.b", 2));
+    // The next report (5 s) comes before the flush time (30 s): the event
+    // waits for it rather than going alone now; emitters are told the
+    // batch's own flush time.
+    match core.step(&cell) {
+        Step::Wait {
+            until,
+            idle: false,
+            flush: Some(flush),
+        } => {
+            assert!(until < flush, "{until:?} {flush:?}");
+            assert!(flush > Instant::now() + Duration::from_secs(20));
+        }
+        other => panic!("expected a wait, got {other:?}"),
+    }
+    assert_eq!(stat(&core, "queue_len"), 1);
 }
 
 #[test]

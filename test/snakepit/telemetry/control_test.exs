@@ -112,7 +112,7 @@ defmodule Snakepit.Telemetry.ControlTest do
                "SNAKEPIT_TELEMETRY_DENY" => "noisy.*",
                "SNAKEPIT_TELEMETRY_QUEUE_SIZE" => "2048",
                "SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS" => "0",
-               "SNAKEPIT_TELEMETRY_FLUSH_INTERVAL_MS" => "10",
+               "SNAKEPIT_TELEMETRY_FLUSH_INTERVAL_MS" => "50",
                "SNAKEPIT_TELEMETRY_MAX_MESSAGE_BYTES" => "1000000"
              }
 

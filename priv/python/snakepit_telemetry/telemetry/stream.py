@@ -19,7 +19,7 @@ Environment, read once when a stream is created:
   ``SNAKEPIT_TELEMETRY_SAMPLING_RATE`` (default 1.0) and
   ``SNAKEPIT_TELEMETRY_ALLOW`` / ``SNAKEPIT_TELEMETRY_DENY`` (comma-separated
   globs): the control state before the first call and at the start of each call;
-* ``SNAKEPIT_TELEMETRY_FLUSH_INTERVAL_MS`` (default 10, 0 sends at once): on the
+* ``SNAKEPIT_TELEMETRY_FLUSH_INTERVAL_MS`` (default 50, 0 sends at once): on the
   batched RPC, the least time between two batches unless ``FLUSH_EVENTS`` are
   waiting. An event after a quiet spell goes out at once; under load events
   wait at most this long, and each message carries more of them;
@@ -99,11 +99,12 @@ MAX_MESSAGE_BYTES_ENV = "SNAKEPIT_TELEMETRY_MAX_MESSAGE_BYTES"
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 STATS_INTERVAL_ENV = "SNAKEPIT_TELEMETRY_STATS_INTERVAL_MS"
 FLUSH_INTERVAL_ENV = "SNAKEPIT_TELEMETRY_FLUSH_INTERVAL_MS"
-# Each gRPC message costs the worker far more CPU than an event (about 100 us
-# against 1-2 us on a small machine), so a batch waits until this long after the
-# previous one unless it is already large: at moderate rates that cuts the CPU
-# per event several times over, for at most this much extra latency.
-DEFAULT_FLUSH_INTERVAL_MS = 10
+# Each gRPC message costs the worker far more CPU than an event (about 50-100 us
+# of mostly kernel time, against 0.1-2 us per event on a small machine), so a
+# batch waits until this long after the previous one unless it is already large:
+# the message rate, and so that cost, is at most 1000 / this per second, for at
+# most this much extra latency (the design allows 100 ms).
+DEFAULT_FLUSH_INTERVAL_MS = 50
 # A batch this large goes out without waiting for the flush interval.
 FLUSH_EVENTS = 256
 DEFAULT_STATS_INTERVAL_MS = 1000
