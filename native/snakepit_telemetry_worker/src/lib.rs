@@ -6,8 +6,10 @@
 //! * [`event`]: encoded events and the messages built from them;
 //! * [`stream`]: the queue, counters, control state and call logic of
 //!   `telemetry/stream.py`;
-//! * [`server`]: a tonic server for `BridgeService`'s telemetry methods,
-//!   driven by the same call logic.
+//! * [`server`]: a gRPC server for `BridgeService`'s telemetry methods,
+//!   driven by the same call logic;
+//! * [`drive`]: runs the server's connections and calls on whichever thread
+//!   asks (an emitter that found a batch due, or the runtime's thread).
 
 pub mod clock;
 pub mod counters;

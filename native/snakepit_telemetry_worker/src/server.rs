@@ -1,5 +1,8 @@
-//! A tonic server for `BridgeService`'s two telemetry methods, on a unix
-//! socket (mode 0600) or a TCP address, serving one [`Core`].
+//! A gRPC server for `BridgeService`'s two telemetry methods, on a unix
+//! socket (mode 0600) or a TCP address, serving one [`Core`]: hyper's HTTP/2
+//! server and tonic's gRPC codec, its connections and calls run by a
+//! [`Driver`] (see [`crate::drive`]), so that an emitting thread can send a
+//! due batch itself.
 //!
 //! Every call is checked for the secret (metadata
 //! `x-snakepit-telemetry-secret`, [`SECRET_HEADER`],

@@ -254,6 +254,9 @@ pub struct Core {
     queue: ArrayQueue<Item>,
     /// Callers asleep on an empty queue; emit wakes them only then.
     idle: AtomicUsize,
+    /// A full batch ([`FLUSH_EVENTS`]) is queued and its sender was told:
+    /// until the sender takes from the queue, emits need not tell it again.
+    batch_ready: AtomicBool,
     passthrough: AtomicBool,
     control: RwLock<Arc<Control>>,
     default_control: Arc<Control>,
@@ -330,6 +333,7 @@ impl Core {
             batch_bytes,
             queue: ArrayQueue::new(queue_size),
             idle: AtomicUsize::new(0),
+            batch_ready: AtomicBool::new(false),
             passthrough: AtomicBool::new(default_control.passthrough()),
             control: RwLock::new(default_control.clone()),
             default_control,
@@ -392,13 +396,18 @@ impl Core {
         // A sender that announced its sleep before this push sees the event
         // when it re-checks; one that announces later finds it queued.
         let idle = self.idle.load(Ordering::SeqCst) != 0;
-        if idle || timestamp_ns >= self.inline.due_ns.load(Ordering::Relaxed) {
+        // A full batch goes without waiting for the flush time: the push that
+        // fills it tells the sender, once per batch.
+        let full = !self.batch_ready.load(Ordering::Relaxed)
+            && self.queue.len() >= FLUSH_EVENTS
+            && !self.batch_ready.swap(true, Ordering::AcqRel);
+        if idle || full || timestamp_ns >= self.inline.due_ns.load(Ordering::Relaxed) {
             // Sending here saves the wake of a sleeping sender; a sender the
             // flush did not reach (another route's) is still woken.
             if self.flush_inline() && self.idle.load(Ordering::SeqCst) == 0 {
                 return;
             }
-            if idle {
+            if idle || full {
                 self.wake();
             }
         }
@@ -669,6 +678,7 @@ impl Core {
     /// Takes everything queued (tests, other transports).
     pub fn drain_queued(&self) -> Vec<Item> {
         let mut shared = lock(&self.shared);
+        self.batch_ready.store(false, Ordering::Release);
         let mut out: Vec<Item> = shared.front.drain(..).collect();
         let n = self.queue.len();
         for _ in 0..n {
@@ -899,6 +909,7 @@ impl Core {
 
     /// Moves everything queued into `batch`; caller holds the lock.
     fn take_locked(&self, shared: &mut Shared, batch: &mut VecDeque<Item>) {
+        self.batch_ready.store(false, Ordering::Release);
         let before = batch.len();
         batch.extend(shared.front.drain(..));
         let n = self.queue.len();
@@ -1027,6 +1038,9 @@ impl Core {
             || cell.is_finished()
             || cell.cancelled.load(Ordering::SeqCst)
             || (idle && self.queue_len_locked(shared) > 0)
+            // A full batch does not wait for the flush time (its wake may
+            // have come before this waiter was counted).
+            || (cell.batched && self.queue_len_locked(shared) >= FLUSH_EVENTS)
     }
 
     /// Blocks until `until`, a wake-up, a takeover or the end of the call.

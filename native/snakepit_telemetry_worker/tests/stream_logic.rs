@@ -13,7 +13,7 @@ use snakepit_telemetry_core::proto::{
 };
 use snakepit_telemetry_worker::event::{encode_name, EventWriter, Item};
 use snakepit_telemetry_worker::stream::{
-    now_ns, Core, Flush, Reason, Settings, Step, STATS_MEASUREMENTS, TAKEOVER_GRACE,
+    now_ns, Core, Flush, Reason, Settings, Step, FLUSH_EVENTS, STATS_MEASUREMENTS, TAKEOVER_GRACE,
 };
 
 fn settings() -> Settings {
@@ -439,6 +439,64 @@ fn with_a_flush_installed_a_batch_goes_within_the_margin_of_its_flush_time() {
     core.install_flush(Arc::downgrade(&flush) as _, Duration::from_secs(40));
     let events = batch_events(&next_message(&core, &cell));
     assert_eq!(seq_of(&events[0]), 2);
+}
+
+#[test]
+fn the_emit_that_fills_a_batch_tells_the_sender_once() {
+    let core = Core::new(Settings {
+        flush_interval: Duration::from_secs(30),
+        queue_size: 2048,
+        ..settings()
+    });
+    let flush = Arc::new(CountingFlush::default());
+    core.install_flush(Arc::downgrade(&flush) as _, Duration::from_secs(1));
+    let cell = core.open_call(true);
+    for seq in 0..FLUSH_EVENTS as i64 - 1 {
+        core.push(item("a.b", seq));
+    }
+    assert_eq!(flush.runs(), 0, "not a full batch yet");
+    core.push(item("a.b", 255));
+    assert_eq!(flush.runs(), 1, "the push that fills a batch flushes");
+    for seq in 256..600 {
+        core.push(item("a.b", seq));
+    }
+    assert_eq!(flush.runs(), 1, "once per batch, not per push");
+    // Taking from the queue (a send) re-arms it.
+    let events = batch_events(&next_message(&core, &cell));
+    assert_eq!(events.len(), 600);
+    core.confirm(&cell);
+    for seq in 0..FLUSH_EVENTS as i64 {
+        core.push(item("a.b", seq));
+    }
+    assert_eq!(flush.runs(), 2);
+}
+
+#[test]
+fn a_full_batch_wakes_a_sender_waiting_for_its_flush_time() {
+    let core = Arc::new(Core::new(Settings {
+        flush_interval: Duration::from_secs(600),
+        queue_size: 2048,
+        ..settings()
+    }));
+    let cell = core.open_call(true);
+    core.push(item("a.b", 0));
+    next_message(&core, &cell); // after a quiet spell: at once
+    core.confirm(&cell); // the next flush time: 10 minutes away
+    core.push(item("a.b", 1));
+    let (c2, cell2) = (core.clone(), cell.clone());
+    let sender = std::thread::spawn(move || loop {
+        match c2.step(&cell2) {
+            Step::Wait { until, idle, .. } => c2.wait_blocking(&cell2, until, idle),
+            Step::Message(m) => return m,
+            Step::Ended => panic!("ended"),
+        }
+    });
+    for seq in 2..=FLUSH_EVENTS as i64 {
+        core.push(item("a.b", seq));
+    }
+    // Only the full batch's wake ends a 10-minute wait in time.
+    let events = batch_events(&sender.join().unwrap());
+    assert!(events.len() >= FLUSH_EVENTS, "{}", events.len());
 }
 
 #[test]

@@ -365,6 +365,34 @@ def test_both_rpcs_deliver_the_same(serve: Serve) -> None:
     assert seen[0][1]["internal_errors"] > 0 and seen[0][1]["measurements_dropped"] > 0
 
 
+def test_a_full_batch_goes_before_the_flush_time(
+    monkeypatch: pytest.MonkeyPatch, serve: Serve
+) -> None:
+    """The emit that fills a batch (FLUSH_EVENTS events) wakes the sender that
+    waits for the flush time: with a 10-minute interval, only that wake gets
+    the events out within the test's timeout."""
+    monkeypatch.setenv(stream_module.STATS_INTERVAL_ENV, "0")
+    monkeypatch.setenv(stream_module.FLUSH_INTERVAL_ENV, "600000")
+    s = telemetry.new_stream(queue_size=4096)
+    telemetry.set_stream(s)
+    client = BatchClient(serve(s))
+    try:
+        assert wait_until(lambda: idle(s), timeout=10)
+        telemetry.emit("full.first", {"i": -1})
+        client.take(1, timeout=10.0)  # after a quiet spell: at once
+        n = stream_module.FLUSH_EVENTS
+        # One event: the sender now waits for the flush time, 10 minutes away
+        # (given a moment to get there; if it has not, it finds the batch full).
+        telemetry.emit("full.many", {"i": 0})
+        time.sleep(0.2)
+        for i in range(1, n):
+            telemetry.emit("full.many", {"i": i})
+        got = client.take(n, timeout=30.0)
+        assert [e.measurements["i"].int_value for e in got] == list(range(n))
+    finally:
+        client.close()
+
+
 def test_flush_interval(monkeypatch: pytest.MonkeyPatch, serve: Serve) -> None:
     """After a batch, small batches wait out the interval; a quiet start does not."""
     monkeypatch.setenv(stream_module.STATS_INTERVAL_ENV, "0")

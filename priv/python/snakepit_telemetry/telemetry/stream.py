@@ -105,8 +105,11 @@ FLUSH_INTERVAL_ENV = "SNAKEPIT_TELEMETRY_FLUSH_INTERVAL_MS"
 # the message rate, and so that cost, is at most 1000 / this per second, for at
 # most this much extra latency (the design allows 100 ms).
 DEFAULT_FLUSH_INTERVAL_MS = 50
-# A batch this large goes out without waiting for the flush interval.
+# A batch this large goes out without waiting for the flush interval (the emit
+# that fills it wakes the sender).
 FLUSH_EVENTS = 256
+# The queue length before the emit that fills a batch.
+_FILLS_A_BATCH = FLUSH_EVENTS - 1
 DEFAULT_STATS_INTERVAL_MS = 1000
 STATS_EVENT = ("telemetry", "python", "stats")
 # Counters reported to Elixir in each stats event, in this order.
@@ -291,7 +294,8 @@ class TelemetryStream:
             if sampled is not False and type(event) is str:
                 parts = _known_names.get(event)
                 queue = self._queue
-                if parts is not None and len(queue) < self._fast_cap:
+                queued = len(queue)
+                if parts is not None and queued < self._fast_cap:
                     queue.append(
                         (
                             parts,
@@ -303,7 +307,8 @@ class TelemetryStream:
                             stacktrace,
                         )
                     )
-                    if self._idle:
+                    # A full batch goes without waiting for the flush time.
+                    if self._idle or queued == _FILLS_A_BATCH:
                         self.wake()
                     return
             self._emit(event, measurements, metadata, correlation_id, sampled, span_id, stacktrace)
@@ -379,7 +384,7 @@ class TelemetryStream:
                 self._counts["dropped_queue_full"] += 1
                 return
             queue.append(item)
-            if self._idle:
+            if self._idle or len(queue) == FLUSH_EVENTS:
                 self._cond.notify_all()
 
     def sample(self, event: str | Sequence[str]) -> bool:

@@ -27,7 +27,7 @@ from .. import backends
 from ..correlation import _current as _correlation_var
 from ..correlation import get_correlation_id
 from ..native_stream import AnyTelemetryStream, NativeTelemetryStream
-from ..stream import TelemetryStream
+from ..stream import _FILLS_A_BATCH, TelemetryStream
 from . import defaults, errors, implementation, spans
 from .convert import ERROR_MESSAGE_LIMIT as ERROR_MESSAGE_LIMIT
 from .convert import NAME_CACHE, safe_str, suffixed
@@ -118,11 +118,12 @@ def emit(
         if stream is not None and type(event) is str:
             parts = NAME_CACHE.get(event)
             queue = stream._queue
-            if parts is not None and len(queue) < stream._fast_cap:
+            queued = len(queue)
+            if parts is not None and queued < stream._fast_cap:
                 if correlation_id is None:
                     correlation_id = _current_correlation_id()
                 queue.append((parts, measurements, metadata, correlation_id, _time_ns(), 0, ()))
-                if stream._idle:
+                if stream._idle or queued == _FILLS_A_BATCH:
                     stream.wake()
                 return
         if correlation_id is None:
@@ -411,9 +412,10 @@ def _span_names(name: object) -> _SpanNames | None:
 def _queue_fast(stream: TelemetryStream, event: tuple[Any, ...]) -> None:
     """Append a ready event, or hand it to the stream's full path (which counts a drop)."""
     queue = stream._queue
-    if len(queue) < stream._fast_cap:
+    queued = len(queue)
+    if queued < stream._fast_cap:
         queue.append(event)
-        if stream._idle:
+        if stream._idle or queued == _FILLS_A_BATCH:
             stream.wake()
     else:
         parts, measurements, metadata, correlation_id, _, span_id, stack = event
