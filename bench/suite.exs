@@ -374,10 +374,10 @@ span_rounds = scale.(5, 1)
 busy_calls = scale.(1_000, 200)
 busy_rounds = scale.(11, 3)
 # A block of spans starts on an idle stream and ends drained, so its batches
-# are cut at the block's ends: blocks of 5 flush intervals' worth of calls
-# keep that small (250 at the default 50 ms, 50 at 10 ms).
-busy_block = 250
-busy_block_10 = 50
+# are cut at the block's ends: blocks of 10 flush intervals' worth of calls
+# keep that small (500 at the default 50 ms, 100 at 10 ms).
+busy_block = 500
+busy_block_10 = 100
 flood_runs = 3
 
 IO.puts(:stderr, "bench: Python hot path, per implementation")
@@ -773,7 +773,7 @@ Latency: #{latency_count} samples per path. Row 5: "per call" rows pace #{span_c
 apart; medians of #{span_rounds} alternating rounds), so the process CPU is the telemetry's own, and set it
 against 1 ms of work. Busy A/B rows: per round, #{busy_calls} busy ~1 ms calls (a spin loop) each in a
 span (100% sampling, default settings) and #{busy_calls} without telemetry, in alternating blocks of #{busy_block}
-calls (#{busy_block_10} at the 10 ms flush interval: 5 flush intervals; ABBA order, the first side alternating by round), so a change
+calls (#{busy_block_10} at the 10 ms flush interval: 10 flush intervals; ABBA order, the first side alternating by round), so a change
 in the machine's load hits both sides alike; each block's process CPU (all threads) goes to its side,
 and a block of spans ends once its events were handed to the stream (so its telemetry work is not left
 to the next block; it also starts on an idle stream, so it sends about one batch more than steady

@@ -6,8 +6,8 @@
 //! instead: `anchor_ns + (tsc - anchor_tsc) * rate`, with the anchor taken
 //! from `clock_gettime` again about every second (and the rate measured
 //! between two anchors), so the result tracks the wall clock (NTP slews,
-//! steps) within a second and stays within well under a microsecond of it in
-//! between. Until a rate is known (the first 50 ms), and everywhere else
+//! steps) within a second and stays within about a microsecond of it (either
+//! side) in between. Until a rate is known (the first 50 ms), and everywhere else
 //! (or with `SNAKEPIT_TELEMETRY_NO_TSC` set), every timestamp comes from
 //! `clock_gettime`.
 

@@ -489,7 +489,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// that is nearly due (see [`Flush`]): the later it may, the fewer batches;
 /// the earlier, the likelier an emit comes in time and saves the timer's
 /// wake.
-pub const FLUSH_MARGIN_SHARE: u32 = 5;
+pub const FLUSH_MARGIN_SHARE: u32 = 10;
 
 impl ServerHandle {
     /// The bound address: `ip:port` or `unix:/path`.

@@ -84,7 +84,11 @@ def test_batches_end_to_end(
     events = client.take(n, timeout=10)
     assert seqs(events) == list(range(n))  # each exactly once, in order
     stamps = [e.timestamp_ns for e in events]  # absolute: base + offset
-    assert before <= stamps[0] and stamps == sorted(stamps) and stamps[-1] <= after
+    # The native clock interpolates the wall clock from the TSC: within about a
+    # microsecond of it, either side (the clock's own test allows 20 us).
+    slack = 20_000 if NATIVE else 0
+    assert before - slack <= stamps[0] and stamps == sorted(stamps)
+    assert stamps[-1] <= after + slack
     first = events[0]
     assert list(first.event_parts) == ["bulk", "evt"] and dict(first.metadata) == {"k": "v"}
     assert first.correlation_id == "cid" and first.measurements["ratio"].float_value == 0.5
