@@ -285,20 +285,23 @@ mod tests {
         }
     }
 
-    fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
+    /// A driver on a runtime of its own (not running until `block_on`), and
+    /// its stream.
+    fn driver() -> (tokio::runtime::Runtime, Arc<Core>, Arc<Driver>) {
+        let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .unwrap()
+            .unwrap();
+        let core = Arc::new(Core::new(Default::default()));
+        let driver = Driver::start(rt.handle().clone(), core.clone());
+        (rt, core, driver)
     }
 
     /// Wakes during a round make the polling thread poll again, on the
     /// thread that called `poll_all`, until the futures finish.
     #[test]
     fn a_wake_while_polling_means_another_round_here() {
-        let rt = runtime();
-        let core = Arc::new(Core::new(Default::default()));
-        let driver = Driver::start(rt.handle().clone(), core);
+        let (_rt, _core, driver) = driver();
         let polls = Arc::new(AtomicUsize::new(0));
         lock(&driver.added).push(Box::pin(Countdown(polls.clone(), 3)));
         assert!(driver.poll_all(By::Emitter));
@@ -311,9 +314,7 @@ mod tests {
     /// runtime's drive task.
     #[test]
     fn the_runtime_polls_what_nobody_else_does() {
-        let rt = runtime();
-        let core = Arc::new(Core::new(Default::default()));
-        let driver = Driver::start(rt.handle().clone(), core);
+        let (rt, _core, driver) = driver();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         driver.add(Box::pin(async move {
             let _ = tx.send(());
@@ -331,9 +332,7 @@ mod tests {
     /// the parent's); the parent still does.
     #[test]
     fn a_forked_child_leaves_the_parents_futures_alone() {
-        let rt = runtime();
-        let core = Arc::new(Core::new(Default::default()));
-        let driver = Driver::start(rt.handle().clone(), core);
+        let (_rt, _core, driver) = driver();
         let polls = Arc::new(AtomicUsize::new(0));
         lock(&driver.added).push(Box::pin(Countdown(polls.clone(), 1000)));
         // SAFETY: the child only polls (no allocation on a path that could
@@ -357,9 +356,7 @@ mod tests {
 
     #[test]
     fn a_panic_is_contained_and_counted() {
-        let rt = runtime();
-        let core = Arc::new(Core::new(Default::default()));
-        let driver = Driver::start(rt.handle().clone(), core.clone());
+        let (_rt, core, driver) = driver();
         let polls = Arc::new(AtomicUsize::new(0));
         driver.add(Box::pin(async { panic!("boom") }));
         lock(&driver.added).push(Box::pin(Countdown(polls.clone(), 1)));

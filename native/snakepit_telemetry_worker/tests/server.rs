@@ -165,15 +165,23 @@ fn stat(core: &Core, name: &str) -> u64 {
     core.stats().get(name).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_nif_client_reads_batches_over_tcp_and_unix_sockets() {
-    let dir = std::env::temp_dir().join(format!("snakepit-worker-test-{}", std::process::id()));
+/// A TCP and a unix-socket address to listen on (the socket in a new
+/// directory named after `test`), the socket's path and its directory.
+fn both_transports(test: &str) -> ([String; 2], std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("snakepit-{test}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("telemetry.sock");
-    for listen in [
+    let listens = [
         "127.0.0.1:0".to_string(),
         format!("unix:{}", socket.display()),
-    ] {
+    ];
+    (listens, socket, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nif_client_reads_batches_over_tcp_and_unix_sockets() {
+    let (listens, socket, dir) = both_transports("worker-test");
+    for listen in listens {
         let core = core(Some(SECRET));
         let handle = server::serve(core.clone(), &listen).unwrap();
         let address = handle.address().to_string();
@@ -387,13 +395,8 @@ async fn stopping_the_server_ends_its_call_and_keeps_the_queue() {
 /// all of them; the runtime's thread keeps the deadline for the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_steady_emitter_sends_its_batches_itself() {
-    let dir = std::env::temp_dir().join(format!("snakepit-inline-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("telemetry.sock");
-    for listen in [
-        "127.0.0.1:0".to_string(),
-        format!("unix:{}", socket.display()),
-    ] {
+    let (listens, _socket, dir) = both_transports("inline-test");
+    for listen in listens {
         let core = Arc::new(Core::new(Settings {
             secret: Some(SECRET.as_bytes().to_vec()),
             flush_interval: Duration::from_millis(10),

@@ -13,7 +13,8 @@ use snakepit_telemetry_core::proto::{
 };
 use snakepit_telemetry_worker::event::{encode_name, EventWriter, Item};
 use snakepit_telemetry_worker::stream::{
-    now_ns, Core, Flush, Reason, Settings, Step, FLUSH_EVENTS, STATS_MEASUREMENTS, TAKEOVER_GRACE,
+    now_ns, Core, Flush, Reason, Settings, Step, FLUSH_EVENTS, STATS_EVENT, STATS_MEASUREMENTS,
+    TAKEOVER_GRACE,
 };
 
 fn settings() -> Settings {
@@ -49,6 +50,25 @@ fn next_message(core: &Core, cell: &snakepit_telemetry_worker::stream::CallCell)
                 core.wait_blocking(cell, until.min(deadline), idle);
             }
             Step::Ended => panic!("call ended"),
+        }
+    }
+}
+
+/// A batched call that has just sent a regular event (after the stats
+/// report that opens a call, when stats are on), so that its next flush time
+/// is a whole flush interval away.
+fn just_sent(core: &Core) -> Arc<snakepit_telemetry_worker::stream::CallCell> {
+    let cell = core.open_call(true);
+    core.push(item("a.b", -1));
+    loop {
+        // After a quiet spell the event goes at once.
+        let message = next_message(core, &cell);
+        core.confirm(&cell);
+        if batch_events(&message)
+            .iter()
+            .any(|e| e.event_parts != STATS_EVENT)
+        {
+            return cell;
         }
     }
 }
@@ -296,10 +316,7 @@ fn small_batches_wait_for_the_flush_interval() {
         queue_size: 512,
         ..settings()
     });
-    let cell = core.open_call(true);
-    core.push(item("a.b", 1));
-    next_message(&core, &cell); // after a quiet spell: at once
-    core.confirm(&cell);
+    let cell = just_sent(&core);
     core.push(item("a.b", 2));
     match core.step(&cell) {
         Step::Wait {
@@ -428,10 +445,7 @@ fn with_a_flush_installed_a_batch_goes_within_the_margin_of_its_flush_time() {
         queue_size: 512,
         ..settings()
     });
-    let cell = core.open_call(true);
-    core.push(item("a.b", 1));
-    next_message(&core, &cell);
-    core.confirm(&cell); // the next flush time: 30 s from now
+    let cell = just_sent(&core); // the next flush time: 30 s from now
     core.push(item("a.b", 2));
     assert!(matches!(core.step(&cell), Step::Wait { idle: false, .. }));
     // A margin wider than what is left: it goes now.
@@ -478,10 +492,7 @@ fn a_full_batch_wakes_a_sender_waiting_for_its_flush_time() {
         queue_size: 2048,
         ..settings()
     }));
-    let cell = core.open_call(true);
-    core.push(item("a.b", 0));
-    next_message(&core, &cell); // after a quiet spell: at once
-    core.confirm(&cell); // the next flush time: 10 minutes away
+    let cell = just_sent(&core); // the next flush time: 10 minutes away
     core.push(item("a.b", 1));
     let (c2, cell2) = (core.clone(), cell.clone());
     let sender = std::thread::spawn(move || loop {
@@ -507,13 +518,7 @@ fn a_batch_waits_for_a_stats_report_due_before_its_flush_time() {
         queue_size: 512,
         ..settings()
     });
-    let cell = core.open_call(true);
-    let first = next_message(&core, &cell); // the opening stats report
-    assert!(!batch_events(&first).is_empty());
-    core.confirm(&cell);
-    core.push(item("a.b", 1));
-    next_message(&core, &cell); // after a quiet spell: at once
-    core.confirm(&cell);
+    let cell = just_sent(&core); // after the opening stats report
     core.push(item("a.b", 2));
     // The next report (5 s) comes before the flush time (30 s): the event
     // waits for it rather than going alone now; emitters are told the

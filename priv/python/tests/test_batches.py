@@ -369,17 +369,25 @@ def test_both_rpcs_deliver_the_same(serve: Serve) -> None:
     assert seen[0][1]["internal_errors"] > 0 and seen[0][1]["measurements_dropped"] > 0
 
 
+def served_with_flush_interval(
+    monkeypatch: pytest.MonkeyPatch, serve: Serve, interval_ms: int
+) -> tuple[telemetry.AnyTelemetryStream, BatchClient]:
+    """The default stream, with this flush interval and no stats reports, read
+    by a batch client."""
+    monkeypatch.setenv(stream_module.STATS_INTERVAL_ENV, "0")
+    monkeypatch.setenv(stream_module.FLUSH_INTERVAL_ENV, str(interval_ms))
+    s = telemetry.new_stream(queue_size=4096)
+    telemetry.set_stream(s)
+    return s, BatchClient(serve(s))
+
+
 def test_a_full_batch_goes_before_the_flush_time(
     monkeypatch: pytest.MonkeyPatch, serve: Serve
 ) -> None:
     """The emit that fills a batch (FLUSH_EVENTS events) wakes the sender that
     waits for the flush time: with a 10-minute interval, only that wake gets
     the events out within the test's timeout."""
-    monkeypatch.setenv(stream_module.STATS_INTERVAL_ENV, "0")
-    monkeypatch.setenv(stream_module.FLUSH_INTERVAL_ENV, "600000")
-    s = telemetry.new_stream(queue_size=4096)
-    telemetry.set_stream(s)
-    client = BatchClient(serve(s))
+    s, client = served_with_flush_interval(monkeypatch, serve, 600_000)
     try:
         assert wait_until(lambda: idle(s), timeout=10)
         telemetry.emit("full.first", {"i": -1})
@@ -399,11 +407,7 @@ def test_a_full_batch_goes_before_the_flush_time(
 
 def test_flush_interval(monkeypatch: pytest.MonkeyPatch, serve: Serve) -> None:
     """After a batch, small batches wait out the interval; a quiet start does not."""
-    monkeypatch.setenv(stream_module.STATS_INTERVAL_ENV, "0")
-    monkeypatch.setenv(stream_module.FLUSH_INTERVAL_ENV, "400")
-    s = telemetry.new_stream(queue_size=4096)
-    telemetry.set_stream(s)
-    client = BatchClient(serve(s))
+    s, client = served_with_flush_interval(monkeypatch, serve, 400)
     try:
         assert wait_until(lambda: idle(s))
         started = time.monotonic()
