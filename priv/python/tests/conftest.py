@@ -33,7 +33,7 @@ from snakepit_telemetry import snakepit_bridge_pb2 as pb  # noqa: E402
 from snakepit_telemetry import snakepit_bridge_pb2_grpc as pb_grpc  # noqa: E402
 from snakepit_telemetry import telemetry  # noqa: E402
 from snakepit_telemetry.telemetry import backends  # noqa: E402
-from snakepit_telemetry.telemetry._internal import core, implementation  # noqa: E402
+from snakepit_telemetry.telemetry._internal import auth, core, implementation  # noqa: E402
 from snakepit_telemetry.telemetry._internal.convert import QueuedEvent  # noqa: E402
 
 # The implementation this run tests.
@@ -107,9 +107,11 @@ class Client:
 
     Stats reports go to ``stats`` so tests about regular events need not skip them.
     Subclasses open another method (``_open``) and read its messages (``_consume``).
+    With ``secret``, the call carries it (``SECRET_HEADER``).
     """
 
-    def __init__(self, address: str, **channel_options: object) -> None:
+    def __init__(self, address: str, secret: str | None = None, **channel_options: object) -> None:
+        self._metadata = () if secret is None else ((auth.SECRET_HEADER, secret),)
         if address.startswith("unix:"):
             # grpc-core sends the percent-encoded socket path as :authority, which
             # the native server's HTTP/2 stack (h2) rejects as malformed.
@@ -125,7 +127,8 @@ class Client:
         self._reader.start()
 
     def _open(self, requests: Iterator[pb.TelemetryControl]) -> Any:
-        return pb_grpc.BridgeServiceStub(self.channel).StreamTelemetry(requests)
+        stub = pb_grpc.BridgeServiceStub(self.channel)
+        return stub.StreamTelemetry(requests, metadata=self._metadata)
 
     def _consume(self, event: pb.TelemetryEvent) -> None:
         if list(event.event_parts) == STATS_PARTS:
@@ -202,10 +205,10 @@ class BatchClient(Client):
     with absolute timestamps (base + offset), stats reports go to ``stats_batches``.
     """
 
-    def __init__(self, address: str, **channel_options: object) -> None:
+    def __init__(self, address: str, secret: str | None = None, **channel_options: object) -> None:
         self.batches: list[pb.TelemetryEventBatch] = []  # regular events only
         self.stats_batches: list[pb.TelemetryEventBatch] = []
-        super().__init__(address, **channel_options)
+        super().__init__(address, secret, **channel_options)
 
     def _open(self, requests: Iterator[pb.TelemetryControl]) -> Any:
         method = self.channel.stream_stream(
@@ -213,7 +216,7 @@ class BatchClient(Client):
             request_serializer=pb.TelemetryControl.SerializeToString,
             response_deserializer=pb.TelemetryEventBatch.FromString,
         )
-        return method(requests)
+        return method(requests, metadata=self._metadata)
 
     def _consume(self, batch: pb.TelemetryEventBatch) -> None:  # type: ignore[override]
         if any(list(e.event_parts) == STATS_PARTS for e in batch.events):

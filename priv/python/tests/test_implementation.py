@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -11,15 +12,16 @@ import subprocess
 import sys
 import textwrap
 import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
-from snakepit_telemetry import snakepit_bridge_pb2 as pb
 from snakepit_telemetry import telemetry
 from snakepit_telemetry.telemetry import backends
-from snakepit_telemetry.telemetry._internal import auth, implementation
+from snakepit_telemetry.telemetry._internal import implementation
 
 from .conftest import NATIVE, PY_ROOT, BatchClient, Client, start_serving, wait_until
 
@@ -263,20 +265,14 @@ def test_served_calls_need_the_secret(tmp_path: Path) -> None:
         finally:
             intruder.close()
         assert s.stats()["refused_calls"] == 1
-        channel = grpc.insecure_channel(address, options=[("grpc.default_authority", "x")])
+        owner = Client(address, secret="s3cret")
         try:
-            method = channel.stream_stream(
-                "/snakepit.bridge.BridgeService/StreamTelemetry",
-                request_serializer=pb.TelemetryControl.SerializeToString,
-                response_deserializer=pb.TelemetryEvent.FromString,
-            )
-            call = method(iter(()), metadata=((auth.SECRET_HEADER, "s3cret"),))
             s.emit_event("secret.evt", {"x": 1})
-            first = next(e for e in call if list(e.event_parts) == ["secret", "evt"])
+            (first,) = owner.take(1, timeout=10)
+            assert list(first.event_parts) == ["secret", "evt"]
             assert first.measurements["x"].int_value == 1
-            call.cancel()
         finally:
-            channel.close()
+            owner.close()
     finally:
         s.stop_serving()
         s.close()
@@ -317,30 +313,23 @@ def test_emit_keeps_no_reference_to_the_callers_dicts(
     ]
 
 
-def test_a_forked_child_has_a_working_stream_of_its_own(tmp_path: Path) -> None:
-    if not hasattr(os, "fork"):
-        pytest.skip("needs os.fork")
-    s = telemetry.new_stream(queue_size=64)
-    telemetry.set_stream(s)
-    backends.set_backend("grpc")
-    telemetry.emit("parent.evt", {"x": 1})
-    parent_id = s.instance_id
-    socket = tmp_path / "child.sock"
+@contextlib.contextmanager
+def in_forked_child(work: Callable[[], object]) -> Iterator[Any]:
+    """Run ``work`` in a forked child and give what it returned (through JSON).
+
+    The child stays alive (its threads and sockets with it) until the block
+    ends; then it must have exited with 0. It leaves without running pytest's
+    teardown.
+    """
     read_end, write_end = os.pipe()
     go_read, go_write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: report and leave without running pytest's teardown
+    if pid == 0:
         code = 1
         try:
             os.close(read_end)
             os.close(go_write)
-            telemetry.emit("child.evt", {"x": 2})
-            out: dict[str, object] = {"id": s.instance_id, "stats": s.stats()}
-            if NATIVE:
-                out["address"] = telemetry.serve(f"unix:{socket}")
-            else:
-                out["drained"] = [".".join(e.parts) for e in s.drain_queued()]
-            os.write(write_end, json.dumps(out).encode())
+            os.write(write_end, json.dumps(work()).encode())
             os.close(write_end)
             os.read(go_read, 1)  # the parent has read what it wanted
             code = 0
@@ -350,7 +339,34 @@ def test_a_forked_child_has_a_working_stream_of_its_own(tmp_path: Path) -> None:
     os.close(go_read)
     try:
         with os.fdopen(read_end, "rb") as pipe:
-            child = json.loads(pipe.read())
+            yield json.loads(pipe.read())
+    finally:
+        os.write(go_write, b"x")
+        os.close(go_write)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_forked_child_has_a_working_stream_of_its_own(tmp_path: Path) -> None:
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork")
+    s = telemetry.new_stream(queue_size=64)
+    telemetry.set_stream(s)
+    backends.set_backend("grpc")
+    telemetry.emit("parent.evt", {"x": 1})
+    parent_id = s.instance_id
+    socket = tmp_path / "child.sock"
+
+    def in_child() -> object:
+        telemetry.emit("child.evt", {"x": 2})
+        out: dict[str, object] = {"id": s.instance_id, "stats": s.stats()}
+        if NATIVE:
+            out["address"] = telemetry.serve(f"unix:{socket}")
+        else:
+            out["drained"] = [".".join(e.parts) for e in s.drain_queued()]
+        return out
+
+    with in_forked_child(in_child) as child:
         assert child["id"] != parent_id
         assert child["stats"]["emitted"] == 1 and child["stats"]["queue_len"] == 1
         if NATIVE:
@@ -366,11 +382,6 @@ def test_a_forked_child_has_a_working_stream_of_its_own(tmp_path: Path) -> None:
                 client.close()
         else:
             assert child["drained"] == ["child.evt"]
-    finally:
-        os.write(go_write, b"x")
-        os.close(go_write)
-        _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
     # The parent's stream is unchanged.
     assert s.instance_id == parent_id
     assert [".".join(e.parts) for e in s.drain_queued()] == ["parent.evt"]
@@ -386,28 +397,14 @@ def test_a_child_forked_while_the_parent_serves(
         assert wait_until(lambda: native_stream.stats()["active_stream"])
         native_stream.emit_event("parent.before", {"x": 1})
         assert [list(e.event_parts) for e in parent.take(1)] == [["parent", "before"]]
-        read_end, write_end = os.pipe()
-        go_read, go_write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: report and leave without running pytest's teardown
-            code = 1
-            try:
-                os.close(read_end)
-                os.close(go_write)
-                inherited = [native_stream.serving, native_stream.stats()["active_stream"]]
-                address = native_stream.serve(f"unix:{tmp_path / 'child.sock'}")
-                native_stream.emit_event("child.evt", {"x": 2})
-                os.write(write_end, json.dumps([inherited, address]).encode())
-                os.close(write_end)
-                os.read(go_read, 1)
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(write_end)
-        os.close(go_read)
-        try:
-            with os.fdopen(read_end, "rb") as pipe:
-                inherited, address = json.loads(pipe.read())
+
+        def in_child() -> object:
+            inherited = [native_stream.serving, native_stream.stats()["active_stream"]]
+            address = native_stream.serve(f"unix:{tmp_path / 'child.sock'}")
+            native_stream.emit_event("child.evt", {"x": 2})
+            return [inherited, address]
+
+        with in_forked_child(in_child) as (inherited, address):
             assert inherited == [None, False]
             child = BatchClient(address)
             try:
@@ -415,11 +412,6 @@ def test_a_child_forked_while_the_parent_serves(
                 assert list(event.event_parts) == ["child", "evt"]
             finally:
                 child.close()
-        finally:
-            os.write(go_write, b"x")
-            os.close(go_write)
-            _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
         # The parent's call went on undisturbed.
         native_stream.emit_event("parent.after", {"x": 3})
         assert [list(e.event_parts) for e in parent.take(1)] == [["parent", "after"]]

@@ -23,11 +23,12 @@ import grpc
 import pytest
 
 from snakepit_telemetry import snakepit_bridge_pb2 as pb
-from snakepit_telemetry.telemetry._internal import auth, wire
+from snakepit_telemetry.telemetry._internal import wire
 from snakepit_telemetry.telemetry._internal.control import ControlState
+from snakepit_telemetry.telemetry.native_stream import NativeTelemetryStream
 from snakepit_telemetry.telemetry.stream import STATS_MEASUREMENTS
 
-from .conftest import NATIVE, BatchClient, wait_until
+from .conftest import NATIVE, BatchClient, Client, wait_until
 
 pytestmark = pytest.mark.native_only
 
@@ -538,21 +539,13 @@ def test_serve_replace_and_stop(tmp_path: Any) -> None:
                 grpc.channel_ready_future(channel).result(timeout=0.5)
         finally:
             channel.close()
-        # grpcio's own authority for unix targets is not a valid HTTP authority.
-        channel = grpc.insecure_channel(second, options=[("grpc.default_authority", "localhost")])
+        client = Client(second, secret="s3cret-value")
         try:
-            method = channel.stream_stream(
-                "/snakepit.bridge.BridgeService/StreamTelemetry",
-                request_serializer=pb.TelemetryControl.SerializeToString,
-                response_deserializer=pb.TelemetryEvent.FromString,
-            )
-            call = method(iter(()), metadata=((auth.SECRET_HEADER, "s3cret-value"),))
             s.emit_event("served.evt", {"x": 1})
-            event = next(e for e in call if list(e.event_parts) != STATS_PARTS)
+            (event,) = client.take(1, timeout=10)
             assert list(event.event_parts) == ["served", "evt"]
-            call.cancel()
         finally:
-            channel.close()
+            client.close()
         s.stop_serving()
         assert s.serving is None and not path.exists()
         with pytest.raises(ValueError):
@@ -569,8 +562,6 @@ def test_a_steady_emitter_sends_due_batches_itself(
     """With a flush interval, an emit that finds a batch due sends it on the
     emitting thread (no thread woken); server_rounds() shows it, and every
     event arrives in order."""
-    from snakepit_telemetry.telemetry.native_stream import NativeTelemetryStream
-
     monkeypatch.setenv("SNAKEPIT_TELEMETRY_FLUSH_INTERVAL_MS", "10")
     s = NativeTelemetryStream(queue_size=4096, secret=None)
     client = None
@@ -583,12 +574,8 @@ def test_a_steady_emitter_sends_due_batches_itself(
         for i in range(total):
             s.emit_event("steady.evt", {"seq": i})
             time.sleep(0.0005)
-        got: list[int] = []
-        deadline = time.monotonic() + 30
-        while len(got) < total and time.monotonic() < deadline:
-            event = client.events.get(timeout=max(0.01, deadline - time.monotonic()))
-            got.append(int(event.measurements["seq"].int_value))
-        assert got == list(range(total))
+        got = client.take(total, timeout=30)
+        assert [e.measurements["seq"].int_value for e in got] == list(range(total))
         rounds = s.server_rounds()
         assert rounds is not None
         assert rounds["by_emitters"] > 0, rounds

@@ -47,6 +47,7 @@ from .stream import (
     QUEUE_SIZE_ENV,
     STATS_INTERVAL_ENV,
     TAKEOVER_GRACE_S,
+    GrpcRoute,
     TelemetryStream,
 )
 from .stream import _streams as _fork_registry
@@ -87,7 +88,7 @@ def queued_event(data: bytes) -> QueuedEvent:
     )
 
 
-class NativeTelemetryStream:
+class NativeTelemetryStream(GrpcRoute):
     """The native implementation's stream (see the module docstring).
 
     Constructed like :class:`TelemetryStream`; raises ``RuntimeError`` when the
@@ -179,6 +180,8 @@ class NativeTelemetryStream:
     def count(self, counter: str, amount: int = 1) -> None:
         """Add ``amount`` to one of the stream's counters (e.g. ``refused_calls``)."""
         self._native.count(counter, amount)
+
+    _bump = count
 
     # ---------------------------------------------------------------- inspection
 
@@ -287,29 +290,6 @@ class NativeTelemetryStream:
 
     # ----------------------------------------------------------- grpcio route
 
-    def StreamTelemetry(  # noqa: N802 - name fixed by the proto service
-        self, request_iterator: Iterable[bytes], context: grpc.ServicerContext
-    ) -> Iterator[bytes]:
-        """Serve one StreamTelemetry call (serialized ``TelemetryEvent`` messages).
-
-        Takes serialized controls and yields bytes: register it with identity
-        (de)serializers, as ``telemetry.add_to_server`` does.
-        """
-        self._authenticate(context)
-        return self._serve(request_iterator, context, batched=False)
-
-    def StreamTelemetryBatches(  # noqa: N802 - name fixed by the proto service
-        self, request_iterator: Iterable[bytes], context: grpc.ServicerContext
-    ) -> Iterator[bytes]:
-        """Serve one StreamTelemetryBatches call (serialized ``TelemetryEventBatch``)."""
-        self._authenticate(context)
-        return self._serve(request_iterator, context, batched=True)
-
-    def _authenticate(self, context: grpc.ServicerContext) -> None:
-        if not self._auth.admits(context):
-            self.count("refused_calls")
-            auth.refuse(context)
-
     def _serve(
         self, request_iterator: Iterable[bytes], context: grpc.ServicerContext, batched: bool
     ) -> Iterator[bytes]:
@@ -364,16 +344,6 @@ class NativeTelemetryStream:
         except Exception:
             # The request side ends with an error when the call is cancelled.
             return
-
-    def _cancel_stale(self, generations: list[int]) -> None:
-        """Cancel superseded calls still stuck in a send (client not reading)."""
-        with self._lock:
-            contexts = [self._running[g] for g in generations if g in self._running]
-        for context in contexts:
-            try:
-                context.cancel()
-            except Exception:
-                self.count("internal_errors")
 
 
 AnyTelemetryStream = TelemetryStream | NativeTelemetryStream

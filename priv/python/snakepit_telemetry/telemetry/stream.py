@@ -75,6 +75,7 @@ __all__ = [
     "QUEUE_SIZE_ENV",
     "STATS_EVENT",
     "STATS_INTERVAL_ENV",
+    "GrpcRoute",
     "TelemetryStream",
 ]
 
@@ -203,7 +204,65 @@ class _StatsClock:
         return self.interval > 0 and now >= self.next_due
 
 
-class TelemetryStream:
+class GrpcRoute:
+    """The grpcio servicer side both streams share (``telemetry.add_to_server``):
+    ``BridgeService``'s two telemetry methods, the secret check and the
+    cancelling of superseded calls. A stream provides ``_serve``, ``_bump``,
+    ``_auth``, and ``_running`` (the contexts of unfinished calls by generation,
+    guarded by ``_lock``)."""
+
+    _auth: auth.CallAuth
+    _lock: threading.Lock
+    _running: dict[int, grpc.ServicerContext]
+
+    def _serve(
+        self, request_iterator: Iterable[Any], context: grpc.ServicerContext, batched: bool
+    ) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def _bump(self, counter: str, amount: int = 1) -> None:
+        raise NotImplementedError
+
+    def StreamTelemetry(  # noqa: N802 - name fixed by the proto service
+        self, request_iterator: Iterable[Any], context: grpc.ServicerContext
+    ) -> Iterator[Any]:
+        """Serve one StreamTelemetry call: one ``TelemetryEvent`` message per event.
+
+        For clients that do not know ``StreamTelemetryBatches``.
+        """
+        self._authenticate(context)
+        return self._serve(request_iterator, context, batched=False)
+
+    def StreamTelemetryBatches(  # noqa: N802 - name fixed by the proto service
+        self, request_iterator: Iterable[Any], context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        """Serve one StreamTelemetryBatches call: encoded ``TelemetryEventBatch`` messages.
+
+        Yields bytes, so it must be registered with an identity response
+        serializer, as :func:`snakepit_telemetry.telemetry.add_to_server` does.
+        """
+        self._authenticate(context)
+        return self._serve(request_iterator, context, batched=True)
+
+    def _authenticate(self, context: grpc.ServicerContext) -> None:
+        """Refuse (UNAUTHENTICATED, counted) a call without the secret, before
+        it touches the active call; see :mod:`._internal.auth`."""
+        if not self._auth.admits(context):
+            self._bump("refused_calls")
+            auth.refuse(context)
+
+    def _cancel_stale(self, generations: list[int]) -> None:
+        """Cancel superseded calls still stuck in a send (client not reading)."""
+        with self._lock:
+            contexts = [self._running[g] for g in generations if g in self._running]
+        for context in contexts:
+            try:
+                context.cancel()
+            except Exception:
+                self._bump("internal_errors")
+
+
+class TelemetryStream(GrpcRoute):
     """Bounded, thread-safe telemetry queue plus the StreamTelemetry gRPC handler."""
 
     def __init__(self, queue_size: int | None = None, *, secret: Any = auth.FROM_ENV) -> None:
@@ -541,38 +600,6 @@ class TelemetryStream:
 
     # ---------------------------------------------------------------- gRPC side
 
-    def StreamTelemetry(  # noqa: N802 - name fixed by the proto service
-        self,
-        request_iterator: Iterable[pb.TelemetryControl | None],
-        context: grpc.ServicerContext,
-    ) -> Iterator[pb.TelemetryEvent]:
-        """Serve one StreamTelemetry call: one protobuf message per event.
-
-        For clients that do not know ``StreamTelemetryBatches``; see :meth:`_serve`.
-        """
-        self._authenticate(context)
-        return self._serve(request_iterator, context, batched=False)
-
-    def StreamTelemetryBatches(  # noqa: N802 - name fixed by the proto service
-        self,
-        request_iterator: Iterable[pb.TelemetryControl | None],
-        context: grpc.ServicerContext,
-    ) -> Iterator[bytes]:
-        """Serve one StreamTelemetryBatches call: encoded ``TelemetryEventBatch`` messages.
-
-        Yields bytes, so it must be registered with an identity response
-        serializer, as :func:`snakepit_bridge.telemetry.add_to_server` does.
-        """
-        self._authenticate(context)
-        return self._serve(request_iterator, context, batched=True)
-
-    def _authenticate(self, context: grpc.ServicerContext) -> None:
-        """Refuse (UNAUTHENTICATED, counted) a call without the secret, before
-        it touches the active call; see :mod:`._internal.auth`."""
-        if not self._auth.admits(context):
-            self._bump("refused_calls")
-            auth.refuse(context)
-
     def _serve(
         self,
         request_iterator: Iterable[pb.TelemetryControl | None],
@@ -830,13 +857,3 @@ class TelemetryStream:
                 self._active = None
             self._running.pop(generation, None)
             self._cond.notify_all()
-
-    def _cancel_stale(self, generations: list[int]) -> None:
-        """Cancel superseded calls still stuck in a send; normally none are left."""
-        with self._cond:
-            contexts = [self._running[g] for g in generations if g in self._running]
-        for context in contexts:
-            try:
-                context.cancel()
-            except Exception:
-                self._bump("internal_errors")
