@@ -26,17 +26,18 @@ use tokio::runtime::Runtime;
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::Stream;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::{Stream, StreamExt};
 
 use hyper_util::rt::TokioIo;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::drive::{Driver, DriverExec};
 use crate::stream::Flush;
-use crate::unix_conn::UnixConn;
+use crate::unix_conn::UnixIncoming;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::codegen::{http, BoxFuture, Service};
-use tonic::server::{Grpc, NamedService, StreamingService};
+use tonic::codegen::{http, BoxFuture};
+use tonic::server::{Grpc, StreamingService};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::stream::{CallCell, Core, Step};
@@ -100,7 +101,8 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// Calls opened through one server (so that stopping it ends them).
 type Calls = Arc<Mutex<Vec<Weak<CallCell>>>>;
 
-/// The telemetry methods of `BridgeService` for one stream.
+/// The telemetry methods of `BridgeService` for one stream, as hyper calls
+/// them (other methods answer `UNIMPLEMENTED`).
 #[derive(Clone, Debug)]
 pub struct TelemetryService {
     core: Arc<Core>,
@@ -116,24 +118,12 @@ impl TelemetryService {
     }
 }
 
-impl NamedService for TelemetryService {
-    const NAME: &'static str = "snakepit.bridge.BridgeService";
-}
-
-impl<B> Service<http::Request<B>> for TelemetryService
-where
-    B: tonic::codegen::Body + Send + 'static,
-    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
-{
+impl hyper::service::Service<http::Request<hyper::body::Incoming>> for TelemetryService {
     type Response = http::Response<tonic::body::Body>;
     type Error = std::convert::Infallible;
     type Future = BoxFuture<Self::Response, Self::Error>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&self, req: http::Request<hyper::body::Incoming>) -> Self::Future {
         let batched = match req.uri().path() {
             BATCHES_PATH => true,
             EVENTS_PATH => false,
@@ -552,23 +542,10 @@ impl Drop for ServerHandle {
     }
 }
 
-/// [`TelemetryService`] as hyper calls it.
-#[derive(Clone, Debug)]
-struct HyperService(TelemetryService);
-
-impl hyper::service::Service<http::Request<hyper::body::Incoming>> for HyperService {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn call(&self, req: http::Request<hyper::body::Incoming>) -> Self::Future {
-        self.0.clone().call(req)
-    }
-}
-
 /// One HTTP/2 connection, shut down gracefully once its server stops.
 struct Connection<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> {
-    conn: Pin<Box<hyper::server::conn::http2::Connection<TokioIo<I>, HyperService, DriverExec>>>,
+    conn:
+        Pin<Box<hyper::server::conn::http2::Connection<TokioIo<I>, TelemetryService, DriverExec>>>,
     stopping: Arc<AtomicBool>,
     shutting_down: bool,
 }
@@ -591,7 +568,7 @@ where
 /// What accepts a server's connections.
 struct Acceptor {
     driver: Arc<Driver>,
-    service: HyperService,
+    service: TelemetryService,
     stopping: Arc<AtomicBool>,
     http2: hyper::server::conn::http2::Builder<DriverExec>,
 }
@@ -610,10 +587,29 @@ impl Acceptor {
             shutting_down: false,
         }));
     }
+
+    /// Adds each accepted connection until `stop` fires; a failed accept
+    /// (e.g. out of descriptors) is retried after a pause rather than ending
+    /// the server.
+    async fn run<S, I>(self, mut incoming: S, mut stop: oneshot::Receiver<()>)
+    where
+        S: Stream<Item = io::Result<I>> + Unpin,
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        loop {
+            tokio::select! {
+                _ = &mut stop => return,
+                accepted = incoming.next() => match accepted {
+                    Some(Ok(io)) => self.add(io),
+                    Some(Err(_)) => tokio::time::sleep(ACCEPT_RETRY).await,
+                    None => return,
+                },
+            }
+        }
+    }
 }
 
-/// A failed accept (e.g. out of descriptors) is retried after a pause
-/// rather than ending the server.
+/// The pause before accepting again after a failed accept.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
 /// Starts serving `core` on `address`.
@@ -623,13 +619,13 @@ pub fn serve(core: Arc<Core>, address: &str) -> io::Result<ServerHandle> {
     let rt = runtime()?;
     let service = TelemetryService::new(core.clone());
     let calls = service.calls.clone();
-    let (shutdown, mut signal) = oneshot::channel::<()>();
+    let (shutdown, signal) = oneshot::channel::<()>();
     let _guard = rt.enter();
     let driver = Driver::start(rt.handle().clone(), core.clone());
     let stopping = Arc::new(AtomicBool::new(false));
     let acceptor = Acceptor {
         driver: driver.clone(),
-        service: HyperService(service),
+        service,
         stopping: stopping.clone(),
         http2: hyper::server::conn::http2::Builder::new(DriverExec(driver.clone())),
     };
@@ -639,22 +635,14 @@ pub fn serve(core: Arc<Core>, address: &str) -> io::Result<ServerHandle> {
             std_listener.set_nonblocking(true)?;
             let bound = std_listener.local_addr()?;
             let listener = tokio::net::TcpListener::from_std(std_listener)?;
-            rt.spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = &mut signal => return,
-                        accepted = listener.accept() => match accepted {
-                            Ok((stream, _)) => {
-                                // Small messages go out at once (no Nagle
-                                // delay behind an ACK).
-                                let _ = stream.set_nodelay(true);
-                                acceptor.add(stream);
-                            }
-                            Err(_) => tokio::time::sleep(ACCEPT_RETRY).await,
-                        },
-                    }
-                }
+            let incoming = TcpListenerStream::new(listener).map(|accepted| {
+                accepted.inspect(|stream| {
+                    // Small messages go out at once (no Nagle delay behind
+                    // an ACK).
+                    let _ = stream.set_nodelay(true);
+                })
             });
+            rt.spawn(acceptor.run(incoming, signal));
             (bound.to_string(), None)
         }
         ListenAddress::Unix(path) => {
@@ -664,21 +652,9 @@ pub fn serve(core: Arc<Core>, address: &str) -> io::Result<ServerHandle> {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
             std_listener.set_nonblocking(true)?;
             let listener = tokio::net::UnixListener::from_std(std_listener)?;
-            rt.spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = &mut signal => return,
-                        accepted = listener.accept() => {
-                            // Registered for reads only: one wake per batch,
-                            // as on TCP (see unix_conn).
-                            match accepted.and_then(|(s, _)| s.into_std()).and_then(UnixConn::new) {
-                                Ok(conn) => acceptor.add(conn),
-                                Err(_) => tokio::time::sleep(ACCEPT_RETRY).await,
-                            }
-                        }
-                    }
-                }
-            });
+            // Connections registered for reads only: one wake per batch, as
+            // on TCP (see unix_conn).
+            rt.spawn(acceptor.run(UnixIncoming::new(listener), signal));
             (format!("unix:{}", path.display()), Some(path))
         }
     };

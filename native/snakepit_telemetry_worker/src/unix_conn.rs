@@ -1,4 +1,4 @@
-//! Unix socket connections for the tonic server that wake the serving
+//! Unix socket connections for the telemetry server that wake the serving
 //! thread only for what it waits on.
 //!
 //! tokio registers every `UnixStream` for read and write readiness
@@ -154,12 +154,6 @@ impl AsyncWrite for UnixConn {
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(self.io.get_ref().shutdown(std::net::Shutdown::Write))
     }
-}
-
-impl tonic::transport::server::Connected for UnixConn {
-    type ConnectInfo = ();
-
-    fn connect_info(&self) -> Self::ConnectInfo {}
 }
 
 /// Accepted connections of a unix listener, as [`UnixConn`]s.
